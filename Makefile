@@ -1,0 +1,34 @@
+# Set-up is part of every entry point: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+
+.PHONY: setup demo test lint dag clean
+
+setup: $(STAMP)
+
+# torch first, from its exact pin (a bare `torch` would pull a multi-GB CUDA build), then the lock file.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/snakemake --cores $(CORES) results/final_table.csv
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+dag: setup
+	$(BIN)/snakemake --dag results/final_table.csv | dot -Tsvg > docs/dag.svg
+
+clean:
+	rm -rf results .snakemake

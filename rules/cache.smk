@@ -1,0 +1,26 @@
+# The expensive step on a real model: one forward pass that caches router logits/decisions and the
+# MoE-block inputs. Its params are only the model and calibration settings, so a changed compression
+# threshold never reruns it.
+
+
+rule cache_router_activations:
+    input:
+        model=MODEL_DIR,
+        calibration="results/calibration/calibration.parquet",
+    output:
+        router="results/cache/router_logits.parquet",
+        manifest="results/cache/manifest.json",
+        inputs=directory("results/cache/moe_inputs"),
+    params:
+        batch_size=config["cache"]["batch_size"],
+        hidden_dtype=config["cache"]["hidden_dtype"],
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    threads: 2
+    log:
+        "results/logs/cache_router_activations.log",
+    benchmark:
+        "results/benchmarks/cache_router_activations.tsv"
+    script:
+        "../workflow/scripts/cache_router_activations.py"

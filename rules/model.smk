@@ -1,0 +1,37 @@
+# The model under compression: the embedded demo MoE (trained here on the bundled C4 sample), a local
+# HF directory (used in place), or a hub id (downloaded once, on the submit host).
+
+
+rule build_demo_model:
+    input:
+        corpus=config["calibration"]["path"],
+    output:
+        directory("results/models/demo"),
+    params:
+        demo=as_json(config["demo_model"]),
+        text_field=config["calibration"]["text_field"],
+        heldout_docs=config["calibration"]["heldout_docs"],
+    threads: 2
+    log:
+        "results/logs/build_demo_model.log",
+    benchmark:
+        "results/benchmarks/build_demo_model.tsv"
+    script:
+        "../workflow/scripts/build_demo_model.py"
+
+
+rule fetch_model:
+    output:
+        directory("results/models/hub/{repo_id}"),
+    params:
+        repo_id=lambda wildcards: wildcards.repo_id.replace("--", "/", 1),
+    log:
+        "results/logs/fetch_model/{repo_id}.log",
+    benchmark:
+        "results/benchmarks/fetch_model/{repo_id}.tsv"
+    script:
+        "../workflow/scripts/fetch_model.py"
+
+
+localrules:
+    fetch_model,

@@ -1,0 +1,151 @@
+"""The router cache: one forward pass over the calibration tokens that records, for every MoE layer,
+what the router saw and decided and what the MoE block received.
+
+Layout of a cache directory:
+- ``router_logits.parquet``: one row per (layer, token). Columns ``layer`` (int16), ``token`` (int32,
+  = sample * seq_len + position), ``logits`` (fixed-size list of float32, one per expert),
+  ``topk_indices`` (fixed-size list of int16, rank order as the router returned them) and
+  ``topk_weights`` (fixed-size list of float32, the weights the block applied).
+  The top-k is recorded as the router returned it, so statistics need no per-architecture scoring rule.
+- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
+- ``manifest.json``: layers, tokens, experts, top-k, hidden size, dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ModelError
+from moe_compress.io import atomic_directory, write_json
+
+log = logging.getLogger(__name__)
+
+ROUTER_FILE = "router_logits.parquet"
+INPUTS_DIR = "moe_inputs"
+MANIFEST = "manifest.json"
+
+
+def inputs_file(layer: int) -> str:
+    return f"{INPUTS_DIR}/layer_{layer:03d}.safetensors"
+
+
+@dataclass
+class LayerCapture:
+    logits: list[torch.Tensor]
+    topk_weights: list[torch.Tensor]
+    topk_indices: list[torch.Tensor]
+    hidden_states: list[torch.Tensor]
+
+
+def _check_finite(tensor: torch.Tensor, what: str, layer: int) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ModelError(f"non-finite values (NaN or inf) in {what} of layer {layer}")
+
+
+@torch.no_grad()
+def run_capture(model, input_ids: torch.Tensor, batch_size: int, hidden_dtype: torch.dtype = torch.float32):
+    """Forward ``input_ids`` [samples, seq_len] in batches; return {layer: LayerCapture} on CPU."""
+    adapter = adapter_for(model.config)
+    blocks = adapter.moe_blocks(model)
+    if not blocks:
+        raise ModelError("the model has no MoE layers to capture")
+    captured = {index: LayerCapture([], [], [], []) for index in blocks}
+    handles = []
+    for index, block in blocks.items():
+
+        def save_input(module, args, index=index):
+            hidden = args[0]
+            captured[index].hidden_states.append(hidden.reshape(-1, hidden.shape[-1]).to("cpu", hidden_dtype))
+
+        def save_routing(module, args, output, index=index):
+            logits, weights, indices = output
+            captured[index].logits.append(logits.float().cpu())
+            captured[index].topk_weights.append(weights.float().cpu())
+            captured[index].topk_indices.append(indices.to(torch.int16).cpu())
+
+        handles.append(block.register_forward_pre_hook(save_input))
+        handles.append(adapter.router_of(block).register_forward_hook(save_routing))
+    device = next(model.parameters()).device
+    # The decoder alone: the LM head's vocabulary projection is not needed for the cache.
+    backbone = model.get_decoder()
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            backbone(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def write_cache(captured: dict[int, LayerCapture], out_dir: str | Path, meta: dict) -> dict:
+    """Write the cache directory atomically; return the manifest."""
+    tables = []
+    manifest_layers = {}
+    with atomic_directory(out_dir) as tmp:
+        (tmp / INPUTS_DIR).mkdir()
+        for layer, capture in captured.items():
+            logits = torch.cat(capture.logits)
+            weights = torch.cat(capture.topk_weights)
+            indices = torch.cat(capture.topk_indices)
+            hidden = torch.cat(capture.hidden_states)
+            _check_finite(logits, "router logits", layer)
+            _check_finite(hidden, "MoE-block input hidden states", layer)
+            tokens, num_experts = logits.shape
+            top_k = indices.shape[1]
+            tables.append(
+                pa.table(
+                    {
+                        "layer": pa.array(np.full(tokens, layer, np.int16)),
+                        "token": pa.array(np.arange(tokens, dtype=np.int32)),
+                        "logits": pa.FixedSizeListArray.from_arrays(logits.numpy().ravel(), num_experts),
+                        "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), top_k),
+                        "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), top_k),
+                    }
+                )
+            )
+            save_file({"hidden_states": hidden.contiguous()}, tmp / inputs_file(layer), metadata={"layer": str(layer)})
+            manifest_layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens}
+        pq.write_table(pa.concat_tables(tables), tmp / ROUTER_FILE)
+        manifest = {**meta, "layers": manifest_layers, "hidden_size": int(hidden.shape[1])}
+        write_json(manifest, tmp / MANIFEST)
+    return manifest
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    logits: np.ndarray  # float32 [tokens, experts]
+    topk_indices: np.ndarray  # int64 [tokens, k]
+    topk_weights: np.ndarray  # float32 [tokens, k]
+
+
+def _fixed_list(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+
+
+def read_router_cache(path: str | Path) -> dict[int, LayerRouting]:
+    """Read ``router_logits.parquet`` (the file or its directory) into per-layer arrays."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ROUTER_FILE
+    table = pq.read_table(path)
+    layers = table.column("layer").to_numpy()
+    routing = {}
+    for layer in np.unique(layers):
+        part = table.filter(pa.compute.equal(table.column("layer"), pa.scalar(layer, pa.int16())))
+        part = part.sort_by("token")
+        routing[int(layer)] = LayerRouting(
+            logits=_fixed_list(part.column("logits")),
+            topk_indices=_fixed_list(part.column("topk_indices")).astype(np.int64),
+            topk_weights=_fixed_list(part.column("topk_weights")),
+        )
+    return routing

@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints: perplexity (and, later, benchmarks and speed)."""

@@ -1,0 +1,73 @@
+"""Expert pruning: drop experts, their router rows going with them, so the router renormalises over
+the survivors exactly as the architecture does."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ConfigError, ModelError
+from moe_compress.stats import selected_within_top
+
+log = logging.getLogger(__name__)
+
+
+def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> None:
+    """Keep, in each listed MoE layer, the experts at the given current slot indices (sorted)."""
+    adapter = adapter_for(model.config)
+    blocks = adapter.moe_blocks(model)
+    top_k = adapter.top_k(model.config)
+    for layer, keep in keep_per_layer.items():
+        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        if len(keep) < top_k:
+            raise ModelError(f"layer {layer}: cannot keep {len(keep)} experts, fewer than the {top_k} active per token")
+        adapter.select_experts(blocks[layer], keep)
+        context.original_expert_ids[layer] = context.original_expert_ids[layer][keep]
+
+
+def frequency_prune(model, step: dict, context) -> dict:
+    """Keep experts selected within the router's top-``top_k`` at least ``min_count`` times (or for a
+    ``min_fraction`` of tokens); with ``uniform``, keep the same number of most-used experts per layer
+    (``keep``, or the rounded mean of what the threshold keeps)."""
+    if context.stats is None:
+        raise ModelError("frequency_prune needs the expert statistics table")
+    adapter = adapter_for(model.config)
+    model_top_k = adapter.top_k(model.config)
+    top_k = step.get("top_k", model_top_k)
+    if top_k > model_top_k:
+        raise ConfigError(f"frequency_prune.top_k={top_k} exceeds the model's top-k ({model_top_k})")
+    stats = context.stats.assign(selected_within=selected_within_top(context.stats, top_k))
+    usage, thresholds_kept = {}, {}
+    for layer, original_ids in context.original_expert_ids.items():
+        rows = stats[stats["layer"] == layer].set_index("expert")
+        if rows.empty:
+            raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
+        counts = rows.loc[original_ids.numpy(), "selected_within"].to_numpy()
+        tokens = int(rows["tokens"].iloc[0])
+        min_count = step["min_count"] if "min_count" in step else int(np.ceil(step.get("min_fraction", 0) * tokens))
+        usage[layer] = counts
+        thresholds_kept[layer] = int((counts >= min_count).sum())
+    floored = []
+    keep_per_layer = {}
+    if step.get("uniform"):
+        per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
+    for layer, counts in usage.items():
+        n = per_layer if step.get("uniform") else thresholds_kept[layer]
+        if n < model_top_k:
+            floored.append(layer)
+            n = model_top_k
+        n = min(n, len(counts))
+        # most-used first; the stable sort breaks ties by expert index, so the choice is deterministic
+        order = np.argsort(-counts, kind="stable")
+        keep_per_layer[layer] = torch.from_numpy(np.sort(order[:n]))
+    if floored:
+        log.warning("layers %s kept fewer experts than the %d active per token; raised to %d", floored, model_top_k, model_top_k)
+    prune_experts(model, keep_per_layer, context)
+    return {
+        "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
+        "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
+        "floored_to_top_k": floored,
+    }

@@ -1,0 +1,139 @@
+"""Load and save models: stock checkpoints, and checkpoints with a per-layer expert count that carry
+their own small modeling file (loaded with ``trust_remote_code=True``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ModelError
+from moe_compress.io import atomic_directory, write_json
+
+log = logging.getLogger(__name__)
+
+COMPRESSION_RECORD = "compression.json"
+REMOTE_CODE_FILE = "modeling_moe_compress.py"
+REMOTE_CODE_CLASS = "MoeCompressForCausalLM"
+LOADER_STOCK = "stock"
+LOADER_REMOTE_CODE = "remote_code"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist; set model.path to a local HF directory, a hub id, or 'demo'")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model path {path} is not a Hugging Face checkpoint (no config.json in it)")
+    return path
+
+
+def read_compression_record(path: str | Path) -> dict | None:
+    record_path = Path(path) / COMPRESSION_RECORD
+    return json.loads(record_path.read_text()) if record_path.is_file() else None
+
+
+def needs_remote_code(path: str | Path) -> bool:
+    """True only for checkpoints this pipeline wrote with its own modeling file."""
+    record = read_compression_record(path)
+    return bool(record and record.get("loader") == LOADER_REMOTE_CODE)
+
+
+def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM for inference. Remote code is trusted only when asked for, or for our own checkpoints."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    trust = trust_remote_code or needs_remote_code(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    adapter_for(config)  # fail early, listing the supported types
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust)
+    return model.to(resolve_device(device)).eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(check_model_dir(path))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once), i.e. what the checkpoint stores."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def experts_per_layer(model: nn.Module) -> dict[int, int]:
+    adapter = adapter_for(model.config)
+    return {index: adapter.block_num_experts(block) for index, block in adapter.moe_blocks(model).items()}
+
+
+def environment_versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _render_remote_code(model: nn.Module) -> str:
+    # The stock class of the in-memory model is the base of the remote class; when the model was
+    # itself loaded through our remote class, its stock parent is the base.
+    stock = type(model)
+    while stock.__module__.startswith("transformers_modules") or stock.__name__ == REMOTE_CODE_CLASS:
+        stock = stock.__bases__[0]
+    template = resources.files("moe_compress.templates").joinpath(REMOTE_CODE_FILE).read_text()
+    return template.replace("__BASE_MODULE__", stock.__module__).replace("__BASE_CLASS__", stock.__name__)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> dict:
+    """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
+
+    A uniform expert count is written as the stock architecture (plain ``from_pretrained``, the hub
+    tensor layout); a per-layer count adds ``modeling_moe_compress.py`` and an ``auto_map``.
+    """
+    adapter = adapter_for(model.config)
+    config = model.config
+    counts = experts_per_layer(model)
+    uniform = len(set(counts.values())) <= 1
+    for stale in ("moe_compress_experts_per_layer", "moe_compress_layout", "auto_map"):
+        if hasattr(config, stale):
+            delattr(config, stale)
+    if counts:
+        setattr(config, adapter.config_num_experts, max(counts.values()))
+    remote_code = None
+    if not uniform:
+        config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
+        config.moe_compress_layout = adapter.layout()
+        config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
+        remote_code = _render_remote_code(model)
+    record = {
+        **record,
+        "model_type": config.model_type,
+        "loader": LOADER_STOCK if uniform else LOADER_REMOTE_CODE,
+        "experts_per_layer": {str(index): count for index, count in counts.items()},
+        "experts_total": sum(counts.values()),
+        "active_experts": adapter.top_k(config),
+        "parameters": count_parameters(model),
+        "versions": environment_versions(),
+    }
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if remote_code is not None:
+            (tmp / REMOTE_CODE_FILE).write_text(remote_code)
+        write_json(record, tmp / COMPRESSION_RECORD)
+    return record

@@ -1,0 +1,72 @@
+"""The final table: one row per variant, joined from compression records and evaluation CSVs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from moe_compress.config import BASE_VARIANT
+from moe_compress.io import atomic_path
+
+
+def describe_steps(steps: list[dict]) -> str:
+    if not steps:
+        return "none"
+    parts = []
+    for step in steps:
+        args = ", ".join(f"{key}={value}" for key, value in step.items() if key != "method")
+        parts.append(f"{step['method']}({args})")
+    return " -> ".join(parts)
+
+
+def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataFrame) -> dict:
+    row = {
+        "variant": name,
+        "method": describe_steps(steps),
+        "params_b": record["parameters"] / 1e9,
+        "parameters": record["parameters"],
+        "experts_kept": record["experts_total"],
+        "experts_per_layer": " ".join(str(n) for _, n in sorted(record["experts_per_layer"].items(), key=lambda kv: int(kv[0]))),
+        "active_experts": record["active_experts"],
+        "loader": record["loader"],
+    }
+    for dataset, value in perplexity.set_index("dataset")["perplexity"].items():
+        row[f"ppl_{dataset}"] = value
+    return row
+
+
+def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    table = pd.DataFrame([variant_row(name, variants[name], records[name], perplexities[name]) for name in variants])
+    reference = table[table["variant"] == BASE_VARIANT]
+    if not reference.empty:
+        base = reference.iloc[0]
+        table["experts_kept_ratio"] = table["experts_kept"] / base["experts_kept"]
+        table["params_ratio"] = table["parameters"] / base["parameters"]
+        for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
+            table[f"{column}_ratio"] = table[column] / base[column]
+    return table
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def write_final_table(table: pd.DataFrame, csv_path: str | Path, md_path: str | Path) -> None:
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(to_markdown(table))
+
+
+def read_record(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

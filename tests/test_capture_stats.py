@@ -1,0 +1,62 @@
+import numpy as np
+import pandas as pd
+import torch
+
+from moe_compress.architectures import adapter_for
+from moe_compress.capture import read_router_cache, run_capture, write_cache, inputs_file
+from moe_compress.stats import expert_frequency, selected_within_top
+from safetensors.torch import load_file
+
+
+def test_router_cache_matches_direct_forward(tmp_path, tiny_model, token_batch):
+    captured = run_capture(tiny_model, token_batch, batch_size=4)
+    manifest = write_cache(captured, tmp_path / "cache", {})
+    routing = read_router_cache(tmp_path / "cache")
+    assert sorted(routing) == [0, 2] and sorted(manifest["layers"]) == ["0", "2"]  # layer 1 is dense
+    with torch.no_grad():
+        direct = tiny_model(input_ids=token_batch, output_router_logits=True)
+    # the model's own router-logit output (independent of our hooks), in MoE-layer order
+    for direct_logits, layer in zip(direct.router_logits, sorted(routing)):
+        np.testing.assert_array_equal(routing[layer].logits, direct_logits.float().numpy())
+    adapter = adapter_for(tiny_model.config)
+    for layer, block in adapter.moe_blocks(tiny_model).items():
+        inputs = load_file(tmp_path / "cache" / inputs_file(layer))["hidden_states"]
+        assert inputs.shape == (token_batch.numel(), 32)
+        with torch.no_grad():
+            logits, weights, indices = adapter.router_of(block)(inputs)
+        # the cached inputs are exactly what the router saw, and the cached decisions what it chose
+        np.testing.assert_array_equal(logits.numpy(), routing[layer].logits)
+        np.testing.assert_array_equal(indices.numpy(), routing[layer].topk_indices)
+        np.testing.assert_array_equal(weights.numpy(), routing[layer].topk_weights)
+
+
+def test_frequency_counts_equal_brute_force(tmp_path, tiny_model, token_batch):
+    write_cache(run_capture(tiny_model, token_batch, batch_size=6), tmp_path / "cache", {})
+    routing = read_router_cache(tmp_path / "cache")
+    table = expert_frequency(routing)
+    for layer, layer_routing in routing.items():
+        tokens, top_k = layer_routing.topk_indices.shape
+        rows = table[table["layer"] == layer].set_index("expert")
+        for expert in range(8):
+            for rank in range(top_k):
+                brute = sum(int(layer_routing.topk_indices[t, rank] == expert) for t in range(tokens))
+                assert rows.loc[expert, f"selected_rank_{rank + 1}"] == brute
+            mass = sum(float(layer_routing.topk_weights[t, r]) for t in range(tokens) for r in range(top_k)
+                       if layer_routing.topk_indices[t, r] == expert)
+            assert abs(rows.loc[expert, "routing_mass"] - mass) < 1e-5
+        assert rows["selected"].sum() == tokens * top_k
+        within_1 = selected_within_top(rows.reset_index(), 1)
+        assert within_1.sum() == tokens
+
+
+def test_hand_made_counts():
+    from moe_compress.capture import LayerRouting
+
+    indices = np.array([[0, 1], [0, 2], [1, 0], [2, 1]])
+    weights = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=np.float32)
+    table = expert_frequency({3: LayerRouting(np.zeros((4, 3), np.float32), indices, weights)})
+    assert table["selected_rank_1"].tolist() == [2, 1, 1]
+    assert table["selected_rank_2"].tolist() == [1, 2, 1]
+    np.testing.assert_allclose(table["routing_mass"], [1.8, 1.0, 1.2])
+    np.testing.assert_allclose(table["mean_router_prob"], [1 / 3] * 3)
+    assert table["layer"].unique().tolist() == [3]

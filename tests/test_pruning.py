@@ -1,0 +1,103 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_compress.capture import read_router_cache, run_capture, write_cache
+from moe_compress.errors import ModelError
+from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.modelio import load_model, save_checkpoint
+from moe_compress.stats import expert_frequency
+
+
+@pytest.fixture
+def stats(tmp_path, tiny_model, token_batch):
+    write_cache(run_capture(tiny_model, token_batch, batch_size=6), tmp_path / "cache", {})
+    return expert_frequency(read_router_cache(tmp_path / "cache"))
+
+
+def logits(model, token_batch):
+    with torch.no_grad():
+        return model(input_ids=token_batch).logits
+
+
+def compress(model, steps, stats):
+    context = CompressionContext.for_model(model, stats)
+    return apply_steps(model, steps, context)
+
+
+def test_prune_nothing_is_bitwise_identical(tiny_model, token_batch, stats):
+    before = logits(tiny_model, token_batch)
+    reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": 0}], stats)
+    assert reports[0]["kept_per_layer"] == {"0": 8, "2": 8}
+    assert torch.equal(before, logits(tiny_model, token_batch))
+
+
+def test_pruning_changes_logits_and_drops_rarely_used(tiny_model, token_batch, stats):
+    before = logits(tiny_model, token_batch)
+    threshold = int(stats["selected"].median())
+    reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": threshold}], stats)
+    for layer, kept_ids in reports[0]["kept_original_ids"].items():
+        rows = stats[stats["layer"] == int(layer)].set_index("expert")
+        expected = sorted(rows.index[rows["selected"] >= threshold].tolist())
+        assert kept_ids == expected or len(kept_ids) == 2  # floored at the active top-k
+    assert not torch.equal(before, logits(tiny_model, token_batch))
+
+
+def saved_tensor_count(path):
+    total = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            total += sum(handle.get_tensor(key).numel() for key in handle.keys())
+    return total
+
+
+def test_non_uniform_checkpoint_reloads_with_remote_code(tmp_path, tiny_model, tokenizer, token_batch, stats):
+    reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": int(stats["selected"].quantile(0.4))}], stats)
+    assert len(set(reports[0]["kept_per_layer"].values())) > 1, "fixture should give a non-uniform pruning"
+    expected = logits(tiny_model, token_batch)
+    record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "t"})
+    assert record["loader"] == "remote_code"
+    assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "compression.json").read_text())["experts_per_layer"] == reports[0]["kept_per_layer"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    assert torch.equal(expected, logits(reloaded, token_batch))
+    assert torch.equal(expected, logits(load_model(tmp_path / "ckpt"), token_batch))  # our loader finds the flag
+
+
+def test_uniform_checkpoint_is_stock(tmp_path, tiny_model, tokenizer, token_batch, stats):
+    reports = compress(tiny_model, [{"method": "frequency_prune", "uniform": True, "keep": 5}], stats)
+    assert reports[0]["kept_per_layer"] == {"0": 5, "2": 5}
+    expected = logits(tiny_model, token_batch)
+    record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "u"})
+    assert record["loader"] == "stock" and not (tmp_path / "ckpt" / "modeling_moe_compress.py").exists()
+    config = AutoConfig.from_pretrained(tmp_path / "ckpt")
+    assert config.num_experts == 5 and not hasattr(config, "auto_map")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # no remote code
+    assert torch.equal(expected, logits(reloaded, token_batch))
+    assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
+
+
+def test_uniform_keeps_most_used(tiny_model, stats):
+    reports = compress(tiny_model, [{"method": "frequency_prune", "uniform": True, "keep": 3, "top_k": 1}], stats)
+    for layer, kept_ids in reports[0]["kept_original_ids"].items():
+        rows = stats[stats["layer"] == int(layer)]
+        top3 = rows.sort_values(["selected_rank_1", "expert"], ascending=[False, True], kind="stable")["expert"][:3]
+        assert kept_ids == sorted(top3.tolist())
+
+
+def test_chained_pruning_tracks_original_ids(tiny_model, stats):
+    reports = compress(tiny_model, [{"method": "frequency_prune", "uniform": True, "keep": 6},
+                                    {"method": "frequency_prune", "uniform": True, "keep": 4}], stats)
+    for layer in ("0", "2"):
+        assert set(reports[1]["kept_original_ids"][layer]) <= set(reports[0]["kept_original_ids"][layer])
+
+
+def test_top_k_above_model_is_refused(tiny_model, stats):
+    from moe_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_k=3 exceeds the model's top-k"):
+        compress(tiny_model, [{"method": "frequency_prune", "top_k": 3, "min_count": 1}], stats)

@@ -1,0 +1,19 @@
+"""Apply one variant's steps to the model and save the checkpoint."""
+
+import pandas as pd
+
+from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
+from moe_compress.workflow import json_param, start_job
+
+log = start_job(snakemake)
+params = snakemake.params
+steps = json_param(snakemake, "steps")
+model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
+context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats))
+reports = apply_steps(model, steps, context)
+record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
+                         {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
+                          "steps": steps, "step_reports": reports})
+log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
+         record["parameters"], record["loader"])

@@ -1,0 +1,17 @@
+"""Join compression records and evaluation CSVs into results/final_table.{csv,md}."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from moe_compress.modelio import read_compression_record
+from moe_compress.report import final_table, write_final_table
+from moe_compress.workflow import json_param, start_job
+
+log = start_job(snakemake)
+variants = json_param(snakemake, "variants")
+records = {name: read_compression_record(path) for name, path in zip(variants, snakemake.input.records)}
+perplexities = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.perplexity)}
+table = final_table(variants, records, perplexities)
+write_final_table(table, snakemake.output.csv, snakemake.output.md)
+log.info("final table: %d variants -> %s", len(table), Path(snakemake.output.csv))

@@ -1,0 +1,20 @@
+"""Token windows for perplexity: held-out C4 documents, or the WikiText-2 test split."""
+
+from moe_compress.calibration import (TokenSamples, load_corpus, read_text, tokenize_contiguous, write_samples)
+from moe_compress.modelio import load_tokenizer
+from moe_compress.workflow import json_param, start_job
+
+log = start_job(snakemake)
+tokenizer = load_tokenizer(snakemake.input.model)
+seq_len, max_windows = snakemake.params.seq_len, snakemake.params.max_windows
+if snakemake.wildcards.dataset == "c4_heldout":
+    _pool, heldout = load_corpus(json_param(snakemake, "calibration"))
+    # held-out documents joined with EOS, scored as contiguous windows
+    text = tokenizer.eos_token.join(heldout) if tokenizer.eos_token else "\n\n".join(heldout)
+    source = "c4 held-out documents"
+else:
+    text = read_text(snakemake.input.wikitext2)
+    source = str(snakemake.input.wikitext2)
+ids = tokenize_contiguous(tokenizer, text, seq_len, max_windows)
+write_samples(TokenSamples(ids, source=source), snakemake.output[0])
+log.info("%s: %d windows x %d tokens", snakemake.wildcards.dataset, *ids.shape)

@@ -18,6 +18,8 @@ rule cache_router_activations:
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
     threads: 2
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/cache_router_activations.log",
     benchmark:

@@ -11,6 +11,8 @@ rule sample_calibration:
         "results/calibration/calibration.parquet",
     params:
         calibration=as_json(config["calibration"]),
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/sample_calibration.log",
     benchmark:
@@ -30,6 +32,8 @@ rule perplexity_windows:
         calibration=as_json(config["calibration"]),
         seq_len=config["perplexity"]["seq_len"],
         max_windows=config["perplexity"]["max_windows"],
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/perplexity_windows/{dataset}.log",
     benchmark:

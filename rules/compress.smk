@@ -14,6 +14,8 @@ rule compress:
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
     threads: 2
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/compress/{variant}.log",
     benchmark:

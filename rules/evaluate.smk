@@ -13,6 +13,8 @@ rule perplexity:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
     threads: 2
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/perplexity/{variant}.log",
     benchmark:

@@ -12,6 +12,8 @@ rule build_demo_model:
         text_field=config["calibration"]["text_field"],
         heldout_docs=config["calibration"]["heldout_docs"],
     threads: 2
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/build_demo_model.log",
     benchmark:
@@ -24,7 +26,9 @@ rule fetch_model:
     output:
         directory("results/models/hub/{repo_id}"),
     params:
-        repo_id=lambda wildcards: wildcards.repo_id.replace("--", "/", 1),
+        repo_id=lambda wildcards: hub_repo_id(wildcards.repo_id),
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/fetch_model/{repo_id}.log",
     benchmark:

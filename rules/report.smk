@@ -9,7 +9,10 @@ rule final_table:
         csv="results/final_table.csv",
         md="results/final_table.md",
     params:
-        variants=as_json(VARIANTS),
+        # a list of [name, steps] pairs: the table keeps the config's variant order
+        variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/final_table.log",
     benchmark:

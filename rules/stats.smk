@@ -7,6 +7,8 @@ rule expert_stats:
     output:
         parquet="results/stats/expert_frequency.parquet",
         csv="results/stats/expert_frequency.csv",
+    conda:
+        "../envs/core.yaml"
     log:
         "results/logs/expert_stats.log",
     benchmark:

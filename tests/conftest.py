@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig
+from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig,
+                          PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen3MoeConfig)
+
+from moe_compress.architectures import adapter_for
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -29,19 +32,57 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def tiny_qwen3_moe(seed: int = 0, num_experts: int = 8, top_k: int = 2, vocab_size: int = 300):
+_COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2):
+    """A tiny config of each architecture, with the real architecture's options switched on."""
+    if model_type == "qwen3_moe":  # a dense layer in the middle (mlp_only_layers)
+        return Qwen3MoeConfig(**_COMMON, head_dim=8, moe_intermediate_size=16, num_experts=num_experts,
+                              num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=[1])
+    if model_type == "qwen2_moe":  # shared expert + its sigmoid gate, no top-k renormalisation
+        return Qwen2MoeConfig(**_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                              num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[1])
+    if model_type == "mixtral":
+        return MixtralConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k)
+    if model_type == "olmoe":
+        return OlmoeConfig(**_COMMON, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                           eos_token_id=0, pad_token_id=0)
+    if model_type == "deepseek_v3":  # groups, sigmoid + correction bias, scaling, dense first layer, shared expert
+        return DeepseekV3Config(**_COMMON, moe_intermediate_size=16, n_routed_experts=num_experts,
+                                num_experts_per_tok=top_k, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True)
+    if model_type == "gpt_oss":  # router bias, transposed/interleaved gate_up with biases, attention sinks
+        return GptOssConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k,
+                            sliding_window=8)
+    raise ValueError(model_type)
+
+
+ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+
+
+def tiny_model_of(model_type: str, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
-    config = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
-                            mlp_only_layers=[1])  # a dense layer in the middle: not every layer is MoE
-    model = AutoModelForCausalLM.from_config(config).eval()
-    # random init leaves routers at zero in transformers 5: give them real preferences
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs)).eval()
+    # random init leaves routers (and biases) at zero: give them real preferences, so tokens spread
+    # unevenly over experts and pruning has something to choose
+    adapter = adapter_for(model.config)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.normal_(0, 0.5)
+        for block in adapter.moe_blocks(model).values():
+            for name in adapter.router_tensors:
+                getattr(adapter.router_of(block), name).normal_(0, 0.5)
+            for name in adapter.expert_tensors:
+                tensor = getattr(adapter.experts_of(block), name)
+                if name.endswith("bias"):
+                    tensor.normal_(0, 0.02)
     return model
+
+
+def tiny_qwen3_moe(seed: int = 0, **kwargs):
+    return tiny_model_of("qwen3_moe", seed, **kwargs)
 
 
 @pytest.fixture

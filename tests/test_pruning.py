@@ -101,3 +101,12 @@ def test_top_k_above_model_is_refused(tiny_model, stats):
 
     with pytest.raises(ConfigError, match="top_k=3 exceeds the model's top-k"):
         compress(tiny_model, [{"method": "frequency_prune", "top_k": 3, "min_count": 1}], stats)
+
+
+def test_unsupported_type_lists_supported():
+    from moe_compress.architectures import adapter_for, supported_model_types
+
+    with pytest.raises(ModelError) as error:
+        adapter_for("llama")
+    assert all(name in str(error.value) for name in supported_model_types())
+    assert len(supported_model_types()) == 6

@@ -11,7 +11,7 @@ dimension 0 of every per-expert tensor, plus the same select on the router's per
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,8 +33,19 @@ class MoEArchitecture:
     top_k_attrs: tuple[str, ...] = ("top_k",)
     config_num_experts: str = "num_experts"
     config_top_k: str = "num_experts_per_tok"
-    # modules of the MoE block that are never pruned or merged (shared experts)
-    shared_modules: tuple[str, ...] = field(default_factory=tuple)
+    # router attribute -> config field, for routing settings a method may change per layer; a value
+    # shared by all layers is written to config.json, per-layer values go through the remote-code loader
+    router_config_fields: tuple[tuple[str, str], ...] = (("top_k", "num_experts_per_tok"),)
+    # how the router turns logits into the top-k weights (documentation, and for methods that re-route):
+    # "softmax_topk": softmax over all experts, top-k, renormalised if `renormalize` says so;
+    # "topk_softmax": top-k logits, then softmax over those k (always sums to 1);
+    # "sigmoid_grouped": sigmoid scores + correction bias for choice, group-limited, scaled.
+    scoring: str = "softmax_topk"
+    renormalize: str | bool = "norm_topk_prob"  # a config field name, or a constant
+    # attributes of the MoE block that are never pruned or merged (shared experts and their gates)
+    shared_modules: tuple[str, ...] = ()
+    # router attributes holding expert groups (DeepSeek-V3: group-limited routing)
+    group_attrs: tuple[str, str] | None = None  # (number of groups, groups kept per token)
 
     # --- navigation -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -68,24 +79,48 @@ class MoEArchitecture:
         return int(getattr(self.experts_of(block), self.expert_tensors[0]).shape[0])
 
     # --- structural edits ---------------------------------------------------------------------
-    def select_experts(self, block: nn.Module, keep: torch.Tensor) -> None:
-        """Keep only experts ``keep`` (sorted indices) in ``block``: experts and router rows together."""
-        experts, router = self.experts_of(block), self.router_of(block)
-        for module, names in ((experts, self.expert_tensors), (router, self.router_tensors)):
-            for name in names:
-                tensor = getattr(module, name)
-                setattr(module, name, nn.Parameter(tensor.data.index_select(0, keep).clone(), requires_grad=False))
-        self._set_count(block, len(keep))
+    def renormalizes(self, config) -> bool:
+        return bool(getattr(config, self.renormalize)) if isinstance(self.renormalize, str) else self.renormalize
 
-    def resize_empty(self, block: nn.Module, num_experts: int) -> None:
-        """Reallocate the block for ``num_experts`` experts (uninitialised): used before loading weights."""
+    def select_experts(self, block: nn.Module, keep: torch.Tensor) -> dict:
+        """Keep only experts ``keep`` (sorted indices) in ``block``: experts and router rows together.
+
+        Returns what else had to change (e.g. expert groups that could not be preserved)."""
         experts, router = self.experts_of(block), self.router_of(block)
+        old_count = self.block_num_experts(block)
         for module, names in ((experts, self.expert_tensors), (router, self.router_tensors)):
             for name in names:
-                tensor = getattr(module, name)
-                shape = (num_experts, *tensor.shape[1:])
-                setattr(module, name, nn.Parameter(torch.empty(shape, dtype=tensor.dtype, device=tensor.device)))
-        self._set_count(block, num_experts)
+                _replace_tensor(module, name, getattr(module, name).data.index_select(0, keep).clone())
+        self._set_count(block, len(keep))
+        return self._adapt_groups(router, keep, old_count)
+
+    def _adapt_groups(self, router: nn.Module, keep: torch.Tensor, old_count: int) -> dict:
+        """Group-limited routing assigns contiguous expert ranges to groups. The groups survive pruning
+        exactly when every group keeps the same number of experts (at least 2: groups are scored by
+        their top-2); otherwise routing falls back to one group (plain top-k over the survivors)."""
+        if self.group_attrs is None:
+            return {}
+        groups_attr, kept_groups_attr = self.group_attrs
+        num_groups = getattr(router, groups_attr)
+        if num_groups == 1:
+            return {}
+        per_group = torch.bincount(keep // (old_count // num_groups), minlength=num_groups)
+        if bool((per_group == per_group[0]).all()) and int(per_group[0]) >= 2:
+            return {}
+        setattr(router, groups_attr, 1)
+        setattr(router, kept_groups_attr, 1)
+        return {"expert_groups": f"{num_groups} groups could not be kept (experts kept per group: "
+                                 f"{per_group.tolist()}); routing is plain top-k over the kept experts"}
+
+    def router_settings(self, block: nn.Module) -> dict[str, int]:
+        router = self.router_of(block)
+        return {attr: getattr(router, attr) for attr, _ in self.router_config_fields}
+
+    def _set_count(self, block: nn.Module, num_experts: int) -> None:
+        for module in (self.experts_of(block), self.router_of(block)):
+            for attr in self.expert_count_attrs:
+                if hasattr(module, attr):
+                    setattr(module, attr, num_experts)
 
     def _set_count(self, block: nn.Module, num_experts: int) -> None:
         for module in (self.experts_of(block), self.router_of(block)):
@@ -103,7 +138,16 @@ class MoEArchitecture:
             "expert_tensors": list(self.expert_tensors),
             "router_tensors": list(self.router_tensors),
             "expert_count_attrs": list(self.expert_count_attrs),
+            "router_attrs": [attr for attr, _ in self.router_config_fields],
         }
+
+
+def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a per-expert tensor, keeping its kind: parameters stay parameters, buffers stay buffers."""
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
 
 
 def _get_path(root: nn.Module, dotted: str):
@@ -116,7 +160,36 @@ def _get_path(root: nn.Module, dotted: str):
 ARCHITECTURES: dict[str, MoEArchitecture] = {
     arch.model_type: arch
     for arch in (
+        # dense layers: mlp_only_layers / decoder_sparse_step (found by is_moe_layer, not by config)
         MoEArchitecture(model_type="qwen3_moe"),
+        # Qwen1.5-MoE: a sigmoid-gated shared expert beside the routed ones. Trap: the config field is
+        # `num_experts`; Qwen2MoeConfig(num_local_experts=...) is silently ignored.
+        MoEArchitecture(model_type="qwen2_moe", shared_modules=("shared_expert", "shared_expert_gate")),
+        MoEArchitecture(model_type="mixtral", config_num_experts="num_local_experts", renormalize=True),
+        MoEArchitecture(model_type="olmoe"),
+        # sigmoid scores, e_score_correction_bias (a buffer) for the choice only, group-limited routing,
+        # routed_scaling_factor; first_k_dense_replace dense layers; shared experts
+        MoEArchitecture(
+            model_type="deepseek_v3",
+            router_tensors=("weight", "e_score_correction_bias"),
+            config_num_experts="n_routed_experts",
+            router_config_fields=(("top_k", "num_experts_per_tok"), ("num_group", "n_group"),
+                                  ("topk_group", "topk_group")),
+            scoring="sigmoid_grouped",
+            shared_modules=("shared_experts",),
+            group_attrs=("num_group", "topk_group"),
+        ),
+        # router has a bias, top-k of logits then softmax; experts store gate_up_proj transposed
+        # [E, H, 2I] with gate/up interleaved, plus per-expert biases. Dim 0 is still the expert.
+        MoEArchitecture(
+            model_type="gpt_oss",
+            router="router",
+            router_tensors=("weight", "bias"),
+            expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+            config_num_experts="num_local_experts",
+            scoring="topk_softmax",
+            renormalize=True,
+        ),
     )
 }
 

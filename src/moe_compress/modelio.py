@@ -102,21 +102,29 @@ def _render_remote_code(model: nn.Module) -> str:
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> dict:
     """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
 
-    A uniform expert count is written as the stock architecture (plain ``from_pretrained``, the hub
-    tensor layout); a per-layer count adds ``modeling_moe_compress.py`` and an ``auto_map``.
+    When every MoE layer has the same expert count and routing settings, the checkpoint is the stock
+    architecture (plain ``from_pretrained``, the hub tensor layout vLLM reads). Otherwise it carries
+    ``modeling_moe_compress.py`` and an ``auto_map``, and loads with ``trust_remote_code=True``.
     """
     adapter = adapter_for(model.config)
     config = model.config
-    counts = experts_per_layer(model)
-    uniform = len(set(counts.values())) <= 1
-    for stale in ("moe_compress_experts_per_layer", "moe_compress_layout", "auto_map"):
+    blocks = adapter.moe_blocks(model)
+    counts = {index: adapter.block_num_experts(block) for index, block in blocks.items()}
+    settings = {index: adapter.router_settings(block) for index, block in blocks.items()}
+    uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
+    for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
+        # the stock config holds one value per field: the largest count (layers are resized from it)
         setattr(config, adapter.config_num_experts, max(counts.values()))
+        first = next(iter(settings.values()))
+        for attr, field in adapter.router_config_fields:
+            setattr(config, field, first[attr] if uniform else max(s[attr] for s in settings.values()))
     remote_code = None
     if not uniform:
         config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
+        config.moe_compress_router_settings = {str(index): s for index, s in settings.items()}
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
         remote_code = _render_remote_code(model)
@@ -127,6 +135,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
         "active_experts": adapter.top_k(config),
+        "router_settings_per_layer": {str(index): s for index, s in settings.items()},
         "parameters": count_parameters(model),
         "versions": environment_versions(),
     }
@@ -137,3 +146,12 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
             (tmp / REMOTE_CODE_FILE).write_text(remote_code)
         write_json(record, tmp / COMPRESSION_RECORD)
     return record
+
+
+def hub_dir_name(repo_id: str) -> str:
+    """Folder name for a downloaded hub snapshot ("org/name" -> "org--name")."""
+    return repo_id.replace("/", "--")
+
+
+def hub_repo_id(dir_name: str) -> str:
+    return dir_name.replace("--", "/", 1)

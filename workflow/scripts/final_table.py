@@ -9,7 +9,7 @@ from moe_compress.report import final_table, write_final_table
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
-variants = json_param(snakemake, "variants")
+variants = dict(json_param(snakemake, "variants"))  # config order, same as the inputs
 records = {name: read_compression_record(path) for name, path in zip(variants, snakemake.input.records)}
 perplexities = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.perplexity)}
 table = final_table(variants, records, perplexities)

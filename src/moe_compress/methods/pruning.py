@@ -15,17 +15,23 @@ from moe_compress.stats import selected_within_top
 log = logging.getLogger(__name__)
 
 
-def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> None:
-    """Keep, in each listed MoE layer, the experts at the given current slot indices (sorted)."""
+def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> dict:
+    """Keep, in each listed MoE layer, the experts at the given current slot indices (sorted).
+    Returns, per layer, what else the architecture had to adapt (e.g. expert groups)."""
     adapter = adapter_for(model.config)
     blocks = adapter.moe_blocks(model)
     top_k = adapter.top_k(model.config)
+    adaptations = {}
     for layer, keep in keep_per_layer.items():
         keep = torch.as_tensor(keep, dtype=torch.long).sort().values
         if len(keep) < top_k:
             raise ModelError(f"layer {layer}: cannot keep {len(keep)} experts, fewer than the {top_k} active per token")
-        adapter.select_experts(blocks[layer], keep)
+        changed = adapter.select_experts(blocks[layer], keep)
+        if changed:
+            log.warning("layer %d: %s", layer, changed)
+            adaptations[str(layer)] = changed
         context.original_expert_ids[layer] = context.original_expert_ids[layer][keep]
+    return adaptations
 
 
 def frequency_prune(model, step: dict, context) -> dict:
@@ -65,8 +71,9 @@ def frequency_prune(model, step: dict, context) -> dict:
         keep_per_layer[layer] = torch.from_numpy(np.sort(order[:n]))
     if floored:
         log.warning("layers %s kept fewer experts than the %d active per token; raised to %d", floored, model_top_k, model_top_k)
-    prune_experts(model, keep_per_layer, context)
+    adaptations = prune_experts(model, keep_per_layer, context)
     return {
+        "adaptations": adaptations,
         "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
         "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
         "floored_to_top_k": floored,

@@ -1,9 +1,10 @@
-"""Written by moe-compress into a checkpoint whose MoE layers keep different numbers of experts.
+"""Written by moe-compress into a checkpoint whose MoE layers differ from each other (expert count or
+routing settings such as top-k), which the stock config, holding one value for all layers, cannot express.
 
-The stock architecture allocates the same expert count in every layer; this class builds the stock
-model, then reallocates each listed MoE block for its own count (from ``config.moe_compress_experts_per_layer``)
-before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs only
-transformers, not moe-compress. Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
+This class builds the stock model, then reallocates each listed MoE block for its own expert count and
+sets its router's per-layer settings, before the weights are loaded. It is self-contained on purpose:
+loading the checkpoint needs only transformers, not moe-compress.
+Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
 
 import torch
@@ -15,6 +16,15 @@ def _get_path(root, dotted):
     for part in dotted.split("."):
         root = getattr(root, part)
     return root
+
+
+def _reallocate(module, name, num_experts):
+    old = getattr(module, name)
+    new = torch.empty((num_experts, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    if name in module._buffers:
+        module._buffers[name] = new
+    else:
+        setattr(module, name, nn.Parameter(new))
 
 
 class MoeCompressForCausalLM(_StockForCausalLM):
@@ -30,9 +40,10 @@ class MoeCompressForCausalLM(_StockForCausalLM):
             ):
                 module = getattr(block, module_name)
                 for name in tensor_names:
-                    old = getattr(module, name)
-                    shape = (num_experts, *old.shape[1:])
-                    setattr(module, name, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device)))
+                    _reallocate(module, name, num_experts)
                 for attr in layout["expert_count_attrs"]:
                     if hasattr(module, attr):
                         setattr(module, attr, num_experts)
+            router = getattr(block, layout["router"])
+            for attr, value in config.moe_compress_router_settings.get(layer_index, {}).items():
+                setattr(router, attr, value)

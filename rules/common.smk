@@ -1,0 +1,43 @@
+# Shared definitions: validated config, variants, model location.
+
+import json
+import re
+from pathlib import Path
+
+from moe_compress.config import validate_config
+from moe_compress.errors import ConfigError
+from moe_compress.modelio import hub_dir_name, hub_repo_id
+
+# Validate at start-up: a typo or a wrong type fails here, naming the key, before any job runs.
+_validated = validate_config(config)
+config.clear()
+config.update(_validated)
+
+VARIANTS = {name: variant["steps"] for name, variant in config["variants"].items()}
+PPL_DATASETS = ["c4_heldout", "wikitext2"]
+
+
+def as_json(value):
+    """Params as canonical JSON: any change to a value changes the string Snakemake compares."""
+    return json.dumps(value, sort_keys=True)
+
+
+def model_dir():
+    path = config["model"]["path"]
+    if path == "demo":
+        return "results/models/demo"
+    if Path(path).exists():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return f"results/models/hub/{hub_dir_name(path)}"
+    raise ConfigError(
+        f"config key 'model.path': {path!r} is neither 'demo', an existing directory, nor a hub id"
+    )
+
+
+MODEL_DIR = model_dir()
+
+
+wildcard_constraints:
+    variant="|".join(re.escape(name) for name in VARIANTS),
+    dataset="|".join(PPL_DATASETS),

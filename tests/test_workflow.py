@@ -1,0 +1,121 @@
+"""The whole DAG on a tiny configuration, and the incremental-rerun guarantee, through real snakemake runs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+TINY = {
+    "model": {"path": "demo", "dtype": "float32", "device": "cpu"},
+    "demo_model": {"num_layers": 2, "hidden_size": 32, "num_experts": 8, "top_k": 2, "moe_intermediate_size": 32,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "seq_len": 32,
+                   "batch_size": 8, "steps": 30, "seed": 0},
+    "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
+                    "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
+    "cache": {"batch_size": 8},
+    "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
+                   "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
+    "variants": {
+        "base": {"steps": []},
+        "keep_most": {"method": "frequency_prune", "min_fraction": 0.02},
+        "keep_some": {"method": "frequency_prune", "min_fraction": 0.15},
+        "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4},
+    },
+}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(configfile), "--cores", "2", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
+    """(rule, variant-or-empty) for every job a dry run plans, read from its job list."""
+    jobs, current = [], None
+    for line in dry_run_output.splitlines():
+        match = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if match:
+            if current:
+                jobs.append(current)
+            current = (match.group(1), "")
+            continue
+        match = re.match(r"^wildcards: (.*)$", line.strip())
+        if match and current:
+            variant = re.search(r"variant=([^,\s]+)", match.group(1))
+            current = (current[0], variant.group(1) if variant else match.group(1))
+    if current:
+        jobs.append(current)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_workflow")
+    configfile = write_config(workdir / "config.yaml", TINY)
+    result = snakemake(workdir, configfile, "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, configfile
+
+
+def test_end_to_end_final_table(tiny_run):
+    workdir, _ = tiny_run
+    table = pd.read_csv(workdir / "results/final_table.csv")
+    assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4"]
+    assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2"]].isna().any().any()
+    by_name = table.set_index("variant")
+    assert by_name.loc["base", "experts_kept"] == 2 * 8
+    assert by_name.loc["keep_some", "experts_kept"] <= by_name.loc["keep_most", "experts_kept"]
+    assert by_name.loc["uniform4", "experts_kept"] == 2 * 4 and by_name.loc["uniform4", "loader"] == "stock"
+    assert by_name.loc["base", "ppl_c4_heldout_ratio"] == 1.0
+    assert (workdir / "results/final_table.md").read_text().startswith("| variant |")
+    for rule_log in ("build_demo_model", "cache_router_activations", "expert_stats", "final_table"):
+        assert (workdir / f"results/logs/{rule_log}.log").stat().st_size > 0
+
+
+def test_nothing_to_do_after_a_complete_run(tiny_run):
+    workdir, configfile = tiny_run
+    result = snakemake(workdir, configfile, "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert planned_jobs(result.stdout + result.stderr) == []
+
+
+def test_changing_one_threshold_replans_only_that_variant(tiny_run):
+    workdir, _ = tiny_run
+    changed = copy.deepcopy(TINY)
+    changed["variants"]["keep_some"]["min_fraction"] = 0.2
+    configfile = write_config(workdir / "config_changed.yaml", changed)
+    result = snakemake(workdir, configfile, "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == sorted([("compress", "keep_some"), ("perplexity", "keep_some"), ("final_table", "")]), jobs
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    broken = copy.deepcopy(TINY)
+    broken["variants"]["keep_some"]["min_fraction"] = -0.5
+    configfile = write_config(tmp_path / "config.yaml", broken)
+    result = snakemake(tmp_path, configfile, "results/final_table.csv")
+    assert result.returncode != 0
+    assert "variants.keep_some.steps[0].min_fraction" in result.stderr
+    assert not (tmp_path / "results").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import ARCHITECTURE_TYPES, REPO, make_tokenizer, tiny_model_of
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +120,27 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "variants.keep_some.steps[0].min_fraction" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
+def test_every_architecture_runs_the_dag(tmp_path, model_type):
+    """model.path pointing at a local checkpoint of each architecture: the whole DAG completes."""
+    model_dir = tmp_path / f"tiny_{model_type}"
+    tiny_model_of(model_type).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    config = copy.deepcopy(TINY)
+    config["model"]["path"] = str(model_dir)
+    del config["demo_model"]
+    config["variants"] = {"base": {"steps": []},
+                          "per_layer": {"method": "frequency_prune", "min_fraction": 0.2},
+                          "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4}}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    result = snakemake(tmp_path, configfile, "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
+    record = json.loads((tmp_path / "results/checkpoints/uniform4/compression.json").read_text())
+    same_routing = len({json.dumps(s, sort_keys=True) for s in record["router_settings_per_layer"].values()}) == 1
+    # stock whenever every layer routes alike (DeepSeek-V3 may lose its groups in some layers only)
+    assert table.loc["uniform4", "loader"] == ("stock" if same_routing else "remote_code")
+    assert table.loc["uniform4", "parameters"] < table.loc["base", "parameters"]
+    assert not table[["ppl_c4_heldout", "ppl_wikitext2"]].isna().any().any()

@@ -1,0 +1,154 @@
+"""The embedded demo model: trains on a tiny corpus, saves a loadable HF directory, deterministically."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moe_compress import demo
+from moe_compress.errors import DataError
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_experts=8,
+    top_k=2,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    seq_len=32,
+    batch_size=4,
+    steps=5,
+    heldout_docs=10,
+    learning_rate=3e-3,
+    threads=1,
+)
+
+WORDS = "the a cat dog bird sat ran flew on under over mat tree house red small big quickly slowly and".split()
+
+
+def _write_corpus(path, num_docs=60):
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(num_docs):
+            sentences = [" ".join(rng.choices(WORDS, k=rng.randint(5, 9))).capitalize() + "." for _ in range(6)]
+            handle.write(json.dumps({"text": f"Document {index}. " + " ".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("demo") / "model"
+    metrics = demo.build_demo_model(corpus, out_dir, **TINY)
+    return out_dir, metrics
+
+
+def test_output_loads_offline_and_gives_finite_logits(built, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    out_dir, _ = built
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    assert model.config.model_type == "qwen3_moe"
+    assert model.config.num_experts == TINY["num_experts"] and model.config.num_experts_per_tok == TINY["top_k"]
+    assert model.config.output_router_logits is False
+    assert tokenizer.eos_token == demo.EOS_TOKEN
+    assert tokenizer.eos_token_id == model.config.eos_token_id
+    text = "The small cat sat on the mat, quickly! Ünïcödé too."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0]) == text  # byte level: lossless, no unknowns
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_metrics_file_has_the_keys(built):
+    out_dir, metrics = built
+    saved = json.loads((out_dir / demo.METRICS_FILE).read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("steps", "seconds", "final_train_loss", "heldout_perplexity", "unigram_heldout_perplexity",
+                "expert_selection_frequency", "hyperparameters"):
+        assert key in saved
+    assert saved["steps"] == TINY["steps"]
+    assert math.isfinite(saved["heldout_perplexity"]) and math.isfinite(saved["unigram_heldout_perplexity"])
+    for name, value in TINY.items():
+        assert saved["hyperparameters"][name] == value
+    frequency = np.array(saved["expert_selection_frequency"])
+    assert frequency.shape == (TINY["num_layers"], TINY["num_experts"])
+    # each token picks top_k experts in every layer
+    np.testing.assert_allclose(frequency.sum(axis=1), TINY["top_k"])
+
+
+def test_same_seed_is_bitwise_identical(corpus, tmp_path):
+    for name in ("a", "b"):
+        demo.build_demo_model(corpus, tmp_path / name, **TINY)
+    for filename in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / filename).read_bytes() == (tmp_path / "b" / filename).read_bytes(), filename
+    demo.build_demo_model(corpus, tmp_path / "c", **{**TINY, "seed": 1})
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_heldout_documents_are_never_trained_on(corpus, tmp_path, monkeypatch):
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    heldout = docs[-TINY["heldout_docs"] :]
+    seen = {}
+    real_train_tokenizer, real_batches = demo.train_tokenizer, demo._batches
+
+    def spy_train_tokenizer(texts, vocab_size):
+        seen["tokenizer_texts"] = list(texts)
+        seen["tokenizer"] = real_train_tokenizer(texts, vocab_size)
+        return seen["tokenizer"]
+
+    def spy_batches(stream, *args):
+        seen["training_stream"] = stream.copy()
+        return real_batches(stream, *args)
+
+    monkeypatch.setattr(demo, "train_tokenizer", spy_train_tokenizer)
+    monkeypatch.setattr(demo, "_batches", spy_batches)
+    demo.build_demo_model(corpus, tmp_path / "model", **TINY)
+
+    assert seen["tokenizer_texts"] == docs[: -TINY["heldout_docs"]]
+    assert not set(heldout) & set(seen["tokenizer_texts"])
+    # the model trains on exactly the training documents' tokens
+    expected = demo.token_stream(seen["tokenizer"], docs[: -TINY["heldout_docs"]])
+    np.testing.assert_array_equal(seen["training_stream"], expected)
+
+
+def test_training_loss_decreases(corpus, tmp_path):
+    metrics = demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "steps": 80, "batch_size": 8})
+    curve = metrics["train_loss_curve"]
+    assert len(curve) == 80
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0
+    # it learnt more than token frequencies
+    assert metrics["heldout_perplexity"] < metrics["unigram_heldout_perplexity"]
+
+
+def test_unigram_perplexity_matches_the_definition():
+    train = np.array([0, 1, 1, 2, 2, 2])
+    held = np.array([2, 1, 3])
+    vocab = 4
+    probs = [(np.sum(train == token) + 1) / (len(train) + vocab) for token in held]
+    expected = math.exp(-np.mean(np.log(probs)))
+    assert demo.unigram_perplexity(train, held, vocab) == pytest.approx(expected)
+
+
+def test_too_small_corpus_is_a_data_error(tmp_path):
+    corpus = _write_corpus(tmp_path / "small.jsonl", num_docs=12)
+    with pytest.raises(DataError, match="too few"):
+        demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "batch_size": 64})
+    with pytest.raises(DataError, match="heldout_docs"):
+        demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "heldout_docs": 12})
+    assert not (tmp_path / "model").exists()

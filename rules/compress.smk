@@ -6,6 +6,7 @@ rule compress:
     input:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
+        cache="results/cache/moe_inputs",
     output:
         directory("results/checkpoints/{variant}"),
     params:
@@ -13,6 +14,7 @@ rule compress:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
+        heldout_fraction=config["compress"]["heldout_fraction"],
     threads: 2
     conda:
         "../envs/core.yaml"

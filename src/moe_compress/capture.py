@@ -149,3 +149,15 @@ def read_router_cache(path: str | Path) -> dict[int, LayerRouting]:
             topk_weights=_fixed_list(part.column("topk_weights")),
         )
     return routing
+
+
+def read_moe_inputs(inputs_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+    """The cached MoE-block inputs, {layer: [tokens, hidden]} (``inputs_dir`` is ``<cache>/moe_inputs``)."""
+    from safetensors.torch import load_file
+
+    inputs = {}
+    for path in sorted(Path(inputs_dir).glob("layer_*.safetensors")):
+        inputs[int(path.stem.removeprefix("layer_"))] = load_file(path, device=str(device))["hidden_states"]
+    if not inputs:
+        raise ModelError(f"no cached MoE inputs in {inputs_dir}")
+    return inputs

@@ -99,7 +99,8 @@ def _render_remote_code(model: nn.Module) -> str:
     return template.replace("__BASE_MODULE__", stock.__module__).replace("__BASE_CLASS__", stock.__name__)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> dict:
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict,
+                    extra_files: dict[str, str] | None = None) -> dict:
     """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
 
     When every MoE layer has the same expert count and routing settings, the checkpoint is the stock
@@ -144,6 +145,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
         tokenizer.save_pretrained(tmp)
         if remote_code is not None:
             (tmp / REMOTE_CODE_FILE).write_text(remote_code)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         write_json(record, tmp / COMPRESSION_RECORD)
     return record
 

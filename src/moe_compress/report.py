@@ -21,6 +21,22 @@ def describe_steps(steps: list[dict]) -> str:
     return " -> ".join(parts)
 
 
+def reconstruction_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per (step, layer): the MoE block's relative reconstruction error after that step."""
+    rows = [{"step": report["step"], "method": report["method"], "layer": int(layer), "relative_error": error}
+            for report in reports for layer, error in report.get("reconstruction_error", {}).items()]
+    return pd.DataFrame(rows, columns=["step", "method", "layer", "relative_error"])
+
+
+def mean_reconstruction_error(record: dict) -> float:
+    """Mean over layers of the error after the variant's last step (0 for the unmodified model)."""
+    reports = record.get("step_reports", [])
+    if not reports:
+        return 0.0
+    errors = reports[-1].get("reconstruction_error", {})
+    return sum(errors.values()) / len(errors) if errors else float("nan")
+
+
 def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataFrame) -> dict:
     row = {
         "variant": name,
@@ -31,6 +47,7 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
         "experts_per_layer": " ".join(str(n) for _, n in sorted(record["experts_per_layer"].items(), key=lambda kv: int(kv[0]))),
         "active_experts": record["active_experts"],
         "loader": record["loader"],
+        "recon_error_mean": mean_reconstruction_error(record),
     }
     for dataset, value in perplexity.set_index("dataset")["perplexity"].items():
         row[f"ppl_{dataset}"] = value

@@ -2,18 +2,23 @@
 
 import pandas as pd
 
+from moe_compress.capture import read_moe_inputs
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
+from moe_compress.report import reconstruction_table
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
 params = snakemake.params
 steps = json_param(snakemake, "steps")
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
-context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats))
+context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats),
+                                       moe_inputs=read_moe_inputs(snakemake.input.cache, device=model.device),
+                                       heldout_fraction=params.heldout_fraction)
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
-                          "steps": steps, "step_reports": reports})
+                          "steps": steps, "step_reports": reports},
+                         extra_files={"reconstruction_error.csv": reconstruction_table(reports).to_csv(index=False)})
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

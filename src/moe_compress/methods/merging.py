@@ -1,0 +1,307 @@
+"""Expert merging (HC-SMoE / Sub-MoE family): cluster the experts of each layer, then replace each
+cluster by one expert, so the expert count, and with it the parameter count, really goes down.
+
+1. Centroids: h_i = sum over calibration tokens routed to i of G_i(x) * E_i(x), with G the top-k
+   weight renormalised over the token's k choices. Each expert runs only on the tokens routed to it,
+   i.e. the work of one forward pass of the block, from the cached MoE-block inputs.
+2. Grouping: agglomerative clustering with average linkage (cluster distance = mean pairwise L2 of the
+   members' centroids), merging the closest pair ``merges_per_layer`` times under ``max_cluster_size``;
+   or k-means on the centroids (Sub-MoE).
+3. Merge rule per cluster, with coefficients c_j proportional to how often member j is selected:
+   ``frequency`` (W = sum c_j W_j), ``svd`` (one SVD of the members' concatenated matrices, keep the
+   shared left basis and singular values at rank r, merge the right factors with c), or ``learned``
+   (c fitted with Adam so the merged block reproduces the original block's output on calibration
+   tokens; early-stopped on held-out tokens and never kept if worse than the frequency initialisation).
+4. Router row of the merged expert: ``frequency`` (c-weighted mean of the members' rows) or
+   ``dominant`` (the most-selected member's row).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+def route(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k weights, top-k indices) of the block's current router on ``hidden`` [tokens, hidden]."""
+    _, weights, indices = adapter.router_of(block)(hidden)
+    return weights, indices
+
+
+def run_expert(adapter, block, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s output on every row of ``hidden``, through the architecture's own experts code."""
+    indices = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
+    weights = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+    return adapter.experts_of(block)(hidden, indices, weights)
+
+
+def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(indices.reshape(-1), minlength=num_experts)
+
+
+def expert_centroids(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids [experts, hidden], selection counts [experts]) on ``hidden``."""
+    weights, indices = route(adapter, block, hidden)
+    gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # normalised top-k weight G
+    num_experts = adapter.block_num_experts(block)
+    centroids = torch.zeros(num_experts, hidden.shape[1], dtype=torch.float32)
+    for expert in range(num_experts):  # a loop over experts; tokens are handled as one batch each
+        token_idx, rank = torch.where(indices == expert)
+        if len(token_idx):
+            outputs = run_expert(adapter, block, hidden[token_idx], expert).float()
+            centroids[expert] = (gates[token_idx, rank, None].float() * outputs).sum(dim=0)
+    return centroids, selection_counts(indices, num_experts)
+
+
+def block_output(block, hidden: torch.Tensor) -> torch.Tensor:
+    """The MoE block's output for ``hidden`` [tokens, hidden] (some blocks also return router scores)."""
+    output = block(hidden.unsqueeze(0))
+    output = output[0] if isinstance(output, tuple) else output
+    return output.reshape(hidden.shape)
+
+
+def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    return float((reference - approximation).float().norm() / reference.float().norm().clamp_min(1e-20))
+
+
+# --- grouping ----------------------------------------------------------------------------------
+
+
+def average_linkage_clusters(points: torch.Tensor, merges: int, max_cluster_size: int | None) -> list[list[int]]:
+    """Agglomerative clustering with average linkage: ``merges`` times, join the closest pair of
+    clusters whose combined size stays within ``max_cluster_size``. Returns clusters sorted by first member."""
+    count = len(points)
+    distance = torch.cdist(points.double(), points.double())
+    distance.fill_diagonal_(float("inf"))
+    sizes = torch.ones(count, dtype=torch.long)
+    active = torch.ones(count, dtype=torch.bool)
+    members = [[index] for index in range(count)]
+    limit = max_cluster_size or count
+    for _ in range(merges):
+        allowed = active[:, None] & active[None, :] & (sizes[:, None] + sizes[None, :] <= limit)
+        masked = torch.where(allowed, distance, torch.full_like(distance, float("inf")))
+        flat = int(torch.argmin(masked))
+        a, b = divmod(flat, count)
+        if not torch.isfinite(masked[a, b]):
+            raise ConfigError(f"cannot merge {merges} experts with max_cluster_size={max_cluster_size}")
+        # Lance-Williams update for average linkage: d(A+B, C) = (|A| d(A,C) + |B| d(B,C)) / (|A| + |B|)
+        merged_row = (sizes[a] * distance[a] + sizes[b] * distance[b]) / (sizes[a] + sizes[b])
+        distance[a], distance[:, a] = merged_row, merged_row
+        distance[a, a] = float("inf")
+        distance[b], distance[:, b] = float("inf"), float("inf")
+        sizes[a] += sizes[b]
+        active[b] = False
+        members[a] = sorted(members[a] + members[b])
+    return sorted((members[index] for index in range(count) if active[index]), key=lambda cluster: cluster[0])
+
+
+def kmeans_clusters(points: torch.Tensor, num_clusters: int, seed: int, iterations: int = 100) -> list[list[int]]:
+    """k-means (k-means++ initialisation, seeded) on the centroids; empty clusters are not produced:
+    each is re-seeded with the point farthest from its centre."""
+    generator = torch.Generator().manual_seed(seed)
+    points = points.double()
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    while len(centres) < num_clusters:
+        nearest = torch.cdist(points, centres).min(dim=1).values ** 2
+        probabilities = nearest / nearest.sum() if nearest.sum() > 0 else torch.ones_like(nearest) / len(nearest)
+        centres = torch.cat([centres, points[torch.multinomial(probabilities, 1, generator=generator)]])
+    assignment = torch.cdist(points, centres).argmin(dim=1)
+    for _ in range(iterations):
+        distances = torch.cdist(points, centres)
+        assignment = distances.argmin(dim=1)
+        for cluster in range(num_clusters):  # a loop over clusters, not tokens
+            if not (assignment == cluster).any():
+                farthest = int(distances.min(dim=1).values.argmax())
+                assignment[farthest] = cluster
+        new_centres = torch.stack([points[assignment == cluster].mean(dim=0) for cluster in range(num_clusters)])
+        if torch.equal(new_centres, centres):
+            break
+        centres = new_centres
+    clusters = [sorted(torch.where(assignment == cluster)[0].tolist()) for cluster in range(num_clusters)]
+    return sorted(clusters, key=lambda cluster: cluster[0])
+
+
+# --- merge rules -------------------------------------------------------------------------------
+
+
+def frequency_coefficients(cluster: list[int], counts: torch.Tensor) -> torch.Tensor:
+    weights = counts[cluster].double()
+    if weights.sum() == 0:  # no member was selected on the calibration tokens: plain average
+        weights = torch.ones(len(cluster), dtype=torch.float64)
+    return weights / weights.sum()
+
+
+def svd_merge(matrices: torch.Tensor, coefficients: torch.Tensor, rank: int | None, energy: float) -> torch.Tensor:
+    """Merge [members, m, n] matrices: one SVD of [W_1 | ... | W_k] (m x nk) = U S [V_1^T | ... | V_k^T];
+    keep U and S at rank r, combine the right factors: U_r S_r (sum_j c_j V_j,r^T). At full rank this
+    equals the coefficient-weighted average; truncation keeps the members' shared subspace."""
+    members, rows, cols = matrices.shape
+    stacked = matrices.double().permute(1, 0, 2).reshape(rows, members * cols)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    if rank is None:
+        cumulative = torch.cumsum(s**2, dim=0) / (s**2).sum().clamp_min(1e-300)
+        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    rank = min(rank, len(s))
+    right = vh[:rank].reshape(rank, members, cols)  # V_j^T blocks
+    merged_right = torch.einsum("j,rjc->rc", coefficients.double(), right)
+    return (u[:, :rank] * s[:rank]) @ merged_right
+
+
+def merge_tensors(tensors: torch.Tensor, coefficients: torch.Tensor, rule: str, step: dict) -> torch.Tensor:
+    """Merge the cluster's slices [members, ...] of one per-expert tensor."""
+    if rule == "svd" and tensors.ndim == 3:
+        merged = svd_merge(tensors, coefficients, step.get("svd_rank"), step["svd_energy"])
+    else:  # frequency and learned start from the weighted average; biases (1-D per expert) always do
+        merged = torch.einsum("j,j...->...", coefficients.double(), tensors.double())
+    return merged.to(tensors.dtype)
+
+
+# --- the method --------------------------------------------------------------------------------
+
+
+def build_merged_tensors(adapter, block, clusters, coefficients, router_coefficients, rule, step) -> dict:
+    """New per-expert tensors (dim 0 = cluster) for the experts and the router."""
+    experts, router = adapter.experts_of(block), adapter.router_of(block)
+    new = {}
+    for name in adapter.expert_tensors:
+        tensor = getattr(experts, name).data
+        new[("experts", name)] = torch.stack(
+            [merge_tensors(tensor[cluster], coefficients[i], rule, step) for i, cluster in enumerate(clusters)])
+    for name in adapter.router_tensors:
+        tensor = getattr(router, name).data
+        new[("router", name)] = torch.stack(
+            [torch.einsum("j,j...->...", router_coefficients[i].double(), tensor[cluster].double()).to(tensor.dtype)
+             for i, cluster in enumerate(clusters)])
+    return new
+
+
+def install(adapter, block, tensors: dict) -> None:
+    from moe_compress.architectures import _replace_tensor
+
+    modules = {"experts": adapter.experts_of(block), "router": adapter.router_of(block)}
+    for (owner, name), value in tensors.items():
+        _replace_tensor(modules[owner], name, value)
+    adapter._set_count(block, len(next(iter(tensors.values()))))
+
+
+def learn_coefficients(adapter, block, clusters, init_coefficients, router_coefficients, step, fit, heldout, target_fit,
+                       target_heldout) -> tuple[list[torch.Tensor], dict]:
+    """Fit per-cluster coefficients (softmax of free logits, so they stay a convex combination) with Adam
+    so the merged block reproduces the original block's output; keep the best held-out state, and keep
+    the frequency initialisation when nothing beats it on held-out tokens."""
+    experts = adapter.experts_of(block)
+    originals = {name: getattr(experts, name).data for name in adapter.expert_tensors}
+    logits = [torch.log(c.clamp_min(1e-8)).float().requires_grad_(True) for c in init_coefficients]
+    optimizer = torch.optim.Adam(logits, lr=step["learn_lr"])
+
+    def merged_experts(coefficient_logits):
+        parameters = {}
+        for name, tensor in originals.items():
+            parameters[name] = torch.stack([
+                torch.einsum("j,j...->...", torch.softmax(logit, 0).to(tensor.dtype), tensor[cluster])
+                for logit, cluster in zip(coefficient_logits, clusters)])
+        return parameters
+
+    def output(hidden, coefficient_logits):
+        parameters = merged_experts(coefficient_logits)
+        prefix = adapter.experts
+        return block_output_with(block, hidden, {f"{prefix}.{k}": v for k, v in parameters.items()})
+
+    with torch.no_grad():
+        install(adapter, block, build_merged_tensors(adapter, block, clusters, init_coefficients, router_coefficients,
+                                                     "frequency", step))
+        init_error = relative_error(target_heldout, output(heldout, logits))
+    best_error, best = init_error, [logit.detach().clone() for logit in logits]
+    generator = torch.Generator().manual_seed(step["seed"])
+    batch = min(len(fit), step["learn_batch_tokens"])
+    steps_since_best = 0
+    for iteration in range(step["learn_steps"]):
+        rows = torch.randperm(len(fit), generator=generator)[:batch]
+        loss = (output(fit[rows], logits) - target_fit[rows]).pow(2).sum(dim=-1).sqrt().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (iteration + 1) % 10 == 0:
+            with torch.no_grad():
+                error = relative_error(target_heldout, output(heldout, logits))
+            if error < best_error:
+                best_error, best, steps_since_best = error, [logit.detach().clone() for logit in logits], 0
+            else:
+                steps_since_best += 10
+                if steps_since_best >= step["learn_patience"]:
+                    break
+    coefficients = [torch.softmax(logit, 0).double() for logit in best]
+    return coefficients, {"heldout_error_init": init_error, "heldout_error_learned": best_error,
+                          "learn_steps_run": iteration + 1}
+
+
+def block_output_with(block, hidden, overrides: dict) -> torch.Tensor:
+    output = torch.func.functional_call(block, overrides, (hidden.unsqueeze(0),))
+    output = output[0] if isinstance(output, tuple) else output
+    return output.reshape(hidden.shape)
+
+
+def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor, step: dict, fit: torch.Tensor,
+                heldout: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Replace ``block``'s experts by one merged expert per cluster (in cluster order); return the
+    coefficients used and what the merge rule measured."""
+    coefficients = [frequency_coefficients(cluster, counts) for cluster in clusters]
+    if step["router_row"] == "dominant":
+        router_coefficients = [torch.nn.functional.one_hot(counts[cluster].argmax(), len(cluster)).double()
+                               for cluster in clusters]
+    else:
+        router_coefficients = coefficients
+    measured = {}
+    if step["merge"] == "learned":
+        with torch.no_grad():
+            target_fit, target_heldout = block_output(block, fit), block_output(block, heldout)
+        original = {("experts", name): getattr(adapter.experts_of(block), name).data for name in adapter.expert_tensors}
+        original.update({("router", name): getattr(adapter.router_of(block), name).data
+                         for name in adapter.router_tensors})
+        coefficients, measured = learn_coefficients(adapter, block, clusters, coefficients, router_coefficients, step,
+                                                    fit, heldout, target_fit, target_heldout)
+        install(adapter, block, original)  # back to the unmerged block before the final merge
+    with torch.no_grad():
+        install(adapter, block, build_merged_tensors(adapter, block, clusters, coefficients, router_coefficients,
+                                                     step["merge"], step))
+    return coefficients, measured
+
+
+def hc_merge(model, step: dict, context) -> dict:
+    if not context.moe_inputs:
+        raise ModelError("hc_merge needs the cached MoE-block inputs (results/cache/moe_inputs)")
+    adapter = adapter_for(model.config)
+    report = {"clusters": {}, "layers": {}}
+    for layer, block in adapter.moe_blocks(model).items():
+        fit, heldout = context.split_inputs(layer)
+        num_experts = adapter.block_num_experts(block)
+        merges = step["merges_per_layer"]
+        top_k = adapter.router_of(block).top_k
+        if num_experts - merges < top_k:
+            raise ConfigError(f"hc_merge.merges_per_layer={merges} leaves layer {layer} with {num_experts - merges} "
+                              f"experts, fewer than the {top_k} active per token")
+        with torch.no_grad():
+            centroids, counts = expert_centroids(adapter, block, fit)
+        if step["grouping"] == "kmeans":
+            clusters = kmeans_clusters(centroids, num_experts - merges, step["seed"])
+        else:
+            clusters = average_linkage_clusters(centroids, merges, step.get("max_cluster_size"))
+        coefficients, measured = merge_layer(adapter, block, clusters, counts, step, fit, heldout)
+        original_ids = context.original_expert_ids[layer]
+        report["clusters"][str(layer)] = [[int(original_ids[i]) for i in cluster] for cluster in clusters]
+        report["layers"][str(layer)] = {"coefficients": [[round(float(c), 6) for c in cs] for cs in coefficients],
+                                        **measured}
+        # a merged expert stands for its members; later steps see its first member's original id
+        context.original_expert_ids[layer] = torch.tensor([int(original_ids[cluster[0]]) for cluster in clusters])
+        log.info("layer %d: %d -> %d experts (%s merge)", layer, num_experts, len(clusters), step["merge"])
+    return report

@@ -20,10 +20,10 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     Returns, per layer, what else the architecture had to adapt (e.g. expert groups)."""
     adapter = adapter_for(model.config)
     blocks = adapter.moe_blocks(model)
-    top_k = adapter.top_k(model.config)
     adaptations = {}
     for layer, keep in keep_per_layer.items():
         keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        top_k = adapter.router_settings(blocks[layer])["top_k"]  # the layer's own top-k, which may differ per layer
         if len(keep) < top_k:
             raise ModelError(f"layer {layer}: cannot keep {len(keep)} experts, fewer than the {top_k} active per token")
         changed = adapter.select_experts(blocks[layer], keep)

@@ -127,3 +127,19 @@ def test_merging_reports_reconstruction_error_and_fewer_parameters():
     assert sum(p.numel() for p in model.parameters()) < before
     assert set(report["reconstruction_error"]) == {"0", "2"}
     assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_clusters_and_coefficients_are_written_as_a_readable_table():
+    from moe_compress.report import checkpoint_tables, clusters_table, describe_steps
+
+    model = tiny_model_of("qwen3_moe")
+    step = merge_step(merges_per_layer=3, merge="frequency")
+    reports = apply_steps(model, [step], context_with_inputs(model))
+    table = clusters_table(reports)
+    assert len(table) == 2 * 5 and set(table["layer"]) == {0, 2}
+    members = sorted(int(e) for experts in table[table["layer"] == 0]["original_experts"] for e in experts.split())
+    assert members == list(range(8))  # every original expert is in exactly one cluster
+    for _, row in table.iterrows():
+        assert sum(float(c) for c in row["coefficients"].split()) == pytest.approx(1.0, abs=1e-3)
+    assert set(checkpoint_tables(reports)) == {"reconstruction_error.csv", "merge_clusters.csv"}
+    assert describe_steps([step]) == "hc_merge(merges_per_layer=3)"  # defaults are left out

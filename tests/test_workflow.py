@@ -35,6 +35,9 @@ TINY = {
         "keep_most": {"method": "frequency_prune", "min_fraction": 0.02},
         "keep_some": {"method": "frequency_prune", "min_fraction": 0.15},
         "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4},
+        "merged": {"method": "hc_merge", "merges_per_layer": 2, "merge": "learned", "learn_steps": 20},
+        "pruned_low_rank": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
+                                      {"method": "svd_experts", "rank": 8, "share_basis": True}]},
     },
 }
 
@@ -82,13 +85,19 @@ def tiny_run(tmp_path_factory):
 def test_end_to_end_final_table(tiny_run):
     workdir, _ = tiny_run
     table = pd.read_csv(workdir / "results/final_table.csv")
-    assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4"]
-    assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2"]].isna().any().any()
+    assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank"]
+    assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2", "recon_error_mean"]].isna().any().any()
     by_name = table.set_index("variant")
     assert by_name.loc["base", "experts_kept"] == 2 * 8
     assert by_name.loc["keep_some", "experts_kept"] <= by_name.loc["keep_most", "experts_kept"]
     assert by_name.loc["uniform4", "experts_kept"] == 2 * 4 and by_name.loc["uniform4", "loader"] == "stock"
     assert by_name.loc["base", "ppl_c4_heldout_ratio"] == 1.0
+    assert by_name.loc["merged", "experts_kept"] == 2 * 6 and by_name.loc["merged", "loader"] == "stock"
+    assert by_name.loc["pruned_low_rank", "loader"] == "remote_code"
+    assert by_name.loc["pruned_low_rank", "parameters"] < by_name.loc["uniform4", "parameters"]
+    assert (by_name.drop(index="base")["recon_error_mean"] > 0).all()
+    clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
+    assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
     assert (workdir / "results/final_table.md").read_text().startswith("| variant |")
     for rule_log in ("build_demo_model", "cache_router_activations", "expert_stats", "final_table"):
         assert (workdir / f"results/logs/{rule_log}.log").stat().st_size > 0

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
+from moe_compress.templates.moe_compress_low_rank import is_low_rank
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class MoEArchitecture:
     router: str = "gate"  # attribute of the MoE block: returns (logits, top-k weights, top-k indices)
     experts: str = "experts"  # attribute of the MoE block: the fused routed experts
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")  # dim 0 = expert
+    # the expert weight matrices, (input projection feeding the gate, output projection), as named in
+    # every architecture; biases, where present, are f"{name}_bias"
+    expert_matrices: tuple[str, str] = ("gate_up_proj", "down_proj")
     router_tensors: tuple[str, ...] = ("weight",)  # dim 0 = expert
     # attributes (on the experts module and on the router) that cache the expert count / top-k
     expert_count_attrs: tuple[str, ...] = ("num_experts",)
@@ -76,7 +80,10 @@ class MoEArchitecture:
         return int(getattr(config, self.config_top_k))
 
     def block_num_experts(self, block: nn.Module) -> int:
-        return int(getattr(self.experts_of(block), self.expert_tensors[0]).shape[0])
+        experts = self.experts_of(block)
+        if is_low_rank(experts):  # shared factors have no expert dimension; the stock count is kept
+            return int(experts.num_experts)
+        return int(getattr(experts, self.expert_tensors[0]).shape[0])
 
     # --- structural edits ---------------------------------------------------------------------
     def renormalizes(self, config) -> bool:
@@ -88,10 +95,10 @@ class MoEArchitecture:
         Returns what else had to change (e.g. expert groups that could not be preserved)."""
         experts, router = self.experts_of(block), self.router_of(block)
         old_count = self.block_num_experts(block)
-        for module, names in ((experts, self.expert_tensors), (router, self.router_tensors)):
-            for name in names:
-                _replace_tensor(module, name, getattr(module, name).data.index_select(0, keep).clone())
-        self._set_count(block, len(keep))
+        self.install_expert_tensors(block, {
+            (owner, name): getattr(module, name).data.index_select(0, keep).clone()
+            for owner, module, names in (("experts", experts, self.expert_tensors), ("router", router, self.router_tensors))
+            for name in names})
         return self._adapt_groups(router, keep, old_count)
 
     def _adapt_groups(self, router: nn.Module, keep: torch.Tensor, old_count: int) -> dict:
@@ -116,17 +123,30 @@ class MoEArchitecture:
         router = self.router_of(block)
         return {attr: getattr(router, attr) for attr, _ in self.router_config_fields}
 
-    def _set_count(self, block: nn.Module, num_experts: int) -> None:
+    def set_expert_count(self, block: nn.Module, num_experts: int) -> None:
         for module in (self.experts_of(block), self.router_of(block)):
             for attr in self.expert_count_attrs:
                 if hasattr(module, attr):
                     setattr(module, attr, num_experts)
 
-    def _set_count(self, block: nn.Module, num_experts: int) -> None:
-        for module in (self.experts_of(block), self.router_of(block)):
-            for attr in self.expert_count_attrs:
-                if hasattr(module, attr):
-                    setattr(module, attr, num_experts)
+    def install_expert_tensors(self, block: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
+        """Replace per-expert tensors, {("experts" | "router", name): value with dim 0 = expert}, and
+        set the block's expert count to their new first dimension."""
+        self._refuse_low_rank(block)
+        modules = {"experts": self.experts_of(block), "router": self.router_of(block)}
+        for (owner, name), value in tensors.items():
+            replace_tensor(modules[owner], name, value)
+        self.set_expert_count(block, len(next(iter(tensors.values()))))
+
+    def low_rank_specs(self, model: nn.Module) -> dict[int, dict]:
+        """{layer: {matrix: {"rank", "shared"}}} for MoE blocks whose experts are stored as factors."""
+        return {index: self.experts_of(block).low_rank_specs for index, block in self.moe_blocks(model).items()
+                if is_low_rank(self.experts_of(block))}
+
+    def _refuse_low_rank(self, block: nn.Module) -> None:
+        if is_low_rank(self.experts_of(block)):
+            raise ModelError("the experts of this layer are already low-rank factors; put expert pruning and "
+                             "merging steps before svd_experts in the variant")
 
     def layout(self) -> dict:
         """The fields the checkpoint's remote-code loader needs (written into config.json)."""
@@ -136,13 +156,14 @@ class MoEArchitecture:
             "router": self.router,
             "experts": self.experts,
             "expert_tensors": list(self.expert_tensors),
+            "expert_matrices": list(self.expert_matrices),
             "router_tensors": list(self.router_tensors),
             "expert_count_attrs": list(self.expert_count_attrs),
             "router_attrs": [attr for attr, _ in self.router_config_fields],
         }
 
 
-def _replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Swap a per-expert tensor, keeping its kind: parameters stay parameters, buffers stay buffers."""
     if name in module._buffers:
         module._buffers[name] = value

@@ -23,6 +23,12 @@ def load_schema() -> dict:
     return json.loads(resources.files("moe_compress.schemas").joinpath("config.schema.json").read_text())
 
 
+def step_defaults(method: str) -> dict:
+    """The default value of each option of ``method`` (what validate_config fills in)."""
+    schema = load_schema()
+    return {key: spec["default"] for key, spec in schema["$defs"][method]["properties"].items() if "default" in spec}
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -99,10 +105,22 @@ def normalise_variants(variants) -> dict:
     return normalised
 
 
+# steps that change the experts' weight tensors; they need dense experts, so they cannot follow svd_experts
+EXPERT_EDITING_METHODS = ("frequency_prune", "hc_merge", "svd_experts")
+
+
 def _check_steps(variants: dict) -> None:
     for name, variant in variants.items():
+        factored_at = None
         for index, step in enumerate(variant["steps"]):
             where = f"variants.{name}.steps[{index}]"
+            if factored_at is not None and step["method"] in EXPERT_EDITING_METHODS:
+                raise ConfigError(f"config key '{where}.method': {step['method']} cannot follow svd_experts "
+                                  f"(steps[{factored_at}]); put pruning and merging before the low-rank step")
+            if step["method"] == "svd_experts":
+                factored_at = index
+                if ("rank" in step) == ("energy" in step):
+                    raise ConfigError(f"config key '{where}': svd_experts needs exactly one of rank or energy")
             if step["method"] == "frequency_prune":
                 thresholds = [key for key in ("min_count", "min_fraction", "keep") if key in step]
                 if "keep" in step and not step.get("uniform"):

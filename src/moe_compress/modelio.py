@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 COMPRESSION_RECORD = "compression.json"
 REMOTE_CODE_FILE = "modeling_moe_compress.py"
 REMOTE_CODE_CLASS = "MoeCompressForCausalLM"
+LOW_RANK_FILE = "moe_compress_low_rank.py"  # imported by the modeling file; also the library's own code
 LOADER_STOCK = "stock"
 LOADER_REMOTE_CODE = "remote_code"
 
@@ -74,8 +75,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights once), i.e. what the checkpoint stores."""
-    return sum(p.numel() for p in model.parameters())
+    """What the checkpoint stores: distinct parameters (tied weights once) plus persistent buffers
+    (e.g. DeepSeek-V3's routing correction bias); rotary tables and other derived buffers are not saved."""
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(buffer.numel() for module in model.modules() for name, buffer in module._buffers.items()
+                  if buffer is not None and name not in module._non_persistent_buffers_set)
+    return parameters + buffers
 
 
 def experts_per_layer(model: nn.Module) -> dict[int, int]:
@@ -103,17 +108,21 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
                     extra_files: dict[str, str] | None = None) -> dict:
     """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
 
-    When every MoE layer has the same expert count and routing settings, the checkpoint is the stock
-    architecture (plain ``from_pretrained``, the hub tensor layout vLLM reads). Otherwise it carries
-    ``modeling_moe_compress.py`` and an ``auto_map``, and loads with ``trust_remote_code=True``.
+    When every MoE layer has the same expert count and routing settings and no expert is factored, the
+    checkpoint is the stock architecture (plain ``from_pretrained``, the hub tensor layout vLLM reads).
+    Otherwise it carries ``modeling_moe_compress.py`` (+ the low-rank experts module) and an
+    ``auto_map``, and loads with ``trust_remote_code=True``.
     """
     adapter = adapter_for(model.config)
     config = model.config
     blocks = adapter.moe_blocks(model)
     counts = {index: adapter.block_num_experts(block) for index, block in blocks.items()}
     settings = {index: adapter.router_settings(block) for index, block in blocks.items()}
+    low_rank = adapter.low_rank_specs(model)
     uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
-    for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout", "auto_map"):
+    stock = uniform and not low_rank
+    for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
+                  "moe_compress_low_rank", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
@@ -122,30 +131,32 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
         first = next(iter(settings.values()))
         for attr, field in adapter.router_config_fields:
             setattr(config, field, first[attr] if uniform else max(s[attr] for s in settings.values()))
-    remote_code = None
-    if not uniform:
+    remote_code = {}
+    if not stock:
         config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
         config.moe_compress_router_settings = {str(index): s for index, s in settings.items()}
+        config.moe_compress_low_rank = {str(index): specs for index, specs in low_rank.items()}
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
-        remote_code = _render_remote_code(model)
+        templates = resources.files("moe_compress.templates")
+        remote_code = {REMOTE_CODE_FILE: _render_remote_code(model),
+                       LOW_RANK_FILE: templates.joinpath(LOW_RANK_FILE).read_text()}
     record = {
         **record,
         "model_type": config.model_type,
-        "loader": LOADER_STOCK if uniform else LOADER_REMOTE_CODE,
+        "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
         "active_experts": adapter.top_k(config),
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
+        "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
         "parameters": count_parameters(model),
         "versions": environment_versions(),
     }
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if remote_code is not None:
-            (tmp / REMOTE_CODE_FILE).write_text(remote_code)
-        for name, text in (extra_files or {}).items():
+        for name, text in {**remote_code, **(extra_files or {})}.items():
             (tmp / name).write_text(text)
         write_json(record, tmp / COMPRESSION_RECORD)
     return record

@@ -7,18 +7,51 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe_compress.config import BASE_VARIANT
+from moe_compress.config import BASE_VARIANT, step_defaults
 from moe_compress.io import atomic_path
 
 
 def describe_steps(steps: list[dict]) -> str:
+    """"method(key=value, ...) -> ..." with the values that differ from the method's defaults."""
     if not steps:
         return "none"
     parts = []
     for step in steps:
-        args = ", ".join(f"{key}={value}" for key, value in step.items() if key != "method")
+        defaults = step_defaults(step["method"])
+        args = ", ".join(f"{key}={value}" for key, value in step.items()
+                         if key != "method" and (key not in defaults or defaults[key] != value))
         parts.append(f"{step['method']}({args})")
     return " -> ".join(parts)
+
+
+def clusters_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per merged expert: its layer, the original experts it stands for, and their coefficients."""
+    rows = []
+    for report in reports:
+        for layer, clusters in report.get("clusters", {}).items():
+            coefficients = report["layers"][layer]["coefficients"]
+            for index, (members, weights) in enumerate(zip(clusters, coefficients)):
+                rows.append({"step": report["step"], "layer": int(layer), "merged_expert": index,
+                             "original_experts": " ".join(map(str, members)),
+                             "coefficients": " ".join(f"{w:.4f}" for w in weights)})
+    return pd.DataFrame(rows, columns=["step", "layer", "merged_expert", "original_experts", "coefficients"])
+
+
+def low_rank_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error."""
+    columns = ["rank", "shared", "energy_kept", "weight_error", "parameters_before", "parameters_after"]
+    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
+            for report in reports if report["method"] == "svd_experts"
+            for layer, matrices in report["layers"].items() for name, facts in matrices.items()]
+    return pd.DataFrame(rows, columns=["step", "layer", "matrix", *columns])
+
+
+def checkpoint_tables(reports: list[dict]) -> dict[str, str]:
+    """The readable per-layer CSVs a checkpoint carries beside compression.json (only non-empty ones)."""
+    tables = {"reconstruction_error.csv": reconstruction_table(reports), "merge_clusters.csv": clusters_table(reports),
+              "low_rank.csv": low_rank_table(reports)}
+    return {name: table.to_csv(index=False) for name, table in tables.items()
+            if name == "reconstruction_error.csv" or not table.empty}
 
 
 def reconstruction_table(reports: list[dict]) -> pd.DataFrame:

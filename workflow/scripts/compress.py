@@ -5,7 +5,7 @@ import pandas as pd
 from moe_compress.capture import read_moe_inputs
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
-from moe_compress.report import reconstruction_table
+from moe_compress.report import checkpoint_tables
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
@@ -19,6 +19,6 @@ reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
                           "steps": steps, "step_reports": reports},
-                         extra_files={"reconstruction_error.csv": reconstruction_table(reports).to_csv(index=False)})
+                         extra_files=checkpoint_tables(reports))
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

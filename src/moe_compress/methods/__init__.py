@@ -47,9 +47,10 @@ class CompressionContext:
 
 
 def _registry():
-    from moe_compress.methods import merging, pruning
+    from moe_compress.methods import low_rank, merging, pruning
 
-    return {"frequency_prune": pruning.frequency_prune, "hc_merge": merging.hc_merge}
+    return {"frequency_prune": pruning.frequency_prune, "hc_merge": merging.hc_merge,
+            "svd_experts": low_rank.svd_experts}
 
 
 @torch.no_grad()

@@ -185,64 +185,66 @@ def build_merged_tensors(adapter, block, clusters, coefficients, router_coeffici
     return new
 
 
-def install(adapter, block, tensors: dict) -> None:
-    from moe_compress.architectures import _replace_tensor
+def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_coefficients, step, fit, heldout,
+                       target_fit, target_heldout) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """Fit each multi-member cluster's coefficients with Adam so the merged block reproduces the original
+    block's output: the expert coefficients (softmax of free logits, a convex combination) and the
+    router-row coefficients (free, so the merged row keeps the members' logit scale: an average of
+    dissimilar rows is shorter than any of them, and the merged expert would lose its tokens). Keep the
+    best held-out state; keep the initialisation when nothing beats it on held-out tokens."""
+    experts, router = adapter.experts_of(block), adapter.router_of(block)
+    originals = {f"{adapter.experts}.{name}": getattr(experts, name).data for name in adapter.expert_tensors}
+    originals.update({f"{adapter.router}.{name}": getattr(router, name).data for name in adapter.router_tensors})
+    expert_logits = [torch.log(c.clamp_min(1e-8)).float().requires_grad_(len(c) > 1) for c in init_coefficients]
+    router_weights = [c.float().requires_grad_(len(c) > 1) for c in init_router_coefficients]
+    trainable = [t for t in expert_logits + router_weights if t.requires_grad]
 
-    modules = {"experts": adapter.experts_of(block), "router": adapter.router_of(block)}
-    for (owner, name), value in tensors.items():
-        _replace_tensor(modules[owner], name, value)
-    adapter._set_count(block, len(next(iter(tensors.values()))))
-
-
-def learn_coefficients(adapter, block, clusters, init_coefficients, router_coefficients, step, fit, heldout, target_fit,
-                       target_heldout) -> tuple[list[torch.Tensor], dict]:
-    """Fit per-cluster coefficients (softmax of free logits, so they stay a convex combination) with Adam
-    so the merged block reproduces the original block's output; keep the best held-out state, and keep
-    the frequency initialisation when nothing beats it on held-out tokens."""
-    experts = adapter.experts_of(block)
-    originals = {name: getattr(experts, name).data for name in adapter.expert_tensors}
-    logits = [torch.log(c.clamp_min(1e-8)).float().requires_grad_(True) for c in init_coefficients]
-    optimizer = torch.optim.Adam(logits, lr=step["learn_lr"])
-
-    def merged_experts(coefficient_logits):
+    def merged_parameters():
         parameters = {}
-        for name, tensor in originals.items():
-            parameters[name] = torch.stack([
-                torch.einsum("j,j...->...", torch.softmax(logit, 0).to(tensor.dtype), tensor[cluster])
-                for logit, cluster in zip(coefficient_logits, clusters)])
+        for key, tensor in originals.items():
+            per_cluster = ([torch.softmax(logit, 0) for logit in expert_logits] if key.startswith(adapter.experts + ".")
+                           else router_weights)
+            parameters[key] = torch.stack([torch.einsum("j,j...->...", c.to(tensor.dtype), tensor[cluster])
+                                           for c, cluster in zip(per_cluster, clusters)])
         return parameters
 
-    def output(hidden, coefficient_logits):
-        parameters = merged_experts(coefficient_logits)
-        prefix = adapter.experts
-        return block_output_with(block, hidden, {f"{prefix}.{k}": v for k, v in parameters.items()})
+    def heldout_error():
+        with torch.no_grad():
+            return relative_error(target_heldout, block_output_with(block, heldout, merged_parameters()))
 
+    def snapshot():
+        return ([torch.softmax(logit.detach(), 0).double() for logit in expert_logits],
+                [weights.detach().double().clone() for weights in router_weights])
+
+    # the block must have the merged shape for functional_call to run it
     with torch.no_grad():
-        install(adapter, block, build_merged_tensors(adapter, block, clusters, init_coefficients, router_coefficients,
-                                                     "frequency", step))
-        init_error = relative_error(target_heldout, output(heldout, logits))
-    best_error, best = init_error, [logit.detach().clone() for logit in logits]
-    generator = torch.Generator().manual_seed(step["seed"])
-    batch = min(len(fit), step["learn_batch_tokens"])
-    steps_since_best = 0
-    for iteration in range(step["learn_steps"]):
-        rows = torch.randperm(len(fit), generator=generator)[:batch]
-        loss = (output(fit[rows], logits) - target_fit[rows]).pow(2).sum(dim=-1).sqrt().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if (iteration + 1) % 10 == 0:
-            with torch.no_grad():
-                error = relative_error(target_heldout, output(heldout, logits))
-            if error < best_error:
-                best_error, best, steps_since_best = error, [logit.detach().clone() for logit in logits], 0
-            else:
-                steps_since_best += 10
-                if steps_since_best >= step["learn_patience"]:
-                    break
-    coefficients = [torch.softmax(logit, 0).double() for logit in best]
-    return coefficients, {"heldout_error_init": init_error, "heldout_error_learned": best_error,
-                          "learn_steps_run": iteration + 1}
+        adapter.install_expert_tensors(block, build_merged_tensors(adapter, block, clusters, init_coefficients,
+                                                                   init_router_coefficients, "frequency", step))
+    init_error = heldout_error()
+    best_error, best, iteration = init_error, snapshot(), 0
+    if trainable:
+        optimizer = torch.optim.Adam(trainable, lr=step["learn_lr"])
+        generator = torch.Generator().manual_seed(step["seed"])
+        batch = min(len(fit), step["learn_batch_tokens"])
+        scale = target_fit.pow(2).sum(dim=-1).mean().clamp_min(1e-20)  # relative loss: lr independent of scale
+        steps_since_best = 0
+        for iteration in range(1, step["learn_steps"] + 1):
+            rows = torch.randperm(len(fit), generator=generator)[:batch]
+            loss = (block_output_with(block, fit[rows], merged_parameters()) - target_fit[rows]).pow(2).sum(-1).mean()
+            optimizer.zero_grad()
+            (loss / scale).backward()
+            optimizer.step()
+            if iteration % 10 == 0:
+                error = heldout_error()
+                if error < best_error:
+                    best_error, best, steps_since_best = error, snapshot(), 0
+                else:
+                    steps_since_best += 10
+                    if steps_since_best >= step["learn_patience"]:
+                        break
+    coefficients, router_coefficients = best
+    return coefficients, router_coefficients, {"heldout_error_init": init_error, "heldout_error_learned": best_error,
+                                               "learn_steps_run": iteration}
 
 
 def block_output_with(block, hidden, overrides: dict) -> torch.Tensor:
@@ -268,12 +270,13 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
         original = {("experts", name): getattr(adapter.experts_of(block), name).data for name in adapter.expert_tensors}
         original.update({("router", name): getattr(adapter.router_of(block), name).data
                          for name in adapter.router_tensors})
-        coefficients, measured = learn_coefficients(adapter, block, clusters, coefficients, router_coefficients, step,
-                                                    fit, heldout, target_fit, target_heldout)
-        install(adapter, block, original)  # back to the unmerged block before the final merge
+        coefficients, router_coefficients, measured = learn_coefficients(
+            adapter, block, clusters, coefficients, router_coefficients, step, fit, heldout, target_fit, target_heldout)
+        adapter.install_expert_tensors(block, original)  # back to the unmerged block before the final merge
+        measured["router_coefficients"] = [[round(float(c), 6) for c in cs] for cs in router_coefficients]
     with torch.no_grad():
-        install(adapter, block, build_merged_tensors(adapter, block, clusters, coefficients, router_coefficients,
-                                                     step["merge"], step))
+        adapter.install_expert_tensors(block, build_merged_tensors(adapter, block, clusters, coefficients,
+                                                                   router_coefficients, step["merge"], step))
     return coefficients, measured
 
 

@@ -1,15 +1,18 @@
-"""Written by moe-compress into a checkpoint whose MoE layers differ from each other (expert count or
-routing settings such as top-k), which the stock config, holding one value for all layers, cannot express.
+"""Written by moe-compress into a checkpoint that the stock config cannot express: MoE layers that differ
+from each other (expert count, routing settings such as top-k), or experts stored as low-rank factors.
 
-This class builds the stock model, then reallocates each listed MoE block for its own expert count and
-sets its router's per-layer settings, before the weights are loaded. It is self-contained on purpose:
-loading the checkpoint needs only transformers, not moe-compress.
+This class builds the stock model, then reallocates each listed MoE block for its own expert count,
+sets its router's per-layer settings, and gives low-rank layers their factor tensors, before the
+weights are loaded. It is self-contained on purpose: loading the checkpoint needs only transformers
+(and the low-rank module beside this file), not moe-compress.
 Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
 
 import torch
 from torch import nn
 from __BASE_MODULE__ import __BASE_CLASS__ as _StockForCausalLM
+
+from .moe_compress_low_rank import convert_to_low_rank, empty_factors
 
 
 def _get_path(root, dotted):
@@ -32,7 +35,7 @@ class MoeCompressForCausalLM(_StockForCausalLM):
         super().__init__(config)
         layout = config.moe_compress_layout
         layers = _get_path(self, layout["layers"])
-        for layer_index, num_experts in config.moe_compress_experts_per_layer.items():
+        for layer_index, num_experts in getattr(config, "moe_compress_experts_per_layer", {}).items():
             block = getattr(layers[int(layer_index)], layout["moe_block"])
             for module_name, tensor_names in (
                 (layout["experts"], layout["expert_tensors"]),
@@ -47,3 +50,7 @@ class MoeCompressForCausalLM(_StockForCausalLM):
             router = getattr(block, layout["router"])
             for attr, value in config.moe_compress_router_settings.get(layer_index, {}).items():
                 setattr(router, attr, value)
+        for layer_index, specs in getattr(config, "moe_compress_low_rank", {}).items():
+            experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
+            factors = empty_factors(experts, specs, experts.num_experts)
+            convert_to_low_rank(experts, factors, specs, layout["expert_matrices"])

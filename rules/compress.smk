@@ -7,6 +7,7 @@ rule compress:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
         cache="results/cache/moe_inputs",
+        calibration="results/calibration/calibration.parquet",
     output:
         directory("results/checkpoints/{variant}"),
     params:

@@ -1,12 +1,20 @@
-# Expert statistics from the router cache: selection counts per top-k rank, routing weights and mass.
+# Expert statistics: selection counts per top-k rank, routing weights and mass (from the router
+# cache), and REAP saliency (the experts run once on the cached MoE-block inputs routed to them).
 
 
 rule expert_stats:
     input:
+        model=MODEL_DIR,
         router="results/cache/router_logits.parquet",
+        cache="results/cache/moe_inputs",
     output:
         parquet="results/stats/expert_frequency.parquet",
         csv="results/stats/expert_frequency.csv",
+    params:
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    threads: 2
     conda:
         "../envs/core.yaml"
     log:

@@ -13,7 +13,7 @@ from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.methods.low_rank import energy_rank, factorize
 from moe_compress.methods.merging import block_output
 from moe_compress.modelio import load_model, save_checkpoint
-from moe_compress.templates.moe_compress_low_rank import is_low_rank
+from moe_compress.templates.moe_compress_layers import is_low_rank
 from test_merging import context_with_inputs
 from test_pruning import saved_tensor_count
 

@@ -38,6 +38,9 @@ TINY = {
         "merged": {"method": "hc_merge", "merges_per_layer": 2, "merge": "learned", "learn_steps": 20},
         "pruned_low_rank": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
                                       {"method": "svd_experts", "rank": 8, "share_basis": True}]},
+        "reap4": {"method": "reap_prune", "keep": 4},
+        "skip_rescale": {"steps": [{"method": "dynamic_skip", "beta": "auto", "target_active": 1.5},
+                                   {"method": "output_rescale"}]},
     },
 }
 
@@ -85,7 +88,8 @@ def tiny_run(tmp_path_factory):
 def test_end_to_end_final_table(tiny_run):
     workdir, _ = tiny_run
     table = pd.read_csv(workdir / "results/final_table.csv")
-    assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank"]
+    assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank",
+                                         "reap4", "skip_rescale"]
     assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2", "recon_error_mean"]].isna().any().any()
     by_name = table.set_index("variant")
     assert by_name.loc["base", "experts_kept"] == 2 * 8
@@ -96,6 +100,9 @@ def test_end_to_end_final_table(tiny_run):
     assert by_name.loc["pruned_low_rank", "loader"] == "remote_code"
     assert by_name.loc["pruned_low_rank", "parameters"] < by_name.loc["uniform4", "parameters"]
     assert (by_name.drop(index="base")["recon_error_mean"] > 0).all()
+    assert by_name.loc["reap4", "experts_kept"] == 2 * 4
+    assert 1.2 < by_name.loc["skip_rescale", "active_experts"] < 1.8 and by_name.loc["skip_rescale", "top_k"] == 2
+    assert "reap_saliency" in pd.read_csv(workdir / "results/stats/expert_frequency.csv").columns
     clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
     assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
     assert (workdir / "results/final_table.md").read_text().startswith("| variant |")

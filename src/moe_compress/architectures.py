@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
-from moe_compress.templates.moe_compress_low_rank import is_low_rank
+from moe_compress.templates.moe_compress_layers import is_low_rank, is_skip_router
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,42 @@ class MoEArchitecture:
         return {"expert_groups": f"{num_groups} groups could not be kept (experts kept per group: "
                                  f"{per_group.tolist()}); routing is plain top-k over the kept experts"}
 
+    def routing_fields(self) -> tuple[tuple[str, str], ...]:
+        """(router attribute, config field) of every per-layer routing setting a method may change:
+        the router_config_fields, plus the renormalisation switch where the architecture has one."""
+        if isinstance(self.renormalize, str):
+            return (*self.router_config_fields, (self.renormalize, self.renormalize))
+        return self.router_config_fields
+
     def router_settings(self, block: nn.Module) -> dict[str, int]:
         router = self.router_of(block)
-        return {attr: getattr(router, attr) for attr, _ in self.router_config_fields}
+        return {attr: getattr(router, attr) for attr, _ in self.routing_fields()}
+
+    def dynamic_skip_settings(self, model: nn.Module) -> dict[int, dict]:
+        """{layer: {"beta", "renormalize"}} for routers with dynamic expert skipping."""
+        return {index: {"beta": router.skip_beta, "renormalize": router.skip_renormalize}
+                for index, block in self.moe_blocks(model).items()
+                if is_skip_router(router := self.router_of(block))}
+
+    def scale_expert_outputs(self, block: nn.Module, scale: torch.Tensor) -> None:
+        """Multiply every routed expert's output by ``scale`` (a scalar or one value per hidden channel),
+        folded into the output projection (its rows, its low-rank left factor, and its bias)."""
+        experts = self.experts_of(block)
+        name = self.expert_matrices[1]
+        scale = scale.reshape(-1)
+        with torch.no_grad():
+            if is_low_rank(experts):  # left factor [E or 1, out, r]: scale its output rows
+                left = getattr(experts, f"lowrank_{name}_left")
+                left.mul_(scale.to(left.dtype)[None, :, None])
+            elif getattr(experts, "is_transposed", False):  # stored [E, in, out]
+                weight = getattr(experts, name)
+                weight.mul_(scale.to(weight.dtype)[None, None, :])
+            else:  # stored [E, out, in]
+                weight = getattr(experts, name)
+                weight.mul_(scale.to(weight.dtype)[None, :, None])
+            bias = getattr(experts, f"{name}_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.mul_(scale.to(bias.dtype)[None, :])
 
     def set_expert_count(self, block: nn.Module, num_experts: int) -> None:
         for module in (self.experts_of(block), self.router_of(block)):
@@ -159,7 +192,7 @@ class MoEArchitecture:
             "expert_matrices": list(self.expert_matrices),
             "router_tensors": list(self.router_tensors),
             "expert_count_attrs": list(self.expert_count_attrs),
-            "router_attrs": [attr for attr, _ in self.router_config_fields],
+            "router_attrs": [attr for attr, _ in self.routing_fields()],
         }
 
 

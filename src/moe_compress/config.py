@@ -106,7 +106,10 @@ def normalise_variants(variants) -> dict:
 
 
 # steps that change the experts' weight tensors; they need dense experts, so they cannot follow svd_experts
-EXPERT_EDITING_METHODS = ("frequency_prune", "hc_merge", "svd_experts")
+EXPERT_EDITING_METHODS = ("frequency_prune", "reap_prune", "hc_merge", "svd_experts")
+# one-of option groups: a step names exactly one option of each group
+EXCLUSIVE_OPTIONS = {"svd_experts": ("rank", "energy"), "reap_prune": ("keep", "min_fraction"),
+                     "drop_layers": ("count", "layers")}
 
 
 def _check_steps(variants: dict) -> None:
@@ -119,8 +122,13 @@ def _check_steps(variants: dict) -> None:
                                   f"(steps[{factored_at}]); put pruning and merging before the low-rank step")
             if step["method"] == "svd_experts":
                 factored_at = index
-                if ("rank" in step) == ("energy" in step):
-                    raise ConfigError(f"config key '{where}': svd_experts needs exactly one of rank or energy")
+            options = EXCLUSIVE_OPTIONS.get(step["method"])
+            if options and sum(option in step for option in options) != 1:
+                raise ConfigError(f"config key '{where}': {step['method']} needs exactly one of {' or '.join(options)}")
+            if step["method"] == "dtype" and index != len(variant["steps"]) - 1:
+                raise ConfigError(f"config key '{where}.method': dtype must be the last step of variant {name!r}")
+            if step["method"] == "dynamic_skip" and step["beta"] == "auto" and step.get("target_active") is None:
+                raise ConfigError(f"config key '{where}.target_active': required with beta: auto")
             if step["method"] == "frequency_prune":
                 thresholds = [key for key in ("min_count", "min_fraction", "keep") if key in step]
                 if "keep" in step and not step.get("uniform"):

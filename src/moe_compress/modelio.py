@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 COMPRESSION_RECORD = "compression.json"
 REMOTE_CODE_FILE = "modeling_moe_compress.py"
 REMOTE_CODE_CLASS = "MoeCompressForCausalLM"
-LOW_RANK_FILE = "moe_compress_low_rank.py"  # imported by the modeling file; also the library's own code
+LAYERS_FILE = "moe_compress_layers.py"  # imported by the modeling file; also the library's own code
 LOADER_STOCK = "stock"
 LOADER_REMOTE_CODE = "remote_code"
 
@@ -119,37 +119,41 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
     counts = {index: adapter.block_num_experts(block) for index, block in blocks.items()}
     settings = {index: adapter.router_settings(block) for index, block in blocks.items()}
     low_rank = adapter.low_rank_specs(model)
+    dynamic_skip = adapter.dynamic_skip_settings(model)
     uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
-    stock = uniform and not low_rank
+    stock = uniform and not low_rank and not dynamic_skip
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
-                  "moe_compress_low_rank", "auto_map"):
+                  "moe_compress_low_rank", "moe_compress_dynamic_skip", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
         # the stock config holds one value per field: the largest count (layers are resized from it)
         setattr(config, adapter.config_num_experts, max(counts.values()))
         first = next(iter(settings.values()))
-        for attr, field in adapter.router_config_fields:
+        for attr, field in adapter.routing_fields():
             setattr(config, field, first[attr] if uniform else max(s[attr] for s in settings.values()))
     remote_code = {}
     if not stock:
         config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
         config.moe_compress_router_settings = {str(index): s for index, s in settings.items()}
         config.moe_compress_low_rank = {str(index): specs for index, specs in low_rank.items()}
+        config.moe_compress_dynamic_skip = {str(index): skip for index, skip in dynamic_skip.items()}
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
         templates = resources.files("moe_compress.templates")
         remote_code = {REMOTE_CODE_FILE: _render_remote_code(model),
-                       LOW_RANK_FILE: templates.joinpath(LOW_RANK_FILE).read_text()}
+                       LAYERS_FILE: templates.joinpath(LAYERS_FILE).read_text()}
     record = {
         **record,
         "model_type": config.model_type,
         "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
+        "num_layers": len(adapter.decoder_layers(model)),
         "active_experts": adapter.top_k(config),
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
         "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
+        "dynamic_skip_per_layer": {str(index): skip for index, skip in dynamic_skip.items()},
         "parameters": count_parameters(model),
         "versions": environment_versions(),
     }

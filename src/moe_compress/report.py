@@ -70,6 +70,14 @@ def mean_reconstruction_error(record: dict) -> float:
     return sum(errors.values()) / len(errors) if errors else float("nan")
 
 
+def mean_active_experts(record: dict) -> float:
+    """Mean over MoE layers of the experts actually weighted per token on held-out calibration tokens
+    after the last step (dynamic skipping makes it fractional); the top-k where nothing was measured."""
+    reports = record.get("step_reports", [])
+    measured = reports[-1].get("active_experts_mean", {}) if reports else {}
+    return sum(measured.values()) / len(measured) if measured else float(record["active_experts"])
+
+
 def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataFrame) -> dict:
     row = {
         "variant": name,
@@ -78,7 +86,9 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
         "parameters": record["parameters"],
         "experts_kept": record["experts_total"],
         "experts_per_layer": " ".join(str(n) for _, n in sorted(record["experts_per_layer"].items(), key=lambda kv: int(kv[0]))),
-        "active_experts": record["active_experts"],
+        "top_k": record["active_experts"],
+        "active_experts": mean_active_experts(record),
+        "layers": record.get("num_layers"),
         "loader": record["loader"],
         "recon_error_mean": mean_reconstruction_error(record),
     }

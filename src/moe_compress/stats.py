@@ -7,13 +7,16 @@
 - ``selected``: selected within the model's top-k; ``frequency`` = selected / tokens;
 - ``mean_weight_when_selected``: mean routing weight applied when selected;
 - ``routing_mass``: total routing weight applied to the expert over all tokens;
-- ``mean_router_prob``: mean softmax probability of the expert over all tokens (from the logits).
+- ``mean_router_prob``: mean softmax probability of the expert over all tokens (from the logits);
+- ``reap_saliency`` (REAP): mean over the tokens routed to the expert of routing weight x the L2
+  norm of the expert's output, from the cached MoE-block inputs (each expert runs only on its tokens).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from moe_compress.capture import LayerRouting
 
@@ -62,3 +65,39 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
         available = sum(c.startswith("selected_rank_") for c in table.columns)
         raise ValueError(f"top_k={k} exceeds the model's top-k ({available}) recorded in the statistics")
     return table[columns].sum(axis=1)
+
+
+@torch.no_grad()
+def layer_saliency(adapter, block, hidden: torch.Tensor) -> np.ndarray:
+    """REAP saliency of every expert of ``block`` on ``hidden`` [tokens, hidden] (0 if never routed to)."""
+    from moe_compress.methods.merging import route, run_expert
+
+    weights, indices = route(adapter, block, hidden)
+    num_experts = adapter.block_num_experts(block)
+    saliency = np.zeros(num_experts)
+    for expert in range(num_experts):  # a loop over experts; each expert's tokens are one batch
+        token_idx, rank = torch.where(indices == expert)
+        if len(token_idx):
+            norms = run_expert(adapter, block, hidden[token_idx], expert).double().norm(dim=-1)
+            saliency[expert] = float((weights[token_idx, rank].double() * norms).mean())
+    return saliency
+
+
+def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:
+    """One row per (layer, expert): ``reap_saliency`` on the cached MoE-block inputs."""
+    from moe_compress.architectures import adapter_for
+
+    adapter = adapter_for(model.config)
+    frames = [pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
+                            "reap_saliency": layer_saliency(adapter, block, moe_inputs[layer])})
+              for layer, block in adapter.moe_blocks(model).items() if layer in moe_inputs]
+    return pd.concat(frames, ignore_index=True)
+
+
+def with_saliency(frequency: pd.DataFrame, saliency: pd.DataFrame) -> pd.DataFrame:
+    """The frequency table with the saliency column beside it (same rows, same order)."""
+    table = frequency.merge(saliency, on=["layer", "expert"], how="left", validate="one_to_one")
+    if table["reap_saliency"].isna().any():
+        missing = table.loc[table["reap_saliency"].isna(), "layer"].unique().tolist()
+        raise ValueError(f"no cached MoE-block inputs for layers {missing}; rebuild results/cache")
+    return table

@@ -1,7 +1,9 @@
 """Apply one variant's steps to the model and save the checkpoint."""
 
 import pandas as pd
+import torch
 
+from moe_compress.calibration import read_samples
 from moe_compress.capture import read_moe_inputs
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
@@ -14,7 +16,8 @@ steps = json_param(snakemake, "steps")
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats),
                                        moe_inputs=read_moe_inputs(snakemake.input.cache, device=model.device),
-                                       heldout_fraction=params.heldout_fraction)
+                                       heldout_fraction=params.heldout_fraction,
+                                       calibration_ids=torch.from_numpy(read_samples(snakemake.input.calibration)))
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from moe_compress.architectures import adapter_for
+from moe_compress.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -24,60 +25,102 @@ class CompressionContext:
       later step can still look up the statistics of an earlier step's survivors;
     - ``moe_inputs``: cached MoE-block inputs per layer [tokens, hidden]; the last
       ``heldout_fraction`` of the tokens (whole calibration samples) are held out from fitting and
-      measure reconstruction error.
+      measure reconstruction error;
+    - ``reference_outputs``: the original (unmodified) MoE blocks' outputs on those inputs, filled by
+      ``apply_steps`` before the first step: the target of fitted mitigations and of every error;
+    - ``calibration_ids``: the calibration token windows [samples, seq_len], for whole-model measurements;
+    - ``renormalized``: layers a ``renormalize`` step has switched to renormalised top-k weights.
     """
 
     stats: pd.DataFrame | None = None
     original_expert_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     moe_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     heldout_fraction: float = 0.1
+    reference_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    calibration_ids: torch.Tensor | None = None
+    renormalized: set[int] = field(default_factory=set)
 
     @classmethod
     def for_model(cls, model, stats: pd.DataFrame | None = None, moe_inputs: dict[int, torch.Tensor] | None = None,
-                  heldout_fraction: float = 0.1) -> "CompressionContext":
+                  heldout_fraction: float = 0.1, calibration_ids: torch.Tensor | None = None) -> "CompressionContext":
         adapter = adapter_for(model.config)
         ids = {index: torch.arange(adapter.block_num_experts(block)) for index, block in adapter.moe_blocks(model).items()}
-        return cls(stats=stats, original_expert_ids=ids, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction)
+        return cls(stats=stats, original_expert_ids=ids, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction,
+                   calibration_ids=calibration_ids)
+
+    def heldout_count(self, layer: int) -> int:
+        return max(1, int(round(len(self.moe_inputs[layer]) * self.heldout_fraction)))
 
     def split_inputs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(fit tokens, held-out tokens) of one layer's cached inputs."""
-        hidden = self.moe_inputs[layer]
-        heldout = max(1, int(round(len(hidden) * self.heldout_fraction)))
+        hidden, heldout = self.moe_inputs[layer], self.heldout_count(layer)
         return hidden[:-heldout], hidden[-heldout:]
+
+    def split_reference(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fit, held-out) original block outputs, aligned with ``split_inputs``."""
+        reference, heldout = self.reference_outputs[layer], self.heldout_count(layer)
+        return reference[:-heldout], reference[-heldout:]
+
+    def require_inputs(self, method: str) -> None:
+        if not self.moe_inputs:
+            raise ModelError(f"{method} needs the cached MoE-block inputs (results/cache/moe_inputs)")
 
 
 def _registry():
-    from moe_compress.methods import low_rank, merging, pruning
+    from moe_compress.methods import decoder, low_rank, merging, pruning, routing
 
-    return {"frequency_prune": pruning.frequency_prune, "hc_merge": merging.hc_merge,
-            "svd_experts": low_rank.svd_experts}
+    return {"frequency_prune": pruning.frequency_prune, "reap_prune": pruning.reap_prune,
+            "hc_merge": merging.hc_merge, "svd_experts": low_rank.svd_experts,
+            "active_experts": routing.active_experts, "renormalize": routing.renormalize,
+            "dynamic_skip": routing.dynamic_skip, "output_rescale": routing.output_rescale,
+            "drop_layers": decoder.drop_layers, "dtype": decoder.cast_dtype}
 
 
 @torch.no_grad()
-def _heldout_outputs(model, context: CompressionContext) -> dict[int, torch.Tensor]:
-    from moe_compress.methods.merging import block_output
+def _measure(model, context: CompressionContext) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Per MoE layer still in the model: the block's output on held-out cached tokens, and the mean
+    number of experts that get a non-zero weight per token (what dynamic skipping reduces)."""
+    from moe_compress.methods.merging import block_output, route
 
     adapter = adapter_for(model.config)
-    return {layer: block_output(block, context.split_inputs(layer)[1])
-            for layer, block in adapter.moe_blocks(model).items() if layer in context.moe_inputs}
+    outputs, active = {}, {}
+    for layer, block in adapter.moe_blocks(model).items():
+        if layer not in context.moe_inputs:
+            continue
+        heldout = context.split_inputs(layer)[1]
+        outputs[layer] = block_output(block, heldout)
+        weights, indices = route(adapter, block, heldout)
+        active[layer] = float(((indices < adapter.block_num_experts(block)) & (weights != 0)).sum(dim=-1).float().mean())
+    return outputs, active
 
 
 def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[dict]:
     """Apply ``steps`` in order to ``model`` (in place); return one report per step.
 
-    With cached inputs, every step's report carries the per-layer relative reconstruction error
-    ||f - f'|| / ||f|| of the MoE block on held-out calibration tokens, f being the original block."""
+    With cached inputs, every step's report carries, per MoE layer, the relative reconstruction error
+    ||f - f'|| / ||f|| of the block on held-out calibration tokens (f: the original block) and the mean
+    number of experts active per token."""
+    from moe_compress.methods.merging import block_output, relative_error
+
     registry = _registry()
-    reference = _heldout_outputs(model, context) if context.moe_inputs else {}
+    if context.moe_inputs and not context.reference_outputs:
+        adapter = adapter_for(model.config)
+        with torch.no_grad():
+            # fit and held-out parts separately, exactly as they are measured later (same batch shapes,
+            # so an unchanged block reproduces its reference bit for bit)
+            context.reference_outputs = {layer: torch.cat([block_output(block, part)
+                                                           for part in context.split_inputs(layer)])
+                                         for layer, block in adapter.moe_blocks(model).items()
+                                         if layer in context.moe_inputs}
     reports = []
     for index, step in enumerate(steps):
         log.info("step %d: %s", index, step)
         report = {"step": index, **step, **registry[step["method"]](model, step, context)}
-        if reference:
-            from moe_compress.methods.merging import relative_error
-
-            current = _heldout_outputs(model, context)
-            report["reconstruction_error"] = {str(layer): relative_error(reference[layer], current[layer])
-                                              for layer in reference}
+        if context.reference_outputs:
+            current, active = _measure(model, context)
+            # layers are keyed by their original index (drop_layers keeps that mapping in the context)
+            report["reconstruction_error"] = {str(layer): relative_error(context.split_reference(layer)[1], output)
+                                              for layer, output in current.items()}
+            report["active_experts_mean"] = {str(layer): value for layer, value in active.items()}
         reports.append(report)
     return reports

@@ -11,7 +11,7 @@ L_e [out, r] @ R_e [r, in], r (out + in) parameters instead of out * in.
   hidden-side subspace is where sharing loses least.
 
 Singular values are split evenly (sqrt) between the two factors, so neither factor's scale runs away
-in low precision. The factored experts run as factors (moe_compress_low_rank.py), in memory and in the
+in low precision. The factored experts run as factors (moe_compress_layers.py), in memory and in the
 saved checkpoint.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ConfigError
-from moe_compress.templates.moe_compress_low_rank import convert_to_low_rank, is_low_rank
+from moe_compress.templates.moe_compress_layers import convert_to_low_rank, is_low_rank
 
 log = logging.getLogger(__name__)
 

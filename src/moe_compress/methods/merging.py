@@ -281,8 +281,7 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
 
 
 def hc_merge(model, step: dict, context) -> dict:
-    if not context.moe_inputs:
-        raise ModelError("hc_merge needs the cached MoE-block inputs (results/cache/moe_inputs)")
+    context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
     report = {"clusters": {}, "layers": {}}
     for layer, block in adapter.moe_blocks(model).items():

@@ -34,6 +34,19 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     return adaptations
 
 
+def prune_and_report(model, keep_per_layer: dict[int, torch.Tensor], floored: list[int], context) -> dict:
+    """Prune to ``keep_per_layer`` and describe it (``floored``: layers raised to their top-k)."""
+    if floored:
+        log.warning("layers %s kept fewer experts than they route each token to; raised to that number", floored)
+    adaptations = prune_experts(model, keep_per_layer, context)
+    return {
+        "adaptations": adaptations,
+        "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
+        "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
+        "floored_to_top_k": floored,
+    }
+
+
 def frequency_prune(model, step: dict, context) -> dict:
     """Keep experts selected within the router's top-``top_k`` at least ``min_count`` times (or for a
     ``min_fraction`` of tokens); with ``uniform``, keep the same number of most-used experts per layer
@@ -69,12 +82,31 @@ def frequency_prune(model, step: dict, context) -> dict:
         # most-used first; the stable sort breaks ties by expert index, so the choice is deterministic
         order = np.argsort(-counts, kind="stable")
         keep_per_layer[layer] = torch.from_numpy(np.sort(order[:n]))
-    if floored:
-        log.warning("layers %s kept fewer experts than the %d active per token; raised to %d", floored, model_top_k, model_top_k)
-    adaptations = prune_experts(model, keep_per_layer, context)
-    return {
-        "adaptations": adaptations,
-        "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
-        "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
-        "floored_to_top_k": floored,
-    }
+    return prune_and_report(model, keep_per_layer, floored, context)
+
+
+def reap_prune(model, step: dict, context) -> dict:
+    """REAP: keep the ``keep`` most salient experts per layer, or those holding at least ``min_fraction``
+    of the layer's total saliency (saliency = mean over routed tokens of weight x ||expert output||)."""
+    if context.stats is None or "reap_saliency" not in context.stats.columns:
+        raise ModelError("reap_prune needs the reap_saliency column of the expert statistics table "
+                         "(results/stats/expert_frequency.parquet from this version of the pipeline)")
+    adapter = adapter_for(model.config)
+    blocks = adapter.moe_blocks(model)
+    keep_per_layer, floored = {}, []
+    for layer, original_ids in context.original_expert_ids.items():
+        rows = context.stats[context.stats["layer"] == layer].set_index("expert")
+        if rows.empty:
+            raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
+        saliency = rows.loc[original_ids.numpy(), "reap_saliency"].to_numpy()
+        if "keep" in step:
+            n = step["keep"]
+        else:
+            n = int((saliency >= step["min_fraction"] * saliency.sum()).sum())
+        top_k = adapter.router_settings(blocks[layer])["top_k"]
+        if n < top_k:
+            floored.append(layer)
+            n = top_k
+        order = np.argsort(-saliency, kind="stable")  # most salient first; ties by expert index
+        keep_per_layer[layer] = torch.from_numpy(np.sort(order[:min(n, len(saliency))]))
+    return prune_and_report(model, keep_per_layer, floored, context)

@@ -1,10 +1,11 @@
 """Written by moe-compress into a checkpoint that the stock config cannot express: MoE layers that differ
-from each other (expert count, routing settings such as top-k), or experts stored as low-rank factors.
+from each other (expert count, routing settings such as top-k), routers that skip low-weight experts,
+or experts stored as low-rank factors.
 
 This class builds the stock model, then reallocates each listed MoE block for its own expert count,
-sets its router's per-layer settings, and gives low-rank layers their factor tensors, before the
-weights are loaded. It is self-contained on purpose: loading the checkpoint needs only transformers
-(and the low-rank module beside this file), not moe-compress.
+sets its router's per-layer settings (and dynamic skipping), and gives low-rank layers their factor
+tensors, before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs
+only transformers (and moe_compress_layers.py beside this file), not moe-compress.
 Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from __BASE_MODULE__ import __BASE_CLASS__ as _StockForCausalLM
 
-from .moe_compress_low_rank import convert_to_low_rank, empty_factors
+from .moe_compress_layers import convert_to_low_rank, convert_to_dynamic_skip, empty_factors
 
 
 def _get_path(root, dotted):
@@ -50,6 +51,10 @@ class MoeCompressForCausalLM(_StockForCausalLM):
             router = getattr(block, layout["router"])
             for attr, value in config.moe_compress_router_settings.get(layer_index, {}).items():
                 setattr(router, attr, value)
+        for layer_index, skip in getattr(config, "moe_compress_dynamic_skip", {}).items():
+            block = getattr(layers[int(layer_index)], layout["moe_block"])
+            convert_to_dynamic_skip(getattr(block, layout["router"]), getattr(block, layout["experts"]),
+                                    skip["beta"], skip["renormalize"])
         for layer_index, specs in getattr(config, "moe_compress_low_rank", {}).items():
             experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
             factors = empty_factors(experts, specs, experts.num_experts)

@@ -1,6 +1,9 @@
-"""Low-rank routed experts. Written by moe-compress into checkpoints whose expert matrices are stored
-as rank-r factors, and imported by the library itself, so the in-memory model and the reloaded
-checkpoint run the same code. Self-contained on purpose: it needs only torch.
+"""Layers the stock modeling code cannot express: low-rank routed experts, and routers that skip
+low-weight experts per token. Written by moe-compress into the checkpoints that use them, and imported
+by the library itself, so the in-memory model and the reloaded checkpoint run the same code.
+Self-contained on purpose: it needs only torch.
+
+Low-rank experts
 
 Each expert matrix W_e [out, in] (nn.Linear orientation, whatever the stock storage) is stored as
 ``lowrank_<name>_left`` [E or 1, out, r] and ``lowrank_<name>_right`` [E or 1, r, in]. A leading
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 _LOW_RANK_CLASSES = {}
+_SKIP_CLASSES = {}
 
 
 def factor_names(name):
@@ -112,3 +116,60 @@ def empty_factors(experts, specs, num_experts):
         factors[name] = (torch.empty(left_count, out_features, rank, dtype=stock.dtype, device=stock.device),
                          torch.empty(right_count, rank, in_features, dtype=stock.dtype, device=stock.device))
     return factors
+
+
+class DynamicSkipRouterMixin:
+    """Dynamic expert skipping (NAEE): after the stock routing, an expert whose weight is below
+    ``skip_beta`` x the token's top-1 weight is dropped for that token (the top-1 expert never is).
+    A dropped slot gets weight 0 and index num_experts, which the skip-aware experts below never run.
+    With ``skip_renormalize`` the kept weights are rescaled to the sum of the full top-k weights.
+    beta = 0 changes nothing, bit for bit."""
+
+    skip_beta = 0.0
+    skip_renormalize = False
+
+    def forward(self, hidden_states):
+        logits, weights, indices = super().forward(hidden_states)
+        keep = weights >= self.skip_beta * weights.max(dim=-1, keepdim=True).values
+        kept = torch.where(keep, weights, torch.zeros_like(weights))
+        if self.skip_renormalize:
+            kept = kept * (weights.sum(dim=-1, keepdim=True) / kept.sum(dim=-1, keepdim=True))
+        return logits, kept, torch.where(keep, indices, torch.full_like(indices, self.num_experts))
+
+
+class SkipAwareExpertsMixin:
+    """Experts that accept top-k slots marked skipped (index == num_experts). The kept (token, slot)
+    pairs are packed into a one-slot batch for the stock experts code, so a skipped expert costs no
+    compute whatever kernel the stock code dispatches to (eager loop, grouped_mm, ...), and no stock
+    kernel ever sees an out-of-range index. Without skipped slots the stock forward runs unchanged."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        skipped = top_k_index >= self.num_experts
+        if not bool(skipped.any()):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        token_idx, slot = torch.where(~skipped)
+        packed = super().forward(hidden_states[token_idx], top_k_index[token_idx, slot, None],
+                                 top_k_weights[token_idx, slot, None])
+        return torch.zeros_like(hidden_states).index_add_(0, token_idx, packed.to(hidden_states.dtype))
+
+
+def is_skip_router(router):
+    return isinstance(router, DynamicSkipRouterMixin)
+
+
+def _swap_class(module, mixin, prefix):
+    if not isinstance(module, mixin):
+        stock_class = type(module)
+        if (mixin, stock_class) not in _SKIP_CLASSES:
+            _SKIP_CLASSES[mixin, stock_class] = type(f"{prefix}{stock_class.__name__}", (mixin, stock_class), {})
+        module.__class__ = _SKIP_CLASSES[mixin, stock_class]
+
+
+def convert_to_dynamic_skip(router, experts, beta, renormalize):
+    """Give a MoE block dynamic skipping in place (or update its settings): its router marks skipped
+    slots, its experts (unless low-rank, whose forward already skips them) leave those slots out."""
+    _swap_class(router, DynamicSkipRouterMixin, "DynamicSkip")
+    if not is_low_rank(experts):
+        _swap_class(experts, SkipAwareExpertsMixin, "SkipAware")
+    router.skip_beta = float(beta)
+    router.skip_renormalize = bool(renormalize)

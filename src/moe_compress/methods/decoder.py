@@ -1,0 +1,137 @@
+"""Steps for any decoder: drop whole decoder layers, and cast the weights to a lower-precision dtype.
+
+``drop_layers`` removes the ``count`` layers whose output hidden state is most similar to their input
+(mean cosine over the calibration tokens: the layers that change the residual stream least), or an
+explicit list. The checkpoint stays stock: the per-layer config fields are rewritten for the kept
+layers, and each kept layer's attention learns its new index (the KV cache is indexed by it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ConfigError, ModelError
+from moe_compress.modelio import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean over tokens of cos(input, output) of every decoder layer's hidden states, [num_layers]."""
+    layers = adapter_for(model.config).decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    inputs = {}
+
+    def remember_input(index):
+        def hook(module, args, kwargs):
+            inputs[index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def compare_output(index):
+        def hook(module, args, kwargs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            cosine = torch.nn.functional.cosine_similarity(inputs.pop(index).double(), hidden.double(), dim=-1)
+            sums[index] += cosine.sum()
+        return hook
+
+    handles = [handle for index, layer in enumerate(layers) for handle in (
+        layer.register_forward_pre_hook(remember_input(index), with_kwargs=True),
+        layer.register_forward_hook(compare_output(index), with_kwargs=True))]
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(input_ids), batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums / max(count, 1)
+
+
+def remove_layers(model, drop: list[int]) -> dict[int, int]:
+    """Remove decoder layers ``drop`` in place; return {old index: new index} of the kept layers."""
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(model)
+    old_count = len(layers)
+    kept = [index for index in range(old_count) if index not in set(drop)]
+    mapping = {old: new for new, old in enumerate(kept)}
+    new_layers = torch.nn.ModuleList([layers[old] for old in kept])
+    for new, layer in enumerate(new_layers):
+        for module in layer.modules():  # attention (and anything else) indexes the KV cache by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    parent_path, _, name = adapter.layers.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new_layers)
+    _rewrite_layer_config(model.config, kept, old_count, [adapter.is_moe_layer(layer) for layer in new_layers])
+    return mapping
+
+
+def _rewrite_layer_config(config, kept: list[int], old_count: int, is_moe: list[bool]) -> None:
+    """The config fields that describe layers by index, rewritten for the kept layers."""
+    config.num_hidden_layers = len(kept)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == old_count:
+        config.layer_types = [layer_types[old] for old in kept]
+    dense = [index for index, moe in enumerate(is_moe) if not moe]
+    if hasattr(config, "mlp_only_layers"):  # Qwen-MoE: dense layers by index; the sparse step becomes 1
+        config.mlp_only_layers = dense
+        if hasattr(config, "decoder_sparse_step"):
+            config.decoder_sparse_step = 1
+    if hasattr(config, "first_k_dense_replace"):  # DeepSeek: the dense layers are a prefix
+        config.first_k_dense_replace = len(dense)
+        if dense != list(range(len(dense))):
+            raise ModelError("drop_layers: the kept dense layers are no longer a prefix (first_k_dense_replace)")
+
+
+def drop_layers(model, step: dict, context) -> dict:
+    num_layers = len(adapter_for(model.config).decoder_layers(model))
+    similarities = None
+    if "layers" in step:
+        drop = sorted(set(step["layers"]))
+        bad = [index for index in drop if not 0 <= index < num_layers]
+        if bad:
+            raise ConfigError(f"drop_layers.layers: {bad} out of range; the model has layers 0..{num_layers - 1}")
+    else:
+        if step["count"] == 0:
+            drop = []
+        else:
+            if context.calibration_ids is None:
+                raise ModelError("drop_layers with count needs the calibration tokens")
+            similarities = layer_similarities(model, context.calibration_ids)
+            drop = sorted(torch.argsort(similarities, descending=True, stable=True)[:step["count"]].tolist())
+    if len(drop) >= num_layers:
+        raise ConfigError(f"drop_layers would remove all {num_layers} decoder layers")
+    mapping = remove_layers(model, drop) if drop else {index: index for index in range(num_layers)}
+    # the cached per-layer data follows the layers to their new index; dropped layers' data goes
+    for name in ("moe_inputs", "reference_outputs", "original_expert_ids"):
+        table = getattr(context, name)
+        setattr(context, name, {mapping[old]: value for old, value in table.items() if old in mapping})
+    context.renormalized = {mapping[old] for old in context.renormalized if old in mapping}
+    log.info("dropped decoder layers %s", drop)
+    return {"dropped_layers": drop, "layer_mapping": {str(old): new for old, new in mapping.items()},
+            "similarity": None if similarities is None else [round(float(s), 6) for s in similarities]}
+
+
+def cast_dtype(model, step: dict, context) -> dict:
+    dtype = DTYPES[step["dtype"]]
+    previous = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # what a checkpoint stores changes dtype; derived buffers (rotary tables) stay as loading makes them
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None and parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to(dtype)
+    model.config.dtype = step["dtype"]
+    # measurements after this step run in the new dtype, so the cached inputs follow (the reference
+    # outputs stay in full precision: the error then includes the rounding)
+    context.moe_inputs = {layer: value.to(dtype) for layer, value in context.moe_inputs.items()}
+    return {"from": previous, "to": step["dtype"]}

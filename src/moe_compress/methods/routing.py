@@ -1,0 +1,144 @@
+"""Fewer active experts per token, and training-free mitigations fitted on cached calibration data.
+
+- ``active_experts``: the router's top-k, per layer (a stock checkpoint when every layer agrees).
+- ``renormalize``: the kept top-k weights sum to 1 (the router's own switch where it has one; routers
+  that always renormalise are left as they are; kept weights after dynamic skipping are rescaled).
+- ``dynamic_skip`` (NAEE): for ranks >= 2, skip an expert whose weight is below beta x the top-1
+  weight; beta fixed, or ``auto``: per layer, the beta whose mean number of active experts on the
+  calibration tokens is ``target_active``.
+- ``output_rescale``: per layer, the scalar or per-channel scale s minimising ||f - (g + s * r)||^2 on
+  the fit tokens, where f is the original block's output, r the current routed experts' output and g
+  the rest of the block (shared experts); folded into the experts' output projection, so a stock
+  checkpoint stays stock. s = 1 is kept where the fitted scale would raise the held-out error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moe_compress.architectures import adapter_for
+from moe_compress.errors import ConfigError
+from moe_compress.methods.merging import block_output, relative_error, route
+from moe_compress.templates.moe_compress_layers import convert_to_dynamic_skip, is_skip_router
+
+log = logging.getLogger(__name__)
+
+
+def active_experts(model, step: dict, context) -> dict:
+    adapter = adapter_for(model.config)
+    k = step["k"]
+    report = {"previous_top_k": {}}
+    for layer, block in adapter.moe_blocks(model).items():
+        router = adapter.router_of(block)
+        num_experts = adapter.block_num_experts(block)
+        if k > num_experts:
+            raise ConfigError(f"active_experts.k={k} is more than the {num_experts} experts of layer {layer}")
+        report["previous_top_k"][str(layer)] = router.top_k
+        router.top_k = k
+    return report
+
+
+def renormalize(model, step: dict, context) -> dict:
+    adapter = adapter_for(model.config)
+    report = {"switched": [], "already_renormalized": []}
+    for layer, block in adapter.moe_blocks(model).items():
+        router = adapter.router_of(block)
+        if isinstance(adapter.renormalize, str) and not getattr(router, adapter.renormalize):
+            setattr(router, adapter.renormalize, True)
+            report["switched"].append(layer)
+        else:
+            report["already_renormalized"].append(layer)
+        if is_skip_router(router):
+            router.skip_renormalize = True
+        context.renormalized.add(layer)
+    return report
+
+
+def auto_beta(weights: torch.Tensor, target_active: float) -> float:
+    """The beta at which the mean number of experts with weight >= beta x top-1 is ``target_active``.
+
+    ``weights`` [tokens, k]. Each token keeps its top-1 and every other expert whose ratio to the top-1
+    is >= beta, so the mean kept count is 1 + (ratios >= beta).sum() / tokens: a quantile of the ratios."""
+    tokens, k = weights.shape
+    ratios = (weights / weights.max(dim=-1, keepdim=True).values.clamp_min(1e-20)).double()
+    others = ratios.sort(dim=-1, descending=True).values[:, 1:].reshape(-1).sort(descending=True).values
+    wanted = int(round((target_active - 1.0) * tokens))  # how many non-top-1 slots stay active
+    if wanted >= len(others):
+        return 0.0
+    if wanted <= 0:  # only the top-1 (beta may not exceed 1: the top-1 itself must pass)
+        return 1.0
+    # halfway between the last kept and the first skipped ratio: robust to ties at the boundary
+    return float((others[wanted - 1] + others[wanted]) / 2)
+
+
+def dynamic_skip(model, step: dict, context) -> dict:
+    adapter = adapter_for(model.config)
+    beta = step["beta"]
+    report = {"beta": {}}
+    if beta == "auto":
+        context.require_inputs("dynamic_skip with beta: auto")
+    for layer, block in adapter.moe_blocks(model).items():
+        router = adapter.router_of(block)
+        if step["target_active"] is not None and step["target_active"] > router.top_k:
+            raise ConfigError(f"dynamic_skip.target_active={step['target_active']} is more than the {router.top_k} "
+                              f"experts layer {layer} routes each token to")
+        if beta == "auto":
+            with torch.no_grad():
+                weights, _ = route(adapter, block, context.split_inputs(layer)[0])
+            layer_beta = auto_beta(weights.float(), step["target_active"])
+        else:
+            layer_beta = float(beta)
+        convert_to_dynamic_skip(router, adapter.experts_of(block), layer_beta, layer in context.renormalized)
+        report["beta"][str(layer)] = layer_beta
+    return report
+
+
+@torch.no_grad()
+def routed_and_rest(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routed experts' output, the rest of the block's output) for ``hidden`` [tokens, hidden]."""
+    captured = {}
+    handle = adapter.experts_of(block).register_forward_hook(lambda module, args, output: captured.update(out=output))
+    try:
+        total = block_output(block, hidden)
+    finally:
+        handle.remove()
+    routed = captured["out"].reshape(hidden.shape)
+    return routed, total - routed
+
+
+def least_squares_scale(target: torch.Tensor, routed: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """argmin_s ||target - s * routed||^2, s a scalar or one value per hidden channel."""
+    target, routed = target.double(), routed.double()
+    dims = (0,) if per_channel else (0, 1)
+    numerator, denominator = (target * routed).sum(dim=dims), (routed * routed).sum(dim=dims)
+    scale = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), torch.ones_like(denominator))
+    return scale.reshape(-1)
+
+
+def output_rescale(model, step: dict, context) -> dict:
+    context.require_inputs("output_rescale")
+    adapter = adapter_for(model.config)
+    per_channel = step["granularity"] == "channel"
+    report = {"layers": {}}
+    for layer, block in adapter.moe_blocks(model).items():
+        fit, heldout = context.split_inputs(layer)
+        target_fit, target_heldout = context.split_reference(layer)
+        routed, rest = routed_and_rest(adapter, block, fit)
+        scale = least_squares_scale(target_fit - rest, routed, per_channel).to(routed.dtype)
+        heldout_routed, heldout_rest = routed_and_rest(adapter, block, heldout)
+        # the scale acts linearly on the routed output, so its effect is measured without touching weights
+        fit_before, fit_after = (relative_error(target_fit, s * routed + rest) for s in (1.0, scale))
+        heldout_before, heldout_after = (relative_error(target_heldout, s * heldout_routed + heldout_rest)
+                                         for s in (1.0, scale))
+        kept = heldout_after <= heldout_before
+        if kept:
+            adapter.scale_expert_outputs(block, scale)
+        report["layers"][str(layer)] = {
+            "scale_mean": float(scale.mean()), "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+            "fit_error_before": fit_before, "fit_error_after": fit_after,
+            "heldout_error_before": heldout_before, "heldout_error_after": heldout_after, "applied": kept}
+        log.info("layer %d: scale mean %.4f, held-out error %.4f -> %.4f%s", layer, float(scale.mean()),
+                 heldout_before, heldout_after, "" if kept else " (not applied)")
+    return report

@@ -15,6 +15,9 @@ config.update(_validated)
 
 VARIANTS = {name: variant["steps"] for name, variant in config["variants"].items()}
 PPL_DATASETS = ["c4_heldout", "wikitext2"]
+EVAL_TASKS = config["evaluation"]["tasks"]
+# the variants benchmarked with lm-eval (all by default); speed and perplexity cover every variant
+EVAL_VARIANTS = [name for name in VARIANTS if config["evaluation"]["variants"] in (None, []) or name in config["evaluation"]["variants"]]
 
 
 def as_json(value):
@@ -41,3 +44,4 @@ MODEL_DIR = model_dir()
 wildcard_constraints:
     variant="|".join(re.escape(name) for name in VARIANTS),
     dataset="|".join(PPL_DATASETS),
+    task="[A-Za-z0-9_]+",

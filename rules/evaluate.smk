@@ -1,4 +1,5 @@
-# Evaluation of each checkpoint: perplexity on held-out C4 and WikiText-2.
+# Evaluation of each checkpoint: perplexity on held-out C4 and WikiText-2, zero-shot benchmarks through
+# lm-evaluation-harness (one job per variant and task), and speed (prefill, time per decoded token).
 
 
 rule perplexity:
@@ -21,3 +22,57 @@ rule perplexity:
         "results/benchmarks/perplexity/{variant}.tsv"
     script:
         "../workflow/scripts/perplexity.py"
+
+
+rule lm_eval:
+    input:
+        checkpoint="results/checkpoints/{variant}",
+    output:
+        csv="results/eval/{variant}/lm_eval/{task}.csv",
+        json="results/eval/{variant}/lm_eval/{task}.json",
+    params:
+        source=config["evaluation"]["source"],
+        data_dir=config["evaluation"]["data_dir"],
+        num_fewshot=config["evaluation"]["num_fewshot"],
+        limit=config["evaluation"]["limit"],
+        batch_size=config["evaluation"]["batch_size"],
+        backend=config["evaluation"]["backend"],
+        seed=config["evaluation"]["seed"],
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    threads: 2
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/lm_eval/{variant}/{task}.log",
+    benchmark:
+        "results/benchmarks/lm_eval/{variant}/{task}.tsv"
+    script:
+        "../workflow/scripts/lm_eval.py"
+
+
+rule speed:
+    input:
+        checkpoint="results/checkpoints/{variant}",
+        prompts="results/calibration/ppl_c4_heldout.parquet",
+    output:
+        "results/eval/{variant}/speed.csv",
+    params:
+        num_prompts=config["speed"]["num_prompts"],
+        prompt_tokens=config["speed"]["prompt_tokens"],
+        decode_tokens=config["speed"]["decode_tokens"],
+        repeats=config["speed"]["repeats"],
+        warmup=config["speed"]["warmup"],
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+    # every core: timings are only comparable when no other job runs beside this one
+    threads: workflow.cores
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/speed/{variant}.log",
+    benchmark:
+        "results/benchmarks/speed/{variant}.tsv"
+    script:
+        "../workflow/scripts/speed.py"

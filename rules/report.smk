@@ -5,12 +5,16 @@ rule final_table:
     input:
         records=expand("results/checkpoints/{variant}", variant=VARIANTS),
         perplexity=expand("results/eval/{variant}/perplexity.csv", variant=VARIANTS),
+        speed=expand("results/eval/{variant}/speed.csv", variant=VARIANTS),
+        benchmarks=expand("results/eval/{variant}/lm_eval/{task}.csv", variant=EVAL_VARIANTS, task=EVAL_TASKS),
     output:
         csv="results/final_table.csv",
         md="results/final_table.md",
     params:
         # a list of [name, steps] pairs: the table keeps the config's variant order
         variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
+        benchmarked=as_json([[variant, task] for variant in EVAL_VARIANTS for task in EVAL_TASKS]),
+        perf_metric=config["score"]["perf_metric"],
     conda:
         "../envs/core.yaml"
     log:

@@ -140,6 +140,24 @@ def _check_steps(variants: dict) -> None:
                     )
 
 
+def _check_evaluation(config: dict) -> None:
+    evaluation = config["evaluation"]
+    listed = evaluation["variants"] or []
+    unknown = [name for name in listed if name not in config["variants"]]
+    if unknown:
+        raise ConfigError(f"config key 'evaluation.variants': {unknown} are not variants "
+                          f"(variants: {', '.join(config['variants'])})")
+    if evaluation["tasks"] and listed and BASE_VARIANT not in listed and BASE_VARIANT in config["variants"]:
+        raise ConfigError(f"config key 'evaluation.variants': must include '{BASE_VARIANT}' (PerfNorm is relative to it)")
+    if evaluation["source"] == "bundled":
+        from moe_compress.evaluate.benchmarks import bundled_tasks
+
+        missing = [task for task in evaluation["tasks"] if task not in bundled_tasks()]
+        if missing:
+            raise ConfigError(f"config key 'evaluation.tasks': {missing} have no bundled data (bundled: "
+                              f"{', '.join(bundled_tasks())}); set evaluation.source: hub to run them from the hub")
+
+
 def validate_config(raw: dict) -> dict:
     """Return a validated copy of ``raw`` with defaults filled and variants normalised.
 
@@ -160,6 +178,7 @@ def validate_config(raw: dict) -> dict:
         for step in variant["steps"]:  # each method's own defaults, so params show every value used
             _fill_defaults(step, schema["$defs"][step["method"]], schema)
     _check_steps(config["variants"])
+    _check_evaluation(config)
     if config["calibration"]["source"] == "hub" and config["calibration"]["hub_docs"] <= config["calibration"]["heldout_docs"]:
         raise ConfigError("config key 'calibration.hub_docs': must be larger than calibration.heldout_docs")
     return config

@@ -97,8 +97,49 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
     return row
 
 
-def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    table = pd.DataFrame([variant_row(name, variants[name], records[name], perplexities[name]) for name in variants])
+def perf_norm(perf, perf_base):
+    """PerfNorm = perf / perf_base."""
+    return perf / perf_base
+
+
+def speed_norm(t_token, t_token_base):
+    """SpeedNorm = 1 - t_token / t_token_base (positive when faster than the base)."""
+    return 1 - t_token / t_token_base
+
+
+def score(perf_normalised, speed_normalised):
+    """Score = max(0.5 PerfNorm + 0.5 SpeedNorm, 0); scalars or pandas Series."""
+    value = 0.5 * perf_normalised + 0.5 * speed_normalised
+    return value.clip(lower=0) if hasattr(value, "clip") else max(value, 0.0)
+
+
+def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame],
+                speeds: dict[str, pd.DataFrame] | None = None,
+                benchmarks: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
+                perf_metric: str = "benchmarks") -> pd.DataFrame:
+    """One row per variant: size, experts, routing, reconstruction error, perplexities, the primary
+    metric of each benchmark and their mean, speed, and PerfNorm / SpeedNorm / Score against ``base``."""
+    from moe_compress.evaluate.benchmarks import primary_score
+
+    speeds, benchmarks = speeds or {}, benchmarks or {}
+    rows = []
+    for name in variants:
+        row = variant_row(name, variants[name], records[name], perplexities[name])
+        for task in tasks:
+            if task in benchmarks.get(name, {}):
+                row[f"acc_{task}"] = primary_score(benchmarks[name][task], task)
+        if name in speeds:
+            speed = speeds[name].iloc[0]
+            row.update({"prefill_tok_s": speed["prefill_tokens_per_s"], "t_token_ms": speed["t_token_ms"],
+                        "peak_memory_mb": speed["peak_memory_mb"]})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    accuracy_columns = [f"acc_{task}" for task in tasks if f"acc_{task}" in table.columns]
+    if accuracy_columns:
+        table["acc_mean"] = table[accuracy_columns].mean(axis=1, skipna=False)
+    use_benchmarks = perf_metric == "benchmarks" and bool(accuracy_columns)
+    table["perf"] = table["acc_mean"] if use_benchmarks else 1.0 / table["ppl_c4_heldout"]
+    table["perf_source"] = "acc_mean" if use_benchmarks else "1/ppl_c4_heldout"
     reference = table[table["variant"] == BASE_VARIANT]
     if not reference.empty:
         base = reference.iloc[0]
@@ -106,6 +147,10 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
         table["params_ratio"] = table["parameters"] / base["parameters"]
         for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
             table[f"{column}_ratio"] = table[column] / base[column]
+        table["perf_norm"] = perf_norm(table["perf"], base["perf"])
+        if "t_token_ms" in table.columns:
+            table["speed_norm"] = speed_norm(table["t_token_ms"], base["t_token_ms"])
+            table["score"] = score(table["perf_norm"], table["speed_norm"])
     return table
 
 

@@ -12,6 +12,11 @@ log = start_job(snakemake)
 variants = dict(json_param(snakemake, "variants"))  # config order, same as the inputs
 records = {name: read_compression_record(path) for name, path in zip(variants, snakemake.input.records)}
 perplexities = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.perplexity)}
-table = final_table(variants, records, perplexities)
+speeds = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.speed)}
+benchmarks = {}
+for (variant, task), path in zip(json_param(snakemake, "benchmarked"), snakemake.input.benchmarks):
+    benchmarks.setdefault(variant, {})[task] = pd.read_csv(path)
+tasks = list(dict.fromkeys(task for _, task in json_param(snakemake, "benchmarked")))
+table = final_table(variants, records, perplexities, speeds, benchmarks, tasks, snakemake.params.perf_metric)
 write_final_table(table, snakemake.output.csv, snakemake.output.md)
 log.info("final table: %d variants -> %s", len(table), Path(snakemake.output.csv))

@@ -1,0 +1,70 @@
+"""Speed of a checkpoint on the job's device: prefill throughput and decode time per token.
+
+A fixed prompt set (held-out C4 windows cut to ``prompt_tokens``) is run ``warmup + repeats`` times;
+the warm-up runs are discarded and the median of the rest is reported, so one slow run (page faults,
+another process) does not decide the figure. Decoding is greedy with a fixed number of new tokens
+(``min_new_tokens = max_new_tokens``), so every variant generates the same amount of work.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from moe_compress.errors import DataError
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, warmup: int) -> dict:
+    """``prompts`` int64 [batch, prompt_tokens]. Returns medians over the timed repeats."""
+    if len(prompts) == 0:
+        raise DataError("speed: no prompts")
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(prompts).to(device)
+    attention = torch.ones_like(ids)
+    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_times, decode_times = [], []
+    for run in range(warmup + repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=attention, use_cache=False)
+        _synchronize(device)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=decode_tokens,
+                       min_new_tokens=decode_tokens, do_sample=False, pad_token_id=pad)
+        _synchronize(device)
+        generate = time.perf_counter() - start
+        if run >= warmup:
+            prefill_times.append(prefill)
+            # generate = its own prefill + decode_tokens steps; each step makes one token per prompt
+            decode_times.append(max(generate - prefill, 0.0) / decode_tokens)
+    prefill_time = statistics.median(prefill_times)
+    if device.type == "cuda":
+        peak_mb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:  # the process's peak resident set (Linux reports KiB): includes loading the model
+        peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+    return {
+        "device": str(device),
+        "batch": int(ids.shape[0]),
+        "prompt_tokens": int(ids.shape[1]),
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "prefill_tokens_per_s": ids.numel() / prefill_time,
+        "t_token_ms": 1000 * statistics.median(decode_times),
+        "peak_memory_mb": peak_mb,
+        "memory_kind": memory_kind,
+    }

@@ -1,0 +1,130 @@
+"""Benchmarks through lm-eval on bundled data, speed, and the score formulas."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from moe_compress.evaluate.benchmarks import (CSV_COLUMNS, official_tasks_dir, primary_score, run_benchmark,
+                                              tidy_results, write_offline_tasks)
+from moe_compress.evaluate.speed import measure_speed
+from moe_compress.report import final_table, perf_norm, score, speed_norm
+
+DATA = REPO / "data/eval"
+
+
+def mirror_task(tmp_path, task, subtask=None):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(write_offline_tasks([task], DATA, tmp_path / "mirror")))
+    return manager.load([subtask or task])["tasks"][subtask or task]
+
+
+def official_task_on(tmp_path, official_yaml: str, task: str, split: str, docs: list[dict], extra=None):
+    """lm-eval's own task definition, fed ``docs`` in the hub schema from a local JSON file."""
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / f"{task}_hub_schema.jsonl"
+    data.write_text("".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
+    folder = tmp_path / "official"
+    folder.mkdir(exist_ok=True)
+    spec = {"include": str(official_tasks_dir() / official_yaml), "task": f"official_{task}", "dataset_path": "json",
+            "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data)}}, **(extra or {})}
+    (folder / f"official_{task}.yaml").write_text(yaml.safe_dump(spec))
+    manager = TaskManager(include_path=str(folder))
+    return manager.load([f"official_{task}"])["tasks"][f"official_{task}"]
+
+
+def rendered(task, doc):
+    return task.fewshot_context(doc, 0), task.doc_to_choice(doc), task.doc_to_target(doc)
+
+
+def test_mmlu_mirror_renders_the_official_prompt(tmp_path):
+    ours = mirror_task(tmp_path, "mmlu", "mmlu_management")
+    doc = next(iter(ours.test_docs()))
+    upstream = pd.read_csv(DATA / "mmlu/test/management_test.csv", header=None,
+                           names=["question", "A", "B", "C", "D", "answer"]).iloc[0]
+    hub_doc = {"question": upstream["question"], "subject": "management",
+               "choices": [upstream[letter] for letter in "ABCD"], "answer": "ABCD".index(upstream["answer"])}
+    official = official_task_on(tmp_path, "mmlu/default/mmlu_management.yaml", "mmlu_management", "test", [hub_doc],
+                                {"fewshot_split": "test"})
+    official_doc = next(iter(official.test_docs()))
+    assert rendered(ours, doc) == rendered(official, official_doc)
+    context, choices, target = rendered(ours, doc)
+    assert context.startswith("The following are multiple choice questions (with answers) about management.")
+    assert context.endswith(f"{upstream['question'].strip()}\nA. {upstream['A']}\nB. {upstream['B']}\n"
+                            f"C. {upstream['C']}\nD. {upstream['D']}\nAnswer:")
+    assert choices == ["A", "B", "C", "D"] and target == "ABCD".index(upstream["answer"])
+
+
+def test_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
+    ours = mirror_task(tmp_path, "hellaswag")
+    raw = json.loads((DATA / "hellaswag_val_subset1000.jsonl").read_text().splitlines()[0])
+    hub_doc = {**raw, "label": str(raw["label"])}  # the hub stores the label as a string
+    official = official_task_on(tmp_path, "hellaswag/hellaswag.yaml", "hellaswag", "validation", [hub_doc],
+                                {"training_split": None})
+    assert rendered(ours, next(iter(ours.validation_docs()))) == rendered(official, next(iter(official.validation_docs())))
+    kmmlu = mirror_task(tmp_path, "kmmlu", "kmmlu_accounting")
+    context, choices, target = rendered(kmmlu, next(iter(kmmlu.test_docs())))
+    first = pd.read_csv(DATA / "kmmlu/Accounting-test.csv").iloc[0]
+    assert context.endswith(f"{first['question'].strip()}\nA. {first['A']}\nB. {first['B']}\nC. {first['C']}\n"
+                            f"D. {first['D']}\n정답：")
+    assert target == int(first["answer"]) - 1
+
+
+@pytest.mark.slow
+def test_lm_eval_on_a_tiny_model_writes_the_csv_schema(tmp_path, tiny_model_dir):
+    results = run_benchmark(tiny_model_dir, "mmlu", source="bundled", data_dir=DATA, work_dir=tmp_path / "tasks",
+                            num_fewshot=0, limit=3, batch_size=8)
+    table = tidy_results(results, 0)
+    assert list(table.columns) == CSV_COLUMNS
+    assert set(table["task"]) == {"mmlu", "mmlu_abstract_algebra", "mmlu_college_computer_science",
+                                  "mmlu_management", "mmlu_marketing"}
+    group = table[(table["task"] == "mmlu") & (table["metric"] == "acc")].iloc[0]
+    assert group["n"] == 12 and 0 <= group["value"] <= 1 and group["stderr"] > 0
+    assert primary_score(table, "mmlu") == group["value"]
+    assert json.dumps(results)  # the raw results are JSON
+
+
+def test_speed_reports_medians_and_memory(tiny_model):
+    prompts = np.random.default_rng(0).integers(0, 300, size=(2, 8))
+    result = measure_speed(tiny_model, prompts, decode_tokens=4, repeats=2, warmup=1)
+    assert result["prompt_tokens"] == 8 and result["batch"] == 2 and result["repeats"] == 2
+    assert result["prefill_tokens_per_s"] > 0 and result["t_token_ms"] > 0 and result["peak_memory_mb"] > 0
+
+
+def test_score_formulas_on_fixed_numbers():
+    assert perf_norm(0.45, 0.5) == pytest.approx(0.9)
+    assert speed_norm(30.0, 40.0) == pytest.approx(0.25)
+    assert score(0.9, 0.25) == pytest.approx(0.575)
+    assert score(0.2, -1.5) == 0.0  # clipped at zero
+    assert list(score(pd.Series([0.9, 0.2]), pd.Series([0.25, -1.5]))) == pytest.approx([0.575, 0.0])
+
+
+def test_final_table_has_one_row_per_variant_and_no_nan_where_inputs_exist():
+    variants = {"base": [], "small": [{"method": "frequency_prune", "min_count": 3}]}
+    record = {"parameters": 100, "experts_total": 8, "experts_per_layer": {"0": 8}, "active_experts": 2,
+              "loader": "stock", "num_layers": 2}
+    records = {"base": record, "small": {**record, "parameters": 80, "experts_total": 6,
+                                         "experts_per_layer": {"0": 6}}}
+    ppl = {name: pd.DataFrame({"dataset": ["c4_heldout"], "perplexity": [value]})
+           for name, value in (("base", 10.0), ("small", 12.0))}
+    speeds = {name: pd.DataFrame([{"prefill_tokens_per_s": 100.0, "t_token_ms": t, "peak_memory_mb": 50.0}])
+              for name, t in (("base", 40.0), ("small", 30.0))}
+    accuracy = {("base", "mmlu"): 0.5, ("base", "hellaswag"): 0.4, ("small", "mmlu"): 0.45, ("small", "hellaswag"): 0.36}
+    benchmarks = {}
+    for (name, task), value in accuracy.items():
+        metric = "acc_norm" if task == "hellaswag" else "acc"
+        benchmarks.setdefault(name, {})[task] = pd.DataFrame(
+            [{"task": task, "metric": metric, "value": value, "stderr": 0.01, "n": 10, "num_fewshot": 0}])
+    table = final_table(variants, records, ppl, speeds, benchmarks, ["mmlu", "hellaswag"])
+    assert table["variant"].tolist() == ["base", "small"]
+    assert not table.drop(columns=["layers"]).isna().any().any()
+    small = table.set_index("variant").loc["small"]
+    assert small["acc_mean"] == pytest.approx(0.405) and small["perf_norm"] == pytest.approx(0.9)
+    assert small["speed_norm"] == pytest.approx(0.25) and small["score"] == pytest.approx(0.575)
+    assert not math.isnan(small["ppl_c4_heldout_ratio"])

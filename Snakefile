@@ -6,6 +6,9 @@
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/model.smk"
 include: "rules/calibration.smk"
@@ -20,3 +23,5 @@ rule all:
     default_target: True
     input:
         "results/final_table.csv",
+        "results/plots/quality_vs_parameters.png",
+        ["results/tracking/mlflow_runs.json"] if config["tracking"]["mlflow_uri"] else [],

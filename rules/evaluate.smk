@@ -24,9 +24,34 @@ rule perplexity:
         "../workflow/scripts/perplexity.py"
 
 
+# source: hub -> the datasets are fetched once, on the submit host (a local rule), into a cache the
+# evaluation jobs then read with the hub switched off (compute nodes often have no internet)
+rule prefetch_eval_data:
+    output:
+        "results/eval_data/prefetched.json",
+    params:
+        tasks=EVAL_TASKS,
+        cache_dir=config["evaluation"]["cache_dir"],
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/prefetch_eval_data.log",
+    benchmark:
+        "results/benchmarks/prefetch_eval_data.tsv"
+    script:
+        "../workflow/scripts/prefetch_eval_data.py"
+
+
+localrules:
+    prefetch_eval_data,
+
+
 rule lm_eval:
     input:
         checkpoint="results/checkpoints/{variant}",
+        prefetched=(
+            ["results/eval_data/prefetched.json"] if config["evaluation"]["source"] == "hub" else []
+        ),
     output:
         csv="results/eval/{variant}/lm_eval/{task}.csv",
         json="results/eval/{variant}/lm_eval/{task}.json",
@@ -38,6 +63,7 @@ rule lm_eval:
         batch_size=config["evaluation"]["batch_size"],
         backend=config["evaluation"]["backend"],
         seed=config["evaluation"]["seed"],
+        cache_dir=config["evaluation"]["cache_dir"],
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
@@ -67,7 +93,7 @@ rule speed:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
     # every core: timings are only comparable when no other job runs beside this one
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     conda:
         "../envs/core.yaml"
     log:

@@ -8,7 +8,7 @@ rule final_table:
         speed=expand("results/eval/{variant}/speed.csv", variant=VARIANTS),
         benchmarks=expand("results/eval/{variant}/lm_eval/{task}.csv", variant=EVAL_VARIANTS, task=EVAL_TASKS),
     output:
-        csv="results/final_table.csv",
+        csv=report("results/final_table.csv", caption="../report/final_table.rst", category="Results"),
         md="results/final_table.md",
     params:
         # a list of [name, steps] pairs: the table keeps the config's variant order
@@ -25,5 +25,49 @@ rule final_table:
         "../workflow/scripts/final_table.py"
 
 
+rule plots:
+    input:
+        table="results/final_table.csv",
+        records=expand("results/checkpoints/{variant}", variant=VARIANTS),
+    output:
+        quality=report("results/plots/quality_vs_parameters.png", caption="../report/quality.rst", category="Plots"),
+        experts=report("results/plots/experts_per_layer.png", caption="../report/experts.rst", category="Plots"),
+        reconstruction=report(
+            "results/plots/reconstruction_error.png", caption="../report/reconstruction.rst", category="Plots"
+        ),
+    params:
+        variants=list(VARIANTS),
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/plots.log",
+    benchmark:
+        "results/benchmarks/plots.tsv"
+    script:
+        "../workflow/scripts/plots.py"
+
+
+# optional: one MLflow run per variant (tracking.mlflow_uri); in `rule all` only when configured
+rule track_mlflow:
+    input:
+        "results/final_table.csv",
+    output:
+        "results/tracking/mlflow_runs.json",
+    params:
+        uri=config["tracking"]["mlflow_uri"],
+        experiment=config["tracking"]["experiment"],
+        variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/track_mlflow.log",
+    benchmark:
+        "results/benchmarks/track_mlflow.tsv"
+    script:
+        "../workflow/scripts/track_mlflow.py"
+
+
 localrules:
     final_table,
+    plots,
+    track_mlflow,

@@ -39,6 +39,8 @@ def round_trip(model, tmp_path, tokenizer, dtype="float32"):
     assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
     reloaded = load_model(tmp_path / "ckpt", dtype=dtype)
     assert torch.equal(logits(reloaded), logits(model)), "the reloaded checkpoint computes something else"
+    # remote-code checkpoints keep transformers' fused experts kernels (grouped_mm), not the eager loop
+    assert reloaded.config._experts_implementation == model.config._experts_implementation
     return record
 
 

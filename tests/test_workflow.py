@@ -28,6 +28,8 @@ TINY = {
     "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
                     "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
     "cache": {"batch_size": 8},
+    "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"]},
+    "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1, "warmup": 0},
     "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
                    "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
     "variants": {
@@ -106,6 +108,12 @@ def test_end_to_end_final_table(tiny_run):
     clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
     assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
     assert (workdir / "results/final_table.md").read_text().startswith("| variant |")
+    for column in ("acc_winogrande", "acc_mean", "perf_norm", "t_token_ms", "speed_norm", "score"):
+        assert not by_name.loc[["base", "uniform4"], column].isna().any(), column
+    assert by_name.loc["base", "perf_norm"] == 1.0 and by_name.loc["base", "speed_norm"] == 0.0
+    assert not by_name["t_token_ms"].isna().any()
+    lm_eval_csv = pd.read_csv(workdir / "results/eval/uniform4/lm_eval/winogrande.csv")
+    assert list(lm_eval_csv.columns) == ["task", "metric", "value", "stderr", "n", "num_fewshot"]
     for rule_log in ("build_demo_model", "cache_router_activations", "expert_stats", "final_table"):
         assert (workdir / f"results/logs/{rule_log}.log").stat().st_size > 0
 
@@ -125,7 +133,13 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     result = snakemake(workdir, configfile, "-n", "results/final_table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert sorted(jobs) == sorted([("compress", "keep_some"), ("perplexity", "keep_some"), ("final_table", "")]), jobs
+    assert sorted(jobs) == sorted([("compress", "keep_some"), ("perplexity", "keep_some"), ("speed", "keep_some"),
+                                   ("final_table", "")]), jobs
+    # a benchmarked variant also reruns its benchmarks, and nothing else does
+    changed["variants"]["uniform4"]["keep"] = 5
+    result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert ("lm_eval", "uniform4") in jobs and not any(variant == "base" for _, variant in jobs), jobs
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -138,6 +152,22 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_hub_benchmarks_prefetch_on_the_submit_host_first(tmp_path):
+    config = copy.deepcopy(TINY)
+    config["evaluation"] = {"tasks": ["click", "mmlu"], "source": "hub", "variants": ["base"]}
+    result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    jobs = planned_jobs(output)
+    assert jobs.count(("prefetch_eval_data", "")) == 1
+    assert sorted(variant for rule, variant in jobs if rule == "lm_eval") == ["base", "base"]
+    assert re.search(r"localrule prefetch_eval_data:", output)
+    bundled = copy.deepcopy(config)
+    bundled["evaluation"]["source"] = "bundled"
+    result = snakemake(tmp_path, write_config(tmp_path / "bundled.yaml", bundled), "-n", "results/final_table.csv")
+    assert result.returncode != 0 and "evaluation.tasks" in result.stderr and "click" in result.stderr
+
+
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
 def test_every_architecture_runs_the_dag(tmp_path, model_type):
     """model.path pointing at a local checkpoint of each architecture: the whole DAG completes."""
@@ -147,6 +177,7 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
     config = copy.deepcopy(TINY)
     config["model"]["path"] = str(model_dir)
     del config["demo_model"]
+    config["evaluation"] = {"tasks": []}  # benchmarks run in the tiny demo DAG; here the architectures matter
     config["variants"] = {"base": {"steps": []},
                           "per_layer": {"method": "frequency_prune", "min_fraction": 0.2},
                           "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4}}

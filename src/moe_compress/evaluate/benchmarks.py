@@ -131,6 +131,34 @@ def task_manager(source: str, tasks: list[str], data_dir: str | Path, work_dir: 
     return TaskManager()
 
 
+def use_dataset_cache(cache_dir: str | Path, offline: bool) -> None:
+    """Point datasets (and the hub client) at ``cache_dir``; with ``offline``, never touch the network.
+    Must run before ``datasets`` is first imported: it reads these variables once, at import."""
+    import os
+    import sys
+
+    if "datasets" in sys.modules:
+        raise RuntimeError("use_dataset_cache must be called before the datasets library is imported")
+    os.environ["HF_DATASETS_CACHE"] = str(Path(cache_dir).resolve())
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def prefetch(tasks: list[str], cache_dir: str | Path) -> dict:
+    """Download the datasets of ``tasks`` (lm-eval's own definitions) into ``cache_dir``, on a host with
+    hub access, so evaluation jobs on offline compute nodes find them. Returns the documents per task."""
+    use_dataset_cache(cache_dir, offline=False)
+    from lm_eval.tasks import TaskManager
+
+    loaded = TaskManager().load(tasks)  # building a task downloads its dataset
+    summary = {}
+    for name, task in loaded["tasks"].items():
+        docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+        summary[name] = len(docs) if docs is not None else 0
+    return summary
+
+
 def model_arguments(model_path: str | Path, dtype: str, device: str, trust_remote_code: bool, backend: str) -> dict:
     from moe_compress.modelio import check_model_dir, needs_remote_code
 

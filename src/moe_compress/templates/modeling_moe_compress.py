@@ -32,6 +32,12 @@ def _reallocate(module, name, num_experts):
 
 
 class MoeCompressForCausalLM(_StockForCausalLM):
+    @classmethod
+    def _can_set_experts_implementation(cls):
+        # transformers reads this module's source to decide whether the experts may use its fused
+        # kernels (grouped_mm); the experts are the stock ones, so the stock class's answer holds
+        return _StockForCausalLM._can_set_experts_implementation()
+
     def __init__(self, config):
         super().__init__(config)
         layout = config.moe_compress_layout

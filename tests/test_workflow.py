@@ -28,7 +28,8 @@ TINY = {
     "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
                     "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
     "cache": {"batch_size": 8},
-    "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"]},
+    "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"],
+                   "data_dir": str(REPO / "data/eval")},
     "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1, "warmup": 0},
     "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
                    "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
@@ -161,11 +162,11 @@ def test_hub_benchmarks_prefetch_on_the_submit_host_first(tmp_path):
     jobs = planned_jobs(output)
     assert jobs.count(("prefetch_eval_data", "")) == 1
     assert sorted(variant for rule, variant in jobs if rule == "lm_eval") == ["base", "base"]
-    assert re.search(r"localrule prefetch_eval_data:", output)
     bundled = copy.deepcopy(config)
     bundled["evaluation"]["source"] = "bundled"
     result = snakemake(tmp_path, write_config(tmp_path / "bundled.yaml", bundled), "-n", "results/final_table.csv")
-    assert result.returncode != 0 and "evaluation.tasks" in result.stderr and "click" in result.stderr
+    message = result.stdout + result.stderr  # a dry run reports the error on stdout
+    assert result.returncode != 0 and "config key 'evaluation.tasks'" in message and "click" in message
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)

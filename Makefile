@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: setup demo test lint dag clean
+.PHONY: setup demo test test-slurm lint dag clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ demo: setup
 	$(BIN)/snakemake --report results/report.html
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not slurm" tests
+
+# a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing)
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm tests
 
 lint: setup
 	$(BIN)/snakemake --lint

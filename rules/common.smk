@@ -25,6 +25,15 @@ def as_json(value):
     return json.dumps(value, sort_keys=True)
 
 
+def exclusive_threads(wildcards):
+    """All cores of a local run (so a timed job runs alone); on a cluster, where the job gets its own
+    allocation and no total is defined, speed.cluster_threads."""
+    try:
+        return workflow.cores
+    except Exception:  # WorkflowError: no --cores with a cluster executor
+        return config["speed"]["cluster_threads"]
+
+
 def model_dir():
     path = config["model"]["path"]
     if path == "demo":

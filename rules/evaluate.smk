@@ -93,7 +93,7 @@ rule speed:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
     # every core: timings are only comparable when no other job runs beside this one
-    threads: lambda wildcards: workflow.cores
+    threads: exclusive_threads
     conda:
         "../envs/core.yaml"
     log:

@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 import torch
 
 from moe_compress.architectures import adapter_for

@@ -1,6 +1,5 @@
 import json
 
-import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open

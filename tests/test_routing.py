@@ -8,7 +8,7 @@ from conftest import ARCHITECTURE_TYPES, tiny_model_of
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError
-from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.methods import apply_steps
 from moe_compress.methods.routing import auto_beta
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_saliency
@@ -123,8 +123,6 @@ def test_reap_saliency_equals_a_brute_force_computation():
 
 
 def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tokenizer):
-    from moe_compress.stats import expert_frequency  # noqa: F401  (the frequency table is not needed here)
-
     model = tiny_model_of("mixtral")
     context = full_context(model)
     context.stats = expert_saliency(model, context.moe_inputs)

@@ -169,7 +169,7 @@ def model_arguments(model_path: str | Path, dtype: str, device: str, trust_remot
             raise ModelError(f"{path} needs trust_remote_code (per-layer expert counts, low-rank experts or "
                              f"dynamic skipping) and vLLM cannot load it; evaluate it with evaluation.backend: hf")
         try:
-            import vllm  # noqa: F401
+            import vllm  # noqa: F401  (only: is it installed)
         except ImportError:
             raise ModelError("evaluation.backend: vllm needs the vllm package (pip install vllm) on the GPU nodes") from None
         return {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code}

@@ -79,17 +79,23 @@ def _registry():
 @torch.no_grad()
 def _measure(model, context: CompressionContext) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
     """Per MoE layer still in the model: the block's output on held-out cached tokens, and the mean
-    number of experts that get a non-zero weight per token (what dynamic skipping reduces)."""
-    from moe_compress.methods.merging import block_output, route
+    number of experts that get a non-zero weight per token (what dynamic skipping reduces), read from
+    the router's output during that same forward pass."""
+    from moe_compress.methods.merging import block_output
 
     adapter = adapter_for(model.config)
     outputs, active = {}, {}
     for layer, block in adapter.moe_blocks(model).items():
         if layer not in context.moe_inputs:
             continue
-        heldout = context.split_inputs(layer)[1]
-        outputs[layer] = block_output(block, heldout)
-        weights, indices = route(adapter, block, heldout)
+        routing = {}
+        handle = adapter.router_of(block).register_forward_hook(
+            lambda module, args, output: routing.update(weights=output[1], indices=output[2]))
+        try:
+            outputs[layer] = block_output(block, context.split_inputs(layer)[1])
+        finally:
+            handle.remove()
+        weights, indices = routing["weights"], routing["indices"]
         active[layer] = float(((indices < adapter.block_num_experts(block)) & (weights != 0)).sum(dim=-1).float().mean())
     return outputs, active
 
@@ -118,7 +124,7 @@ def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[d
         report = {"step": index, **step, **registry[step["method"]](model, step, context)}
         if context.reference_outputs:
             current, active = _measure(model, context)
-            # layers are keyed by their original index (drop_layers keeps that mapping in the context)
+            # keyed by the layer's current index (drop_layers re-keys the context's per-layer data)
             report["reconstruction_error"] = {str(layer): relative_error(context.split_reference(layer)[1], output)
                                               for layer, output in current.items()}
             report["active_experts_mean"] = {str(layer): value for layer, value in active.items()}

@@ -59,7 +59,8 @@ def remove_layers(model, drop: list[int]) -> dict[int, int]:
     adapter = adapter_for(model.config)
     layers = adapter.decoder_layers(model)
     old_count = len(layers)
-    kept = [index for index in range(old_count) if index not in set(drop)]
+    dropped = set(drop)
+    kept = [index for index in range(old_count) if index not in dropped]
     mapping = {old: new for new, old in enumerate(kept)}
     new_layers = torch.nn.ModuleList([layers[old] for old in kept])
     for new, layer in enumerate(new_layers):

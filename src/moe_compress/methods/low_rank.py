@@ -38,6 +38,11 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return min(rank, singular_values.shape[-1])
 
 
+def kept_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """``rank`` capped at the number of singular values, or, without one, the ``energy`` rank."""
+    return min(rank, singular_values.shape[-1]) if rank is not None else energy_rank(singular_values, energy)
+
+
 def factorize(matrices: torch.Tensor, rank: int | None, energy: float | None,
               shared: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Factor [experts, out, in] matrices; return (left [E or 1, out, r], right [E or 1, r, in], facts).
@@ -47,17 +52,17 @@ def factorize(matrices: torch.Tensor, rank: int | None, energy: float | None,
     weights = matrices.double()
     if shared is None:
         u, s, vh = torch.linalg.svd(weights, full_matrices=False)
-        r = min(rank, s.shape[-1]) if rank is not None else energy_rank(s, energy)
+        r = kept_rank(s, rank, energy)
         root = s[:, :r].sqrt()
         left, right = u[:, :, :r] * root[:, None, :], root[:, :, None] * vh[:, :r]
     elif shared == "right":  # [W_1; ...; W_E] = U S V^T: V spans the inputs every expert reads
         _, s, vh = torch.linalg.svd(weights.reshape(experts * rows, cols), full_matrices=False)
-        r = min(rank, s.shape[-1]) if rank is not None else energy_rank(s, energy)
+        r = kept_rank(s, rank, energy)
         right = vh[:r].unsqueeze(0)
         left = weights @ right.transpose(-1, -2)
     elif shared == "left":  # [W_1 | ... | W_E] = U S V^T: U spans the outputs every expert writes
         u, s, _ = torch.linalg.svd(weights.permute(1, 0, 2).reshape(rows, experts * cols), full_matrices=False)
-        r = min(rank, s.shape[-1]) if rank is not None else energy_rank(s, energy)
+        r = kept_rank(s, rank, energy)
         left = u[:, :r].unsqueeze(0)
         right = left.transpose(-1, -2) @ weights
     else:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError, ModelError
+from moe_compress.errors import ConfigError
+from moe_compress.methods.low_rank import kept_rank
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,7 @@ def svd_merge(matrices: torch.Tensor, coefficients: torch.Tensor, rank: int | No
     members, rows, cols = matrices.shape
     stacked = matrices.double().permute(1, 0, 2).reshape(rows, members * cols)
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-    if rank is None:
-        cumulative = torch.cumsum(s**2, dim=0) / (s**2).sum().clamp_min(1e-300)
-        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
-    rank = min(rank, len(s))
+    rank = kept_rank(s, rank, energy)
     right = vh[:rank].reshape(rank, members, cols)  # V_j^T blocks
     merged_right = torch.einsum("j,rjc->rc", coefficients.double(), right)
     return (u[:, :rank] * s[:rank]) @ merged_right

@@ -33,7 +33,7 @@ rule prefetch_eval_data:
         tasks=EVAL_TASKS,
         cache_dir=config["evaluation"]["cache_dir"],
     conda:
-        "../envs/core.yaml"
+        "../envs/eval.yaml"
     log:
         "results/logs/prefetch_eval_data.log",
     benchmark:
@@ -69,7 +69,7 @@ rule lm_eval:
         trust_remote_code=config["model"]["trust_remote_code"],
     threads: 2
     conda:
-        "../envs/core.yaml"
+        "../envs/eval.yaml"
     log:
         "results/logs/lm_eval/{variant}/{task}.log",
     benchmark:

@@ -58,7 +58,7 @@ rule track_mlflow:
         experiment=config["tracking"]["experiment"],
         variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
     conda:
-        "../envs/core.yaml"
+        "../envs/tracking.yaml"
     log:
         "results/logs/track_mlflow.log",
     benchmark:

@@ -1,11 +1,20 @@
-"""The conda environments pin the same versions as pyproject.toml and requirements.lock."""
+"""The conda environments (envs/*.yaml, one per rule group) pin exactly what pyproject.toml asks for, at the
+versions of pyproject.toml and requirements.lock, and every rule names one of them."""
 
 import re
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import REPO
+
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def pins(requirements) -> dict[str, str]:
@@ -14,24 +23,45 @@ def pins(requirements) -> dict[str, str]:
     for line in requirements:
         match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;#]+).*", str(line))
         if match:
-            found[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+            found[normalise(match.group(1))] = match.group(2)
     return found
 
 
-def test_conda_env_pins_agree_with_pyproject_and_the_lock():
-    project = pins(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+def pip_lines(env_file) -> list[str]:
+    spec = yaml.safe_load(env_file.read_text())
+    return next(item["pip"] for item in spec["dependencies"] if isinstance(item, dict) and "pip" in item)
+
+
+def test_pyproject_agrees_with_the_lock():
     lock = pins((REPO / "requirements.lock").read_text().splitlines())
-    env_files = sorted((REPO / "envs").glob("*.yaml"))
-    assert env_files
-    for env_file in env_files:
-        spec = yaml.safe_load(env_file.read_text())
-        pip_lines = next(item["pip"] for item in spec["dependencies"] if isinstance(item, dict) and "pip" in item)
-        env = pins(pip_lines)
-        assert env, env_file
-        for name, version in env.items():
-            assert project.get(name) == version, f"{env_file.name}: {name}=={version}, pyproject: {project.get(name)}"
-            if name != "torch":  # the lock leaves torch to the Makefile's own pinned line
-                assert lock.get(name) == version, f"{env_file.name}: {name}=={version}, lock: {lock.get(name)}"
-    for name, version in project.items():  # and pyproject agrees with the lock
-        if name != "torch":
+    declared = pins(PROJECT["dependencies"])
+    for extra in PROJECT["optional-dependencies"].values():
+        declared |= pins(extra)
+    for name, version in declared.items():
+        if name != "torch":  # the lock leaves torch to the Makefile's own pinned line
             assert lock.get(name) == version, f"pyproject: {name}=={version}, lock: {lock.get(name)}"
+
+
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_env_pins_the_core_dependencies_and_its_extras(env_file):
+    lines = pip_lines(env_file)
+    package = [line for line in lines if line.startswith("-e ..")]
+    assert len(package) == 1, f"{env_file.name}: installs the moe_compress package once, with `-e ..[extras]`"
+    extras = re.fullmatch(r"-e \.\.(?:\[([\w,]+)\])?", package[0]).group(1)
+    expected = pins(PROJECT["dependencies"])
+    for extra in (extras or "").split(","):
+        if extra:
+            expected |= pins(PROJECT["optional-dependencies"][extra])
+    assert pins(lines) == expected, f"{env_file.name} differs from pyproject.toml (core + {extras or 'no extras'})"
+
+
+def test_every_rule_names_an_existing_env():
+    rule_files = sorted((REPO / "rules").glob("*.smk"))
+    named = set()
+    for rule_file in rule_files:
+        text = rule_file.read_text()
+        rules = re.findall(r"^rule (\w+):", text, flags=re.M)
+        envs = re.findall(r'conda:\s*\n\s*"\.\./(envs/[\w.]+)"', text)
+        assert len(envs) == len(rules), f"{rule_file.name}: {len(rules)} rules but {len(envs)} conda: directives"
+        named |= set(envs)
+    assert named == {f"envs/{path.name}" for path in ENV_FILES}, "an env file no rule uses, or a rule naming a missing one"

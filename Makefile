@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: setup demo test test-slurm lint dag clean
+.PHONY: setup demo test test-slurm test-slurm-accounting bench lint dag clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,23 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slurm" tests
 
-# a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing)
+# a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing);
+# -rP prints what the cluster ran (job ids and rules)
 test-slurm: setup
-	$(BIN)/python -m pytest -m slurm tests
+	$(BIN)/python -m pytest -m slurm -rP tests
+
+# the same with slurmdbd on MariaDB (installed if missing), so job states come from sacct, the plugin's default
+test-slurm-accounting: setup
+	MOE_COMPRESS_SLURM_ACCOUNTING=1 $(BIN)/python -m pytest -m slurm -rP tests
+
+# the benchmarks in bench/: each prints the ratios it measured and writes results/bench/<name>.csv
+# (about 30 min on 2 cores, most of it the demo's cold run; BENCH_RERUN_FLAGS=--no-eval shortens that)
+bench: setup
+	$(BIN)/python bench/calibration_overhead.py
+	$(BIN)/python bench/streaming_memory.py
+	$(BIN)/python bench/dry_run_scale.py
+	$(BIN)/python bench/per_layer_cost.py
+	$(BIN)/python bench/rerun_ratio.py $(BENCH_RERUN_FLAGS)
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -3,10 +3,32 @@
 # calibration.heldout_docs of the corpus).
 
 
+# source: hub -> the C4 documents are fetched once, on the submit host, into HF_HOME
+rule fetch_calibration_corpus:
+    output:
+        "results/calibration/hub_corpus.jsonl.gz",
+    params:
+        shard=config["calibration"]["hub_file"],
+        num_docs=config["calibration"]["hub_docs"],
+        text_field=config["calibration"]["text_field"],
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/fetch_calibration_corpus.log",
+    benchmark:
+        "results/benchmarks/fetch_calibration_corpus.tsv"
+    script:
+        "../workflow/scripts/fetch_calibration_corpus.py"
+
+
+localrules:
+    fetch_calibration_corpus,
+
+
 rule sample_calibration:
     input:
         model=MODEL_DIR,
-        corpus=config["calibration"]["path"] if config["calibration"]["source"] == "local" else [],
+        corpus=CALIBRATION_CORPUS,
     output:
         "results/calibration/calibration.parquet",
     params:
@@ -24,7 +46,7 @@ rule sample_calibration:
 rule perplexity_windows:
     input:
         model=MODEL_DIR,
-        corpus=config["calibration"]["path"] if config["calibration"]["source"] == "local" else [],
+        corpus=CALIBRATION_CORPUS,
         wikitext2=config["perplexity"]["wikitext2_path"],
     output:
         "results/calibration/ppl_{dataset}.parquet",

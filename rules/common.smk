@@ -6,6 +6,7 @@ from pathlib import Path
 
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError
+from moe_compress.hub import configure_hub_environment, is_hub_id
 from moe_compress.modelio import hub_dir_name, hub_repo_id
 
 # Validate at start-up: a typo or a wrong type fails here, naming the key, before any job runs.
@@ -40,7 +41,7 @@ def model_dir():
         return "results/models/demo"
     if Path(path).exists():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+    if is_hub_id(path):
         return f"results/models/hub/{hub_dir_name(path)}"
     raise ConfigError(
         f"config key 'model.path': {path!r} is neither 'demo', an existing directory, nor a hub id"
@@ -48,6 +49,21 @@ def model_dir():
 
 
 MODEL_DIR = model_dir()
+# source: hub -> the fetch_calibration_corpus local rule writes the C4 documents here
+CALIBRATION_CORPUS = (
+    config["calibration"]["path"]
+    if config["calibration"]["source"] == "local"
+    else "results/calibration/hub_corpus.jsonl.gz"
+)
+
+# The hub: one cache (HF_HOME) for every job. Downloads are local rules on the submit host; a job run
+# elsewhere (a cluster node: remote execution re-reads this file there) and every job of a config that
+# names no hub source run with the hub switched off.
+configure_hub_environment(config, remote_job=workflow.remote_exec)
+
+
+envvars:
+    "HF_HOME",
 
 
 wildcard_constraints:

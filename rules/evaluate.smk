@@ -24,14 +24,13 @@ rule perplexity:
         "../workflow/scripts/perplexity.py"
 
 
-# source: hub -> the datasets are fetched once, on the submit host (a local rule), into a cache the
-# evaluation jobs then read with the hub switched off (compute nodes often have no internet)
+# source: hub -> the datasets are fetched once, on the submit host (a local rule), into HF_HOME; the
+# evaluation jobs then read it with the hub switched off (compute nodes often have no internet)
 rule prefetch_eval_data:
     output:
         "results/eval_data/prefetched.json",
     params:
         tasks=EVAL_TASKS,
-        cache_dir=config["evaluation"]["cache_dir"],
     conda:
         "../envs/eval.yaml"
     log:
@@ -63,7 +62,6 @@ rule lm_eval:
         batch_size=config["evaluation"]["batch_size"],
         backend=config["evaluation"]["backend"],
         seed=config["evaluation"]["seed"],
-        cache_dir=config["evaluation"]["cache_dir"],
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],

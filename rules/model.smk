@@ -4,7 +4,7 @@
 
 rule build_demo_model:
     input:
-        corpus=config["calibration"]["path"],
+        corpus=CALIBRATION_CORPUS,
     output:
         directory("results/models/demo"),
     params:

@@ -106,3 +106,37 @@ def token_batch():
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": text, "url": "x"}) + "\n" for text in texts))
     return path
+
+
+C4_SAMPLE = REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
+
+
+def put_in_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path], repo_type: str = "model") -> Path:
+    """Lay ``files`` ({path in the repo: local file}) out as the hub client caches a download under
+    ``hf_home`` (blobs, a snapshot of links, refs/main), so the offline client finds them, as on a
+    host where someone ran the download earlier. Returns the snapshot folder."""
+    import shutil
+
+    repo_dir = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo_dir / "snapshots" / commit
+    for index, (name, source) in enumerate(sorted(files.items())):
+        blob = repo_dir / "blobs" / f"{index:040x}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, blob)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def put_model_in_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
+    return put_in_hub_cache(hf_home, repo_id, {path.name: path for path in model_dir.iterdir() if path.is_file()})
+
+
+def put_c4_in_hub_cache(hf_home: Path) -> Path:
+    """The bundled C4 sample (the first 1,000 documents of this very shard) as the cached shard."""
+    return put_in_hub_cache(hf_home, "allenai/c4", {C4_SHARD: C4_SAMPLE}, repo_type="dataset")

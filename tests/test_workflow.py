@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ARCHITECTURE_TYPES, REPO, make_tokenizer, tiny_model_of
+from conftest import (REPO, make_tokenizer, put_c4_in_hub_cache, put_model_in_hub_cache,
+                      tiny_model_of)
 
 pytestmark = pytest.mark.slow
 
@@ -169,15 +170,28 @@ def test_hub_benchmarks_prefetch_on_the_submit_host_first(tmp_path):
     assert result.returncode != 0 and "config key 'evaluation.tasks'" in message and "click" in message
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
+# The rules are the same for every architecture; what differs is tested per stage for all six (capture,
+# streaming, stats, pruning, merging, low-rank, routing, reload). The whole DAG runs for the three whose
+# checkpoints differ most: a dense layer in the middle (Qwen3-MoE, here also from the hub cache), groups +
+# shared experts + a dense first layer (DeepSeek-V3), transposed experts with biases (gpt-oss).
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_every_architecture_runs_the_dag(tmp_path, model_type):
-    """model.path pointing at a local checkpoint of each architecture: the whole DAG completes."""
+    """model.path pointing at a checkpoint of each architecture: the whole DAG completes. Qwen3-MoE comes
+    as a hub id, with C4 from the hub: both found in the hub cache (HF_HOME) by the local download rules."""
     model_dir = tmp_path / f"tiny_{model_type}"
     tiny_model_of(model_type).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     config = copy.deepcopy(TINY)
     config["model"]["path"] = str(model_dir)
     del config["demo_model"]
+    from_hub = model_type == "qwen3_moe"
+    if from_hub:
+        hf_home = tmp_path / "hf_home"
+        put_model_in_hub_cache(hf_home, "tiny-org/tiny-qwen3-moe", model_dir)
+        put_c4_in_hub_cache(hf_home)
+        config["model"]["path"] = "tiny-org/tiny-qwen3-moe"
+        config["hf_home"] = str(hf_home)
+        config["calibration"] = {**config["calibration"], "source": "hub", "hub_docs": 400}
     config["evaluation"] = {"tasks": []}  # benchmarks run in the tiny demo DAG; here the architectures matter
     config["variants"] = {"base": {"steps": []},
                           "per_layer": {"method": "frequency_prune", "min_fraction": 0.2},
@@ -185,6 +199,11 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
     configfile = write_config(tmp_path / "config.yaml", config)
     result = snakemake(tmp_path, configfile, "results/final_table.csv")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    if from_hub:
+        jobs = planned_jobs(result.stdout + result.stderr)
+        assert ("fetch_model", "repo_id=tiny-org--tiny-qwen3-moe") in jobs and ("fetch_calibration_corpus", "") in jobs
+        assert "localrule fetch_model:" in result.stdout + result.stderr
+        assert (tmp_path / "results/models/hub/tiny-org--tiny-qwen3-moe/model.safetensors").resolve().is_relative_to(hf_home)
     table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
     record = json.loads((tmp_path / "results/checkpoints/uniform4/compression.json").read_text())
     same_routing = len({json.dumps(s, sort_keys=True) for s in record["router_settings_per_layer"].values()}) == 1

@@ -24,7 +24,6 @@ from moe_compress.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-HUB_C4 = ("allenai/c4", "en")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -84,21 +83,6 @@ def split_documents(docs: list[str], heldout_docs: int) -> tuple[list[str], list
             f"calibration.heldout_docs={heldout_docs} must be between 1 and the number of documents - 1 ({len(docs) - 1})"
         )
     return docs[:-heldout_docs], docs[-heldout_docs:]
-
-
-def stream_hub_documents(num_docs: int, seed: int, text_field: str = "text") -> list[str]:
-    """The first ``num_docs`` documents of a seeded shuffle of the streamed C4 ``en`` train split."""
-    from datasets import load_dataset  # imported lazily: only the hub path needs it
-
-    dataset = load_dataset(*HUB_C4, split="train", streaming=True).shuffle(seed=seed, buffer_size=10_000)
-    docs = []
-    for record in dataset:
-        text = record[text_field]
-        if text.strip():
-            docs.append(text)
-        if len(docs) >= num_docs:
-            break
-    return docs
 
 
 def tokenize_into_samples(tokenizer, docs: list[str], num_samples: int, seq_len: int, seed: int) -> np.ndarray:
@@ -172,10 +156,7 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"{path}: not valid UTF-8 ({err})") from err
 
 
-def load_corpus(settings: dict) -> tuple[list[str], list[str]]:
-    """(calibration pool, held-out documents) for the ``calibration`` config section."""
-    if settings["source"] == "hub":
-        docs = stream_hub_documents(settings["hub_docs"], settings["seed"], settings["text_field"])
-    else:
-        docs = read_documents(settings["path"], settings["text_field"])
-    return split_documents(docs, settings["heldout_docs"])
+def load_corpus(path: str | Path, settings: dict) -> tuple[list[str], list[str]]:
+    """(calibration pool, held-out documents) from the corpus file ``path`` (the configured local file, or
+    the C4 documents fetch_calibration_corpus took from the hub) and the ``calibration`` config section."""
+    return split_documents(read_documents(path, settings["text_field"]), settings["heldout_docs"])

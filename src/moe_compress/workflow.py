@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import torch
+
+from moe_compress.errors import MoeCompressError
+from moe_compress.hub import hub_offline
 
 
 def start_job(snakemake) -> logging.Logger:
@@ -19,7 +23,23 @@ def start_job(snakemake) -> logging.Logger:
     torch.set_num_threads(max(1, int(snakemake.threads)))
     logger = logging.getLogger(f"moe_compress.rule.{snakemake.rule}")
     logger.info("rule %s, wildcards %s, threads %s", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
+    logger.info("hub %s, HF_HOME=%s", "offline" if hub_offline() else "online", os.environ.get("HF_HOME"))
+    sys.excepthook = _log_failure(logger)
     return logger
+
+
+def _log_failure(logger: logging.Logger):
+    """An excepthook that writes the error into the job's log (which Snakemake points users to), not only
+    to stderr (which on a cluster lands in the scheduler's log): our own errors as their one-line message,
+    anything else with its traceback."""
+
+    def log_and_exit(exc_type, exc, traceback):
+        if issubclass(exc_type, MoeCompressError):
+            logger.error("%s: %s", exc_type.__name__, exc)
+        else:
+            logger.error("failed", exc_info=(exc_type, exc, traceback))
+
+    return log_and_exit
 
 
 def json_param(snakemake, name: str):

@@ -1,12 +1,9 @@
-"""Download a hub model snapshot (a local rule: runs on the submit host, which has the network)."""
+"""Download a hub model snapshot into HF_HOME (a local rule: runs on the submit host, which has the network)
+and expose it as the model directory."""
 
-from huggingface_hub import snapshot_download
-
-from moe_compress.io import atomic_directory
+from moe_compress.hub import fetch_model_snapshot
 from moe_compress.workflow import start_job
 
 log = start_job(snakemake)
-with atomic_directory(snakemake.output[0]) as tmp:
-    snapshot_download(repo_id=snakemake.params.repo_id, local_dir=tmp,
-                      allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"])
-log.info("downloaded %s", snakemake.params.repo_id)
+snapshot = fetch_model_snapshot(snakemake.params.repo_id, snakemake.output[0])
+log.info("%s: snapshot %s linked into %s", snakemake.params.repo_id, snapshot, snakemake.output[0])

@@ -2,15 +2,13 @@
 
 import tempfile
 
-from moe_compress.evaluate.benchmarks import run_benchmark, tidy_results, use_dataset_cache
+from moe_compress.evaluate.benchmarks import run_benchmark, tidy_results
 from moe_compress.io import atomic_path, write_json
 from moe_compress.workflow import start_job
 
 log = start_job(snakemake)
 params = snakemake.params
 task = snakemake.wildcards.task
-if params.source == "hub":  # read what prefetch_eval_data cached; never reach for the network here
-    use_dataset_cache(params.cache_dir, offline=True)
 with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as task_dir:
     results = run_benchmark(snakemake.input.checkpoint, task, source=params.source, data_dir=params.data_dir,
                             work_dir=task_dir, num_fewshot=params.num_fewshot, limit=params.limit,

@@ -8,7 +8,7 @@ log = start_job(snakemake)
 tokenizer = load_tokenizer(snakemake.input.model)
 seq_len, max_windows = snakemake.params.seq_len, snakemake.params.max_windows
 if snakemake.wildcards.dataset == "c4_heldout":
-    _pool, heldout = load_corpus(json_param(snakemake, "calibration"))
+    _pool, heldout = load_corpus(snakemake.input.corpus, json_param(snakemake, "calibration"))
     # held-out documents joined with EOS, scored as contiguous windows
     text = tokenizer.eos_token.join(heldout) if tokenizer.eos_token else "\n\n".join(heldout)
     source = "c4 held-out documents"

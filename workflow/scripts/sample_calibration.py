@@ -1,4 +1,4 @@
-"""Tokenise calibration samples from the corpus (local file or streamed C4)."""
+"""Tokenise calibration samples from the corpus (the local file, or the C4 documents fetched from the hub)."""
 
 from moe_compress.calibration import TokenSamples, load_corpus, tokenize_into_samples, write_samples
 from moe_compress.modelio import load_tokenizer
@@ -6,9 +6,9 @@ from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
 settings = json_param(snakemake, "calibration")
-pool, _heldout = load_corpus(settings)
+pool, _heldout = load_corpus(snakemake.input.corpus, settings)
 ids = tokenize_into_samples(load_tokenizer(snakemake.input.model), pool, settings["num_samples"], settings["seq_len"],
                             settings["seed"])
-write_samples(TokenSamples(ids, source=settings["path"] if settings["source"] == "local" else "hub:allenai/c4"),
+write_samples(TokenSamples(ids, source=settings["path"] if settings["source"] == "local" else f"hub:allenai/c4/{settings['hub_file']}"),
               snakemake.output[0])
 log.info("%d calibration samples x %d tokens from %d candidate documents", *ids.shape, len(pool))

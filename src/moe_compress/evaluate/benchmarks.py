@@ -131,24 +131,10 @@ def task_manager(source: str, tasks: list[str], data_dir: str | Path, work_dir: 
     return TaskManager()
 
 
-def use_dataset_cache(cache_dir: str | Path, offline: bool) -> None:
-    """Point datasets (and the hub client) at ``cache_dir``; with ``offline``, never touch the network.
-    Must run before ``datasets`` is first imported: it reads these variables once, at import."""
-    import os
-    import sys
-
-    if "datasets" in sys.modules:
-        raise RuntimeError("use_dataset_cache must be called before the datasets library is imported")
-    os.environ["HF_DATASETS_CACHE"] = str(Path(cache_dir).resolve())
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
-def prefetch(tasks: list[str], cache_dir: str | Path) -> dict:
-    """Download the datasets of ``tasks`` (lm-eval's own definitions) into ``cache_dir``, on a host with
-    hub access, so evaluation jobs on offline compute nodes find them. Returns the documents per task."""
-    use_dataset_cache(cache_dir, offline=False)
+def prefetch(tasks: list[str]) -> dict:
+    """Download the datasets of ``tasks`` (lm-eval's own definitions) into the hub cache (HF_HOME), on a
+    host with hub access, so evaluation jobs on offline compute nodes find them there. Returns the
+    documents per task."""
     from lm_eval.tasks import TaskManager
 
     loaded = TaskManager().load(tasks)  # building a task downloads its dataset

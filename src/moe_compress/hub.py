@@ -1,0 +1,128 @@
+"""What the pipeline takes from the Hugging Face hub, and the rule that only the submit host touches it.
+
+The downloads (a model snapshot, a C4 shard, lm-eval datasets) are local rules that fill the hub cache
+under ``HF_HOME``; every job that runs elsewhere (a compute node, often without internet) gets the
+``OFFLINE_ENVIRONMENT`` and reads that cache. A configuration that names no hub source runs offline
+throughout, so a run never reaches for the network unless the config asks for it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+
+from moe_compress.errors import DataError, ModelError
+from moe_compress.io import atomic_directory, atomic_path
+
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+C4_REPO = "allenai/c4"
+# what a causal-LM checkpoint needs; never pickled weights (*.bin, *.pt)
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def is_hub_id(path: str) -> bool:
+    """``org/name`` that is not a local directory."""
+    return not Path(path).exists() and _HUB_ID.fullmatch(path) is not None
+
+
+def hub_sources(config: dict) -> list[str]:
+    """The config keys that ask for the hub (empty: the whole run stays offline)."""
+    sources = []
+    if config["model"]["path"] != "demo" and is_hub_id(config["model"]["path"]):
+        sources.append("model.path")
+    if config["calibration"]["source"] == "hub":
+        sources.append("calibration.source")
+    if config["evaluation"]["source"] == "hub" and config["evaluation"]["tasks"]:
+        sources.append("evaluation.source")
+    return sources
+
+
+def resolve_hf_home(configured: str | None, environ=os.environ) -> str:
+    """The hub cache every job uses: the ``hf_home`` config key, else $HF_HOME, else the hub client's own
+    default. Absolute, because jobs on other hosts and working directories must find the same place."""
+    if configured:
+        return str(Path(configured).expanduser().resolve())
+    if environ.get("HF_HOME"):
+        return str(Path(environ["HF_HOME"]).expanduser().resolve())
+    return str((Path(environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface").resolve())
+
+
+def configure_hub_environment(config: dict, remote_job: bool, environ=os.environ) -> list[str]:
+    """Set HF_HOME for this process and every job it starts, and switch the hub off where nothing may
+    reach it: in a job running on another host (a cluster node), and everywhere when the config names no
+    hub source. Returns the config keys that ask for the hub."""
+    sources = hub_sources(config)
+    environ["HF_HOME"] = resolve_hf_home(config["hf_home"], environ)
+    if not sources or remote_job:
+        environ.update(OFFLINE_ENVIRONMENT)
+    return sources
+
+
+def hub_offline(environ=os.environ) -> bool:
+    return environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _not_cached(what: str, key: str, err: Exception) -> ModelError:
+    where = os.environ.get("HF_HOME", "the hub cache")
+    if hub_offline():
+        return ModelError(f"{key}: {what} is not in the hub cache under {where} and the hub is offline "
+                          f"(HF_HUB_OFFLINE=1); run once on a host with hub access, or download it there "
+                          f"(e.g. `hf download ...`) into the same HF_HOME")
+    return ModelError(f"{key}: could not download {what} into {where}: {err}")
+
+
+def fetch_model_snapshot(repo_id: str, out_dir: str | Path) -> Path:
+    """Download (or find in the cache) the snapshot of ``repo_id`` and expose it at ``out_dir`` as links into
+    the cache, so the weights are stored once however many workdirs use them. Returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo_id=repo_id, allow_patterns=MODEL_FILE_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise _not_cached(f"model {repo_id!r}", "model.path", err) from err
+    files = [path for path in sorted(snapshot.rglob("*")) if path.is_file()]
+    if not any(path.name == "config.json" for path in files):
+        raise ModelError(f"model.path: the hub snapshot of {repo_id!r} has no config.json ({snapshot})")
+    with atomic_directory(out_dir) as tmp:
+        for path in files:
+            link = Path(tmp) / path.relative_to(snapshot)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return snapshot
+
+
+def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_field: str = "text") -> int:
+    """The first ``num_docs`` non-empty documents of one C4 shard (a file of the ``allenai/c4`` dataset repo,
+    e.g. ``en/c4-train.00000-of-01024.json.gz``), written as JSON lines, gzip without a timestamp so the file
+    is the same bytes on every run. A fixed file, not a shuffled stream: the calibration set is reproducible
+    and cached like any other download."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        shard_path = hf_hub_download(repo_id=C4_REPO, filename=shard, repo_type="dataset")
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise _not_cached(f"the C4 shard {shard!r}", "calibration.hub_file", err) from err
+    kept = []
+    with gzip.open(shard_path, "rt", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise DataError(f"{shard}:{line_no}: record has no field {text_field!r} (calibration.text_field)")
+            if record[text_field].strip():
+                kept.append(line.rstrip("\n"))
+            if len(kept) == num_docs:
+                break
+    if len(kept) < num_docs:
+        raise DataError(f"calibration.hub_docs={num_docs}, but the C4 shard {shard!r} has only {len(kept)} documents")
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
+            handle.write(("\n".join(kept) + "\n").encode("utf-8"))
+    return len(kept)

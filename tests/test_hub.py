@@ -1,0 +1,102 @@
+"""Hub downloads: into HF_HOME on the submit host, read from the cache offline elsewhere; clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import C4_SAMPLE, C4_SHARD, put_c4_in_hub_cache, put_model_in_hub_cache
+from moe_compress.calibration import read_documents
+from moe_compress.errors import DataError, ModelError
+from moe_compress.hub import (OFFLINE_ENVIRONMENT, configure_hub_environment, fetch_c4_documents, fetch_model_snapshot,
+                              hub_sources, is_hub_id, resolve_hf_home)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache under tmp_path/hf_home, with the hub client switched off."""
+    import huggingface_hub.constants as constants
+
+    hf_home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the client read these at import; point them at this cache for the test
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hf_home
+
+
+def test_hf_home_comes_from_the_config_then_the_environment_then_the_default(tmp_path):
+    assert resolve_hf_home(str(tmp_path / "cfg"), {"HF_HOME": "/elsewhere"}) == str(tmp_path / "cfg")
+    assert resolve_hf_home(None, {"HF_HOME": str(tmp_path / "env")}) == str(tmp_path / "env")
+    assert resolve_hf_home(None, {"XDG_CACHE_HOME": str(tmp_path)}) == str(tmp_path / "huggingface")
+
+
+def test_hub_sources_name_the_keys_that_need_the_network(tmp_path):
+    config = {"model": {"path": "demo"}, "calibration": {"source": "local"}, "evaluation": {"source": "bundled", "tasks": ["mmlu"]}}
+    assert hub_sources(config) == []
+    config["model"]["path"] = str(tmp_path)  # a local directory that happens to look like a path
+    assert not is_hub_id(str(tmp_path)) and hub_sources(config) == []
+    config["model"]["path"] = "Qwen/Qwen3-30B-A3B"
+    config["calibration"]["source"] = "hub"
+    config["evaluation"]["source"] = "hub"
+    assert hub_sources(config) == ["model.path", "calibration.source", "evaluation.source"]
+    config["evaluation"]["tasks"] = []  # no benchmarks: nothing to fetch for them
+    assert hub_sources(config) == ["model.path", "calibration.source"]
+
+
+def test_jobs_are_offline_on_cluster_nodes_and_for_configs_without_a_hub_source(tmp_path):
+    local = {"model": {"path": "demo"}, "calibration": {"source": "local"},
+             "evaluation": {"source": "bundled", "tasks": []}, "hf_home": str(tmp_path)}
+    hub = {**local, "calibration": {"source": "hub"}}
+    for config, remote, offline in [(local, False, True), (local, True, True), (hub, False, False), (hub, True, True)]:
+        environ = {}
+        configure_hub_environment(config, remote_job=remote, environ=environ)
+        assert environ["HF_HOME"] == str(tmp_path)
+        assert all(environ.get(key) == "1" for key in OFFLINE_ENVIRONMENT) is offline, (config, remote)
+
+
+def test_c4_documents_come_from_the_cached_shard_offline_and_reproducibly(offline_hub, tmp_path):
+    put_c4_in_hub_cache(offline_hub)
+    first, second = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    assert fetch_c4_documents(C4_SHARD, 120, first) == 120
+    fetch_c4_documents(C4_SHARD, 120, second)
+    assert first.read_bytes() == second.read_bytes()  # no gzip timestamp: the same bytes every run
+    assert read_documents(first) == read_documents(C4_SAMPLE)[:120]
+    with gzip.open(first, "rt") as handle:  # whole records, as in the shard
+        assert set(json.loads(handle.readline())) >= {"text", "url", "timestamp"}
+
+
+def test_c4_errors_name_the_key(offline_hub, tmp_path):
+    with pytest.raises(ModelError, match=r"calibration.hub_file.*not in the hub cache.*offline"):
+        fetch_c4_documents(C4_SHARD, 10, tmp_path / "out.jsonl.gz")
+    put_c4_in_hub_cache(offline_hub)
+    with pytest.raises(DataError, match=r"calibration.hub_docs=5000.*only 1000 documents"):
+        fetch_c4_documents(C4_SHARD, 5000, tmp_path / "out.jsonl.gz")
+    with pytest.raises(DataError, match=r"no field 'body'.*calibration.text_field"):
+        fetch_c4_documents(C4_SHARD, 10, tmp_path / "out.jsonl.gz", text_field="body")
+    assert not (tmp_path / "out.jsonl.gz").exists()
+
+
+def test_model_snapshot_is_linked_from_the_cache_and_loads_the_same(offline_hub, tmp_path, tiny_model_dir, token_batch):
+    put_model_in_hub_cache(offline_hub, "tiny-org/tiny-moe", tiny_model_dir)
+    out = tmp_path / "models" / "tiny-org--tiny-moe"
+    snapshot = fetch_model_snapshot("tiny-org/tiny-moe", out)
+    assert snapshot.is_relative_to(offline_hub)
+    linked = sorted(path.name for path in out.iterdir())
+    assert linked == sorted(path.name for path in tiny_model_dir.iterdir())
+    assert all(path.is_symlink() and path.resolve().is_relative_to(offline_hub) for path in out.iterdir())
+    ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(token_batch).logits, theirs(token_batch).logits)
+
+
+def test_a_model_missing_from_the_offline_cache_says_what_to_do(offline_hub, tmp_path):
+    with pytest.raises(ModelError, match=r"model.path: model 'tiny-org/absent'.*offline.*host with hub access"):
+        fetch_model_snapshot("tiny-org/absent", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,35 @@
+"""A job's failure lands in its own log file (where Snakemake points users), not only in stderr."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = """
+import types
+from moe_compress.errors import DataError
+from moe_compress.workflow import start_job
+
+job = types.SimpleNamespace(log=[{log!r}], threads=1, rule="sample_calibration", wildcards={{}})
+start_job(job)
+{failure}
+"""
+
+
+@pytest.mark.parametrize("failure, expected", [
+    ('raise DataError("the corpus yields 5 tokens")', "ERROR: DataError: the corpus yields 5 tokens"),
+    ('{}["missing"]', "KeyError: 'missing'"),
+])
+def test_an_uncaught_error_is_written_to_the_job_log(tmp_path, failure, expected):
+    log = tmp_path / "job.log"
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(log=str(log), failure=failure)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    text = log.read_text()
+    assert "hub " in text and expected in text
+    if "DataError" in expected:  # our errors: the message alone, no traceback to dig through
+        assert "Traceback" not in text
+    else:
+        assert "Traceback" in text

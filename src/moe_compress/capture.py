@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
@@ -51,29 +52,33 @@ def _check_finite(tensor: torch.Tensor, what: str, layer: int) -> None:
         raise ModelError(f"non-finite values (NaN or inf) in {what} of layer {layer}")
 
 
+def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtype: torch.dtype) -> list:
+    """Hooks on one MoE block: its input, and what its router returned (logits, top-k weights, indices)."""
+
+    def save_input(module, args):
+        hidden = args[0]
+        capture.hidden_states.append(hidden.reshape(-1, hidden.shape[-1]).to("cpu", hidden_dtype))
+
+    def save_routing(module, args, output):
+        logits, weights, indices = output
+        capture.logits.append(logits.float().cpu())
+        capture.topk_weights.append(weights.float().cpu())
+        capture.topk_indices.append(indices.to(torch.int16).cpu())
+
+    return [block.register_forward_pre_hook(save_input), adapter.router_of(block).register_forward_hook(save_routing)]
+
+
 @torch.no_grad()
 def run_capture(model, input_ids: torch.Tensor, batch_size: int, hidden_dtype: torch.dtype = torch.float32):
-    """Forward ``input_ids`` [samples, seq_len] in batches; return {layer: LayerCapture} on CPU."""
+    """Forward ``input_ids`` [samples, seq_len] in batches through the whole in-memory model; return
+    {layer: LayerCapture} on CPU."""
     adapter = adapter_for(model.config)
     blocks = adapter.moe_blocks(model)
     if not blocks:
         raise ModelError("the model has no MoE layers to capture")
     captured = {index: LayerCapture([], [], [], []) for index in blocks}
-    handles = []
-    for index, block in blocks.items():
-
-        def save_input(module, args, index=index):
-            hidden = args[0]
-            captured[index].hidden_states.append(hidden.reshape(-1, hidden.shape[-1]).to("cpu", hidden_dtype))
-
-        def save_routing(module, args, output, index=index):
-            logits, weights, indices = output
-            captured[index].logits.append(logits.float().cpu())
-            captured[index].topk_weights.append(weights.float().cpu())
-            captured[index].topk_indices.append(indices.to(torch.int16).cpu())
-
-        handles.append(block.register_forward_pre_hook(save_input))
-        handles.append(adapter.router_of(block).register_forward_hook(save_routing))
+    handles = [handle for index, block in blocks.items()
+               for handle in _capture_hooks(adapter, block, captured[index], hidden_dtype)]
     device = next(model.parameters()).device
     # The decoder alone: the LM head's vocabulary projection is not needed for the cache.
     backbone = model.get_decoder()
@@ -86,38 +91,118 @@ def run_capture(model, input_ids: torch.Tensor, batch_size: int, hidden_dtype: t
     return captured
 
 
+@torch.no_grad()
+def run_streamed_capture(stream, input_ids: torch.Tensor, batch_size: int, writer: "CacheWriter",
+                         hidden_dtype: torch.dtype = torch.float32) -> None:
+    """The same cache as ``run_capture``, with one decoder layer in memory at a time (``stream``: a
+    streaming.LayerStream). All calibration tokens go through layer i, its MoE inputs and routing are
+    written, the layer is freed, then layer i + 1. Holds the hidden states of all calibration tokens
+    (on CPU) and one layer's weights."""
+    adapter = stream.adapter
+    batches = [input_ids[start : start + batch_size] for start in range(0, len(input_ids), batch_size)]
+    hidden = [stream.embed(batch).cpu() for batch in batches]
+    arguments = {}  # the layers' keyword arguments depend only on the batch shape
+    for batch in batches:
+        if batch.shape not in arguments:
+            arguments[batch.shape] = stream.layer_arguments(batch)
+    moe_layers = 0
+    for index in range(len(stream.layers)):
+        layer = stream.load_layer(index)
+        capture = None
+        if adapter.is_moe_layer(layer):
+            capture = LayerCapture([], [], [], [])
+            handles = _capture_hooks(adapter, getattr(layer, adapter.moe_block), capture, hidden_dtype)
+        try:
+            for position, batch in enumerate(batches):
+                output = layer(hidden[position].to(stream.device), **arguments[batch.shape][index])
+                output = output[0] if isinstance(output, tuple) else output
+                hidden[position] = output.cpu()
+        finally:
+            if capture is not None:
+                for handle in handles:
+                    handle.remove()
+        stream.free_layer(index)
+        if capture is not None:
+            writer.add_layer(index, capture)
+            moe_layers += 1
+        log.info("layer %d of %d streamed%s", index + 1, len(stream.layers), " (MoE: cached)" if capture else "")
+    if not moe_layers:
+        raise ModelError("the model has no MoE layers to capture")
+
+
+class CacheWriter:
+    """Writes a cache directory one layer at a time (so a streamed pass never holds more than one
+    layer's capture), under a temporary name that ``finish`` moves into place; leaving the ``with``
+    block without ``finish`` (an error) removes it."""
+
+    def __init__(self, out_dir: str | Path):
+        self._atomic = atomic_directory(out_dir)
+        self.tmp = self._atomic.__enter__()
+        (self.tmp / INPUTS_DIR).mkdir()
+        self._router = None
+        self._layers = {}
+        self._hidden_size = None
+        self._finished = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if not self._finished:
+            self.abort()
+        return False
+
+    def add_layer(self, layer: int, capture: LayerCapture) -> None:
+        logits = torch.cat(capture.logits)
+        weights = torch.cat(capture.topk_weights)
+        indices = torch.cat(capture.topk_indices)
+        hidden = torch.cat(capture.hidden_states)
+        _check_finite(logits, "router logits", layer)
+        _check_finite(hidden, "MoE-block input hidden states", layer)
+        tokens, num_experts = logits.shape
+        top_k = indices.shape[1]
+        table = pa.table(
+            {
+                "layer": pa.array(np.full(tokens, layer, np.int16)),
+                "token": pa.array(np.arange(tokens, dtype=np.int32)),
+                "logits": pa.FixedSizeListArray.from_arrays(logits.numpy().ravel(), num_experts),
+                "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), top_k),
+                "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), top_k),
+            }
+        )
+        if self._router is None:
+            self._router = pq.ParquetWriter(self.tmp / ROUTER_FILE, table.schema)
+        elif table.schema != self._router.schema:
+            raise ModelError(f"layer {layer}: {num_experts} experts / top-{top_k}, but the cache's first layer has "
+                             f"{self._router.schema}; the router cache needs the same expert count in every layer")
+        self._router.write_table(table)
+        save_file({"hidden_states": hidden.contiguous()}, self.tmp / inputs_file(layer), metadata={"layer": str(layer)})
+        self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens}
+        self._hidden_size = int(hidden.shape[1])
+
+    def finish(self, meta: dict) -> dict:
+        if self._router is None:
+            raise ModelError("the model has no MoE layers to capture")
+        self._router.close()
+        manifest = {**meta, "layers": self._layers, "hidden_size": self._hidden_size}
+        write_json(manifest, self.tmp / MANIFEST)
+        self._atomic.__exit__(None, None, None)
+        self._finished = True
+        return manifest
+
+    def abort(self) -> None:
+        if self._router is not None:
+            self._router.close()
+        self._finished = True
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
 def write_cache(captured: dict[int, LayerCapture], out_dir: str | Path, meta: dict) -> dict:
     """Write the cache directory atomically; return the manifest."""
-    tables = []
-    manifest_layers = {}
-    with atomic_directory(out_dir) as tmp:
-        (tmp / INPUTS_DIR).mkdir()
+    with CacheWriter(out_dir) as writer:
         for layer, capture in captured.items():
-            logits = torch.cat(capture.logits)
-            weights = torch.cat(capture.topk_weights)
-            indices = torch.cat(capture.topk_indices)
-            hidden = torch.cat(capture.hidden_states)
-            _check_finite(logits, "router logits", layer)
-            _check_finite(hidden, "MoE-block input hidden states", layer)
-            tokens, num_experts = logits.shape
-            top_k = indices.shape[1]
-            tables.append(
-                pa.table(
-                    {
-                        "layer": pa.array(np.full(tokens, layer, np.int16)),
-                        "token": pa.array(np.arange(tokens, dtype=np.int32)),
-                        "logits": pa.FixedSizeListArray.from_arrays(logits.numpy().ravel(), num_experts),
-                        "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), top_k),
-                        "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), top_k),
-                    }
-                )
-            )
-            save_file({"hidden_states": hidden.contiguous()}, tmp / inputs_file(layer), metadata={"layer": str(layer)})
-            manifest_layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens}
-        pq.write_table(pa.concat_tables(tables), tmp / ROUTER_FILE)
-        manifest = {**meta, "layers": manifest_layers, "hidden_size": int(hidden.shape[1])}
-        write_json(manifest, tmp / MANIFEST)
-    return manifest
+            writer.add_layer(layer, capture)
+        return writer.finish(meta)
 
 
 @dataclass(frozen=True)

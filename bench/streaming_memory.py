@@ -1,0 +1,100 @@
+"""Benchmark 2: peak memory of layer-streamed calibration against the size of the checkpoint.
+
+A synthetic Qwen3-MoE of several GB (bf16) is written to disk; then, each in a fresh process, the
+calibration pass runs layer-streamed and whole-model, and the process reports its own peak RSS. Goal: a
+checkpoint at least 4x larger than the memory the streamed pass uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
+    """Run in a fresh process: one calibration pass (or none: the import baseline); print peak RSS."""
+    import torch
+
+    from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture
+    from moe_compress.modelio import load_model
+    from moe_compress.streaming import LayerStream
+
+    input_ids = torch.randint(0, 4096, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as out:
+        if mode == "streamed":
+            with CacheWriter(Path(out) / "cache") as writer:
+                run_streamed_capture(LayerStream(model_dir, "bfloat16"), input_ids, 4, writer)
+                writer.finish({})
+        elif mode == "whole":
+            with CacheWriter(Path(out) / "cache") as writer:
+                for layer, capture in run_capture(load_model(model_dir, "bfloat16"), input_ids, 4).items():
+                    writer.add_layer(layer, capture)
+                writer.finish({})
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def measure(mode: str, model_dir: Path, samples: int, seq_len: int) -> int:
+    result = subprocess.run([sys.executable, __file__, "--child", mode, str(model_dir), str(samples), str(seq_len)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--moe-intermediate", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--skip-whole", action="store_true", help="do not load the whole model (needs its size in RAM)")
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "SAMPLES", "SEQ_LEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, model_dir, samples, seq_len = args.child
+        child(mode, model_dir, int(samples), int(seq_len))
+        return
+
+    import torch
+
+    from _common import report, save_synthetic, synthetic_qwen3_moe
+
+    with tempfile.TemporaryDirectory(prefix="bench_streaming_", dir=Path(__file__).resolve().parents[1] / "results") as work:
+        model_dir = Path(work) / "model"
+        model = synthetic_qwen3_moe(args.layers, args.hidden, args.experts, args.moe_intermediate, top_k=8,
+                                    dtype=torch.bfloat16)
+        size = save_synthetic(model, model_dir)
+        del model
+        gc.collect()
+        baseline = measure("imports", model_dir, args.samples, args.seq_len)
+        streamed = measure("streamed", model_dir, args.samples, args.seq_len)
+        whole = None if args.skip_whole else measure("whole", model_dir, args.samples, args.seq_len)
+
+    gb = 1e9
+    print(f"streaming memory: {args.layers} layers, hidden {args.hidden}, {args.experts} experts, bf16 checkpoint "
+          f"{size / gb:.2f} GB, {args.samples} x {args.seq_len} calibration tokens")
+    rows = [
+        {"measure": "checkpoint size", "gigabytes": size / gb},
+        {"measure": "peak RSS, imports only (python + torch + transformers)", "gigabytes": baseline / gb},
+        {"measure": "peak RSS, layer-streamed calibration", "gigabytes": streamed / gb,
+         "checkpoint_over_peak": size / streamed},
+    ]
+    if whole is not None:
+        rows.append({"measure": "peak RSS, whole-model calibration", "gigabytes": whole / gb,
+                     "checkpoint_over_peak": size / whole})
+    report("streaming_memory", rows)
+    print(f"RATIO checkpoint size / streamed peak RSS = {size / streamed:.2f} (goal >= 4)")
+    if whole is not None:
+        print(f"RATIO whole-model peak RSS / streamed peak RSS = {whole / streamed:.2f}")
+
+
+if __name__ == "__main__":
+    main()

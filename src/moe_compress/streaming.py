@@ -1,0 +1,202 @@
+"""A model larger than memory, one decoder layer at a time.
+
+The model is built as a skeleton on the meta device (no memory). A decoder layer's tensors are read from
+the checkpoint's safetensors shards with ``safe_open`` (only that layer's bytes), converted from the hub
+layout to the in-memory one by transformers' own loading code (per-expert tensors -> fused experts),
+used, and returned to meta. Peak memory is one layer's weights + the embeddings + the activations of
+the calibration tokens.
+
+What each decoder layer receives besides the hidden states (attention masks, rotary position
+embeddings, per-layer-type masks for sliding-window layers) depends only on the batch shape, not on the
+previous layers' outputs: one pass of the decoder with every layer swapped for a recorder yields those
+arguments, exactly as the model's own forward builds them, for every architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moe_compress.architectures import MoEArchitecture, adapter_for
+from moe_compress.errors import ModelError
+from moe_compress.modelio import DTYPES, check_model_dir, needs_remote_code, resolve_device
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointTensors:
+    """Where each tensor of a safetensors checkpoint lives; reads only the tensors asked for."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.model_dir / SINGLE_FILE).is_file():
+            with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
+        else:
+            raise ModelError(f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; layer streaming reads safetensors only")
+        self.weight_map: dict[str, str] = weight_map
+
+    def names_under(self, prefix: str) -> list[str]:
+        return sorted(name for name in self.weight_map if name.startswith(prefix))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(self.model_dir / file_name, framework="pt") as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name)
+        return tensors
+
+    def total_bytes(self) -> int:
+        return sum((self.model_dir / name).stat().st_size for name in set(self.weight_map.values()))
+
+
+def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on the meta device; non-persistent buffers (rotary tables) are
+    rebuilt for real, on CPU, as loading would make them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = check_model_dir(model_dir)
+    trust = trust_remote_code or needs_remote_code(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+    adapter_for(config)  # fail early, listing the supported types
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust)
+    for name, module in model.named_modules():
+        if any(buffer.is_meta for key, buffer in module._buffers.items()
+               if buffer is not None and key in module._non_persistent_buffers_set):
+            try:
+                fresh = type(module)(config=model.config)
+            except TypeError as err:
+                raise ModelError(f"layer streaming cannot rebuild the buffers of {name} ({type(module).__name__})") from err
+            for key in module._non_persistent_buffers_set:
+                module._buffers[key] = fresh._buffers[key]
+    return model.eval()
+
+
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put checkpoint tensors (hub names and layout) into ``model``, converting them as ``from_pretrained``
+    does (e.g. per-expert gate/up/down -> fused gate_up_proj / down_proj)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as transformers_logging
+
+    settings = LoadStateDictConfig(device_map={"": device}, dtype=next(model.parameters()).dtype,
+                                   weight_mapping=get_model_conversion_mapping(model))
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # one bar per layer would flood the job log
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, tensors, settings)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    if info.unexpected_keys or info.mismatched_keys or info.conversion_errors:
+        raise ModelError(f"could not load {sorted(tensors)[:3]}...: unexpected {sorted(info.unexpected_keys)[:5]}, "
+                         f"mismatched {sorted(info.mismatched_keys)[:5]}, errors {info.conversion_errors}")
+
+
+def _materialised(module: nn.Module) -> bool:
+    return not any(tensor.is_meta for tensor in list(module.parameters()) + list(module.buffers()))
+
+
+class _LayerArguments(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records the keyword arguments the decoder passes it, passes the
+    hidden states through unchanged."""
+
+    def __init__(self, layer: nn.Module, calls: list):
+        super().__init__()
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+        self.calls = calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise ModelError("layer streaming expects decoder layers to be called with keyword arguments")
+        self.calls.append(kwargs)
+        return hidden_states
+
+
+class LayerStream:
+    """Runs a checkpoint's decoder layer by layer over a fixed set of token batches."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
+                 trust_remote_code: bool = False):
+        self.model = build_skeleton(model_dir, dtype, trust_remote_code)
+        self.adapter: MoEArchitecture = adapter_for(self.model.config)
+        self.device = resolve_device(str(device))
+        self.tensors = CheckpointTensors(model_dir)
+        self.decoder = self.model.get_decoder()
+        self.layers = self.adapter.decoder_layers(self.model)
+        self._prefix = self.adapter.layers + "."
+
+    def layer_tensor_names(self, index: int) -> list[str]:
+        names = self.tensors.names_under(f"{self._prefix}{index}.")
+        if not names:
+            raise ModelError(f"{self.tensors.model_dir}: no tensors for decoder layer {index} ({self._prefix}{index}.*)")
+        return names
+
+    def load_layer(self, index: int) -> nn.Module:
+        load_into(self.model, self.tensors.read(self.layer_tensor_names(index)), self.device)
+        layer = self.layers[index]
+        if not _materialised(layer):
+            raise ModelError(f"decoder layer {index}: the checkpoint left some of its tensors unloaded")
+        return layer
+
+    def free_layer(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` (the embedding table is loaded once, on first use)."""
+        embeddings = self.decoder.get_input_embeddings()
+        if not _materialised(embeddings):
+            path = next(name for name, module in self.model.named_modules() if module is embeddings)
+            load_into(self.model, self.tensors.read(self.tensors.names_under(f"{path}.")), self.device)
+        return embeddings(input_ids.to(self.device))
+
+    @torch.no_grad()
+    def layer_arguments(self, input_ids: torch.Tensor) -> list[dict]:
+        """The keyword arguments each decoder layer gets for a batch of this shape (no padding, positions
+        from 0), from one pass of the decoder with recorders in place of the layers."""
+        calls: list[dict] = []
+        originals = list(self.layers)
+        recorders = nn.ModuleList(_Recorder(layer, calls) for layer in originals)
+        parent = _parent_of(self.model, self.adapter.layers)
+        setattr(parent, self.adapter.layers.rsplit(".", 1)[-1], recorders)
+        try:
+            self.decoder(inputs_embeds=torch.zeros(*input_ids.shape, self.model.config.hidden_size,
+                                                   dtype=next(self.model.parameters()).dtype, device=self.device),
+                         use_cache=False)
+        except Exception as err:
+            if len(calls) != len(originals):
+                raise ModelError(f"layer streaming could not record the decoder's layer arguments: {err}") from err
+        finally:
+            setattr(parent, self.adapter.layers.rsplit(".", 1)[-1], self.layers)
+        if len(calls) != len(originals):
+            raise ModelError(f"the decoder called {len(calls)} of its {len(originals)} layers")
+        return calls
+
+
+def _parent_of(model: nn.Module, dotted: str) -> nn.Module:
+    parent = model
+    for part in dotted.split(".")[:-1]:
+        parent = getattr(parent, part)
+    return parent

@@ -1,0 +1,88 @@
+"""Layer-streamed calibration: one decoder layer in memory at a time, the same cache as the whole model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
+from moe_compress.capture import (CacheWriter, read_moe_inputs, read_router_cache, run_capture,
+                                  run_streamed_capture, write_cache)
+from moe_compress.errors import ModelError
+from moe_compress.modelio import load_model
+from moe_compress.streaming import LayerStream
+
+
+def save_tiny(path, model_type, **save_options):
+    tiny_model_of(model_type).save_pretrained(path, **save_options)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def streamed_cache(model_dir, input_ids, out_dir, batch_size=2):
+    with CacheWriter(out_dir) as writer:
+        run_streamed_capture(LayerStream(model_dir), input_ids, batch_size, writer)
+        return writer.finish({})
+
+
+def assert_same_cache(ours, theirs):
+    routing_ours, routing_theirs = read_router_cache(ours), read_router_cache(theirs)
+    assert routing_ours.keys() == routing_theirs.keys()
+    for layer in routing_ours:
+        for field in ["logits", "topk_indices", "topk_weights"]:
+            assert np.array_equal(getattr(routing_ours[layer], field), getattr(routing_theirs[layer], field)), (layer, field)
+    inputs_ours, inputs_theirs = read_moe_inputs(ours / "moe_inputs"), read_moe_inputs(theirs / "moe_inputs")
+    assert inputs_ours.keys() == inputs_theirs.keys()
+    for layer in inputs_ours:
+        assert torch.equal(inputs_ours[layer], inputs_theirs[layer]), layer
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
+def test_streamed_cache_equals_the_whole_model_pass(tmp_path, model_type):
+    model_dir = save_tiny(tmp_path / "model", model_type)
+    # 5 samples in batches of 2: a last, smaller batch gets its own layer arguments
+    input_ids = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
+    whole = write_cache(run_capture(load_model(model_dir), input_ids, 2), tmp_path / "whole", {})
+    streamed = streamed_cache(model_dir, input_ids, tmp_path / "streamed")
+    assert streamed == whole
+    assert_same_cache(tmp_path / "streamed", tmp_path / "whole")
+
+
+def test_sharded_checkpoint_streams_one_layer_at_a_time(tmp_path, monkeypatch):
+    model_dir = save_tiny(tmp_path / "model", "qwen3_moe", max_shard_size="40KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    input_ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    stream = LayerStream(model_dir)
+    layers_in_memory = []
+    load_layer = stream.load_layer
+
+    def counting_load(index):
+        layer = load_layer(index)
+        layers_in_memory.append(sum(not any(p.is_meta for p in each.parameters()) for each in stream.layers))
+        return layer
+
+    monkeypatch.setattr(stream, "load_layer", counting_load)
+    with CacheWriter(tmp_path / "streamed") as writer:
+        run_streamed_capture(stream, input_ids, 3, writer)
+        writer.finish({})
+    assert layers_in_memory == [1] * len(stream.layers)
+    assert all(p.is_meta for layer in stream.layers for p in layer.parameters())
+    write_cache(run_capture(load_model(model_dir), input_ids, 3), tmp_path / "whole", {})
+    assert_same_cache(tmp_path / "streamed", tmp_path / "whole")
+
+
+def test_streaming_needs_safetensors_and_says_so(tmp_path):
+    model_dir = save_tiny(tmp_path / "model", "mixtral")
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="no model.safetensors or model.safetensors.index.json"):
+        LayerStream(model_dir)
+
+
+def test_a_failed_stream_leaves_no_cache(tmp_path, monkeypatch):
+    model_dir = save_tiny(tmp_path / "model", "olmoe")
+    stream = LayerStream(model_dir)
+    monkeypatch.setattr(stream, "layer_tensor_names", lambda index: (_ for _ in ()).throw(ModelError(f"layer {index} broken")))
+    with pytest.raises(ModelError, match="layer 0 broken"), CacheWriter(tmp_path / "cache") as writer:
+        run_streamed_capture(stream, torch.zeros(2, 8, dtype=torch.long), 2, writer)
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache.*"))

@@ -66,9 +66,12 @@ def synthetic_qwen3_moe(num_layers: int, hidden_size: int, num_experts: int, moe
                             num_attention_heads=max(1, hidden_size // 128), num_key_value_heads=max(1, hidden_size // 512),
                             head_dim=128 if hidden_size >= 128 else hidden_size, num_experts=num_experts,
                             num_experts_per_tok=top_k, norm_topk_prob=True, tie_word_embeddings=False)
+    from moe_compress.streaming import rebuild_derived_buffers
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device="cpu")
+    rebuild_derived_buffers(model, only_meta=False)  # rotary tables as loading makes them
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -77,11 +80,6 @@ def synthetic_qwen3_moe(num_layers: int, hidden_size: int, num_experts: int, moe
             else:
                 std = 0.5 if name.endswith("mlp.gate.weight") else 0.02
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32).mul_(std))
-    for name, module in model.named_modules():  # rotary tables: real values, as loading makes them
-        if module._non_persistent_buffers_set:
-            fresh = type(module)(config=model.config)
-            for key in module._non_persistent_buffers_set:
-                module._buffers[key] = fresh._buffers[key]
     return model.eval()
 
 

@@ -8,7 +8,6 @@ checkpoint at least 4x larger than the memory the streamed pass uses.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import resource
 import subprocess
@@ -19,8 +18,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    # a forked child inherits its parent's high-water mark (Linux >= 4.0 can reset it)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
     """Run in a fresh process: one calibration pass (or none: the import baseline); print peak RSS."""
+    reset_peak_rss()
     import torch
 
     from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture
@@ -38,7 +51,7 @@ def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
                 for layer, capture in run_capture(load_model(model_dir, "bfloat16"), input_ids, 4).items():
                     writer.add_layer(layer, capture)
                 writer.finish({})
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 
 
 def measure(mode: str, model_dir: Path, samples: int, seq_len: int) -> int:
@@ -56,24 +69,34 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--skip-whole", action="store_true", help="do not load the whole model (needs its size in RAM)")
+    parser.add_argument("--build", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=4, metavar=("MODE", "MODEL_DIR", "SAMPLES", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, model_dir, samples, seq_len = args.child
         child(mode, model_dir, int(samples), int(seq_len))
         return
+    if args.build:
+        import torch
 
-    import torch
+        from _common import save_synthetic, synthetic_qwen3_moe
 
-    from _common import report, save_synthetic, synthetic_qwen3_moe
+        layers, hidden, experts, width, model_dir = args.build
+        model = synthetic_qwen3_moe(int(layers), int(hidden), int(experts), int(width), top_k=8, dtype=torch.bfloat16)
+        print(json.dumps({"bytes": save_synthetic(model, Path(model_dir))}))
+        return
 
-    with tempfile.TemporaryDirectory(prefix="bench_streaming_", dir=Path(__file__).resolve().parents[1] / "results") as work:
+    from _common import report
+
+    results = Path(__file__).resolve().parents[1] / "results"
+    results.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench_streaming_", dir=results) as work:
         model_dir = Path(work) / "model"
-        model = synthetic_qwen3_moe(args.layers, args.hidden, args.experts, args.moe_intermediate, top_k=8,
-                                    dtype=torch.bfloat16)
-        size = save_synthetic(model, model_dir)
-        del model
-        gc.collect()
+        # built in its own process, so this one stays small and its children inherit nothing
+        built = subprocess.run([sys.executable, __file__, "--build", str(args.layers), str(args.hidden),
+                                str(args.experts), str(args.moe_intermediate), str(model_dir)],
+                               capture_output=True, text=True, check=True)
+        size = json.loads(built.stdout.strip().splitlines()[-1])["bytes"]
         baseline = measure("imports", model_dir, args.samples, args.seq_len)
         streamed = measure("streamed", model_dir, args.samples, args.seq_len)
         whole = None if args.skip_whole else measure("whole", model_dir, args.samples, args.seq_len)

@@ -86,3 +86,16 @@ def test_a_failed_stream_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="layer 0 broken"), CacheWriter(tmp_path / "cache") as writer:
         run_streamed_capture(stream, torch.zeros(2, 8, dtype=torch.long), 2, writer)
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache.*"))
+
+
+@pytest.mark.parametrize("where, value", [("hidden_states", float("nan")), ("logits", float("inf")),
+                                          ("logits", -float("inf"))])
+def test_non_finite_activations_stop_the_cache_naming_the_layer(tmp_path, where, value):
+    from moe_compress.capture import LayerCapture
+
+    capture = LayerCapture([torch.randn(6, 8)], [torch.rand(6, 2)], [torch.zeros(6, 2, dtype=torch.int16)],
+                           [torch.randn(6, 4)])
+    getattr(capture, where)[0][3, 1] = value
+    with pytest.raises(ModelError, match="non-finite.*layer 3"), CacheWriter(tmp_path / "cache") as writer:
+        writer.add_layer(3, capture)
+    assert not (tmp_path / "cache").exists()

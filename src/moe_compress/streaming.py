@@ -14,6 +14,7 @@ arguments, exactly as the model's own forward builds them, for every architectur
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from pathlib import Path
@@ -76,8 +77,16 @@ def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = 
     adapter_for(config)  # fail early, listing the supported types
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust)
+    rebuild_derived_buffers(model)
+    return model.eval()
+
+
+def rebuild_derived_buffers(model: nn.Module, only_meta: bool = True) -> None:
+    """Real values, on CPU, for the non-persistent buffers (rotary tables) of a model built on meta (or,
+    with ``only_meta=False``, after ``to_empty``): they are not in the checkpoint; each module that has
+    them is built again from the config."""
     for name, module in model.named_modules():
-        if any(buffer.is_meta for key, buffer in module._buffers.items()
+        if any(buffer.is_meta or not only_meta for key, buffer in module._buffers.items()
                if buffer is not None and key in module._non_persistent_buffers_set):
             try:
                 fresh = type(module)(config=model.config)
@@ -85,7 +94,6 @@ def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = 
                 raise ModelError(f"layer streaming cannot rebuild the buffers of {name} ({type(module).__name__})") from err
             for key in module._non_persistent_buffers_set:
                 module._buffers[key] = fresh._buffers[key]
-    return model.eval()
 
 
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -163,6 +171,7 @@ class LayerStream:
 
     def free_layer(self, index: int) -> None:
         self.layers[index].to("meta")
+        _return_freed_memory()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings of ``input_ids`` (the embedding table is loaded once, on first use)."""
@@ -193,6 +202,16 @@ class LayerStream:
         if len(calls) != len(originals):
             raise ModelError(f"the decoder called {len(calls)} of its {len(originals)} layers")
         return calls
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed layer's memory back to the system: glibc keeps freed heap chunks (the checkpoint's
+    per-expert tensors are small enough to live there), and without a trim the process grows by about 35 MB
+    per layer streamed (measured on a 24-layer, 5 GB model: 1.56 GB peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _parent_of(model: nn.Module, dotted: str) -> nn.Module:

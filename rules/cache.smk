@@ -1,5 +1,5 @@
 # The expensive step on a real model: one forward pass that caches router logits/decisions and the
-# MoE-block inputs, by default streamed one decoder layer at a time (cache.layer_streaming). Its params
+# MoE-block inputs, by default streamed one decoder layer at a time (model.layer_streaming). Its params
 # are only the model and calibration settings, so a changed compression threshold never reruns it.
 
 
@@ -14,7 +14,7 @@ rule cache_router_activations:
     params:
         batch_size=config["cache"]["batch_size"],
         hidden_dtype=config["cache"]["hidden_dtype"],
-        layer_streaming=config["cache"]["layer_streaming"],
+        layer_streaming=config["model"]["layer_streaming"],
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],

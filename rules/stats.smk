@@ -1,5 +1,6 @@
 # Expert statistics: selection counts per top-k rank, routing weights and mass (from the router
-# cache), and REAP saliency (the experts run once on the cached MoE-block inputs routed to them).
+# cache), and REAP saliency (the experts run once on the cached MoE-block inputs routed to them; one
+# decoder layer and its cached inputs in memory at a time with model.layer_streaming).
 
 
 rule expert_stats:
@@ -14,6 +15,7 @@ rule expert_stats:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
+        layer_streaming=config["model"]["layer_streaming"],
     threads: 2
     conda:
         "../envs/core.yaml"

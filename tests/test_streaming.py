@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from moe_compress.capture import (CacheWriter, read_moe_inputs, read_router_cach
                                   run_streamed_capture, write_cache)
 from moe_compress.errors import ModelError
 from moe_compress.modelio import load_model
+from moe_compress.stats import expert_saliency, streamed_expert_saliency
 from moe_compress.streaming import LayerStream
 
 
@@ -47,6 +49,17 @@ def test_streamed_cache_equals_the_whole_model_pass(tmp_path, model_type):
     streamed = streamed_cache(model_dir, input_ids, tmp_path / "streamed")
     assert streamed == whole
     assert_same_cache(tmp_path / "streamed", tmp_path / "whole")
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
+def test_streamed_saliency_equals_the_whole_model(tmp_path, model_type):
+    model_dir = save_tiny(tmp_path / "model", model_type)
+    input_ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(2))
+    streamed_cache(model_dir, input_ids, tmp_path / "cache")
+    whole = expert_saliency(load_model(model_dir), read_moe_inputs(tmp_path / "cache/moe_inputs"))
+    streamed = streamed_expert_saliency(LayerStream(model_dir), tmp_path / "cache/moe_inputs")
+    pd.testing.assert_frame_equal(streamed, whole)
+    assert (streamed["reap_saliency"] > 0).any()
 
 
 def test_sharded_checkpoint_streams_one_layer_at_a_time(tmp_path, monkeypatch):

@@ -14,11 +14,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
 from moe_compress.capture import LayerRouting
+from moe_compress.errors import ModelError
 
 
 def rank_column(rank: int) -> str:
@@ -91,6 +94,31 @@ def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:
     frames = [pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
                             "reap_saliency": layer_saliency(adapter, block, moe_inputs[layer])})
               for layer, block in adapter.moe_blocks(model).items() if layer in moe_inputs]
+    return pd.concat(frames, ignore_index=True)
+
+
+def streamed_expert_saliency(stream, inputs_dir: str | Path) -> pd.DataFrame:
+    """``expert_saliency`` with one decoder layer (``stream``: a streaming.LayerStream) and that layer's
+    cached inputs in memory at a time."""
+    from safetensors.torch import load_file
+
+    from moe_compress.capture import INPUTS_DIR, inputs_file
+
+    cache_dir = Path(inputs_dir).parent if Path(inputs_dir).name == INPUTS_DIR else Path(inputs_dir)
+    layers = sorted(int(path.stem.removeprefix("layer_")) for path in (cache_dir / INPUTS_DIR).glob("layer_*.safetensors"))
+    frames = []
+    for layer in layers:
+        module = stream.load_layer(layer)
+        if not stream.adapter.is_moe_layer(module):
+            raise ModelError(f"layer {layer} has cached MoE inputs but is not an MoE layer of {stream.tensors.model_dir}")
+        block = getattr(module, stream.adapter.moe_block)
+        hidden = load_file(cache_dir / inputs_file(layer), device=str(stream.device))["hidden_states"]
+        dtype = next(block.parameters()).dtype
+        frames.append(pd.DataFrame({"layer": layer, "expert": np.arange(stream.adapter.block_num_experts(block)),
+                                    "reap_saliency": layer_saliency(stream.adapter, block, hidden.to(dtype))}))
+        stream.free_layer(layer)
+    if not frames:
+        raise ModelError(f"no cached MoE inputs in {cache_dir / INPUTS_DIR}")
     return pd.concat(frames, ignore_index=True)
 
 

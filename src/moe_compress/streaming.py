@@ -122,10 +122,6 @@ def _materialised(module: nn.Module) -> bool:
     return not any(tensor.is_meta for tensor in list(module.parameters()) + list(module.buffers()))
 
 
-class _LayerArguments(Exception):
-    pass
-
-
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records the keyword arguments the decoder passes it, passes the
     hidden states through unchanged."""
@@ -195,6 +191,8 @@ class LayerStream:
                                                    dtype=next(self.model.parameters()).dtype, device=self.device),
                          use_cache=False)
         except Exception as err:
+            # the decoder's final norm is still on meta, so the pass may fail after its last layer; what
+            # matters is that every layer was called
             if len(calls) != len(originals):
                 raise ModelError(f"layer streaming could not record the decoder's layer arguments: {err}") from err
         finally:

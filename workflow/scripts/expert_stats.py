@@ -3,14 +3,20 @@
 from moe_compress.capture import read_moe_inputs, read_router_cache
 from moe_compress.io import atomic_path
 from moe_compress.modelio import load_model
-from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
+from moe_compress.stats import expert_frequency, expert_saliency, streamed_expert_saliency, with_saliency
+from moe_compress.streaming import LayerStream
 from moe_compress.workflow import start_job
 
 log = start_job(snakemake)
 params = snakemake.params
-model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 frequency = expert_frequency(read_router_cache(snakemake.input.router))
-table = with_saliency(frequency, expert_saliency(model, read_moe_inputs(snakemake.input.cache, device=model.device)))
+if params.layer_streaming:  # one decoder layer and its cached inputs in memory at a time
+    stream = LayerStream(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
+    saliency = streamed_expert_saliency(stream, snakemake.input.cache)
+else:
+    model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
+    saliency = expert_saliency(model, read_moe_inputs(snakemake.input.cache, device=model.device))
+table = with_saliency(frequency, saliency)
 with atomic_path(snakemake.output.parquet) as tmp:
     table.to_parquet(tmp, index=False)
 with atomic_path(snakemake.output.csv) as tmp:

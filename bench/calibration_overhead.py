@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import report, save_synthetic, synthetic_qwen3_moe, timed  # noqa: E402
 
-from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture  # noqa: E402
+from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture, write_cache  # noqa: E402
 from moe_compress.modelio import load_model  # noqa: E402
 from moe_compress.streaming import LayerStream  # noqa: E402
 
@@ -54,10 +54,7 @@ def main() -> None:
                     decoder(input_ids=batch, use_cache=False)
 
             def whole_model_calibration():
-                with CacheWriter(work / "cache_whole") as writer:
-                    for layer, capture in run_capture(model, input_ids, args.batch_size).items():
-                        writer.add_layer(layer, capture)
-                    writer.finish({})
+                write_cache(run_capture(model, input_ids, args.batch_size), work / "cache_whole", {})
 
             def streamed_calibration():  # includes reading every layer from disk
                 with CacheWriter(work / "cache_streamed") as writer:

@@ -36,7 +36,7 @@ def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
     reset_peak_rss()
     import torch
 
-    from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture
+    from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture, write_cache
     from moe_compress.modelio import load_model
     from moe_compress.streaming import LayerStream
 
@@ -47,10 +47,7 @@ def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
                 run_streamed_capture(LayerStream(model_dir, "bfloat16"), input_ids, 4, writer)
                 writer.finish({})
         elif mode == "whole":
-            with CacheWriter(Path(out) / "cache") as writer:
-                for layer, capture in run_capture(load_model(model_dir, "bfloat16"), input_ids, 4).items():
-                    writer.add_layer(layer, capture)
-                writer.finish({})
+            write_cache(run_capture(load_model(model_dir, "bfloat16"), input_ids, 4), Path(out) / "cache", {})
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 
 
@@ -83,7 +80,8 @@ def main() -> None:
         from _common import save_synthetic, synthetic_qwen3_moe
 
         layers, hidden, experts, width, model_dir = args.build
-        model = synthetic_qwen3_moe(int(layers), int(hidden), int(experts), int(width), top_k=8, dtype=torch.bfloat16)
+        model = synthetic_qwen3_moe(int(layers), int(hidden), int(experts), int(width), top_k=min(8, int(experts)),
+                                    dtype=torch.bfloat16)
         print(json.dumps({"bytes": save_synthetic(model, Path(model_dir))}))
         return
 

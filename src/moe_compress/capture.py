@@ -237,13 +237,21 @@ def read_router_cache(path: str | Path) -> dict[int, LayerRouting]:
     return routing
 
 
-def read_moe_inputs(inputs_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
-    """The cached MoE-block inputs, {layer: [tokens, hidden]} (``inputs_dir`` is ``<cache>/moe_inputs``)."""
+def moe_input_files(inputs_dir: str | Path) -> dict[int, Path]:
+    """{layer: file} of the cached MoE-block inputs (``inputs_dir`` is ``<cache>/moe_inputs``)."""
+    files = {int(path.stem.removeprefix("layer_")): path for path in sorted(Path(inputs_dir).glob("layer_*.safetensors"))}
+    if not files:
+        raise ModelError(f"no cached MoE inputs in {inputs_dir}")
+    return files
+
+
+def read_moe_input(path: str | Path, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One layer's cached MoE-block inputs [tokens, hidden]."""
     from safetensors.torch import load_file
 
-    inputs = {}
-    for path in sorted(Path(inputs_dir).glob("layer_*.safetensors")):
-        inputs[int(path.stem.removeprefix("layer_"))] = load_file(path, device=str(device))["hidden_states"]
-    if not inputs:
-        raise ModelError(f"no cached MoE inputs in {inputs_dir}")
-    return inputs
+    return load_file(path, device=str(device))["hidden_states"]
+
+
+def read_moe_inputs(inputs_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+    """Every layer's cached MoE-block inputs, {layer: [tokens, hidden]}."""
+    return {layer: read_moe_input(path, device) for layer, path in moe_input_files(inputs_dir).items()}

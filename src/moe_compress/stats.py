@@ -100,25 +100,18 @@ def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:
 def streamed_expert_saliency(stream, inputs_dir: str | Path) -> pd.DataFrame:
     """``expert_saliency`` with one decoder layer (``stream``: a streaming.LayerStream) and that layer's
     cached inputs in memory at a time."""
-    from safetensors.torch import load_file
+    from moe_compress.capture import moe_input_files, read_moe_input
 
-    from moe_compress.capture import INPUTS_DIR, inputs_file
-
-    cache_dir = Path(inputs_dir).parent if Path(inputs_dir).name == INPUTS_DIR else Path(inputs_dir)
-    layers = sorted(int(path.stem.removeprefix("layer_")) for path in (cache_dir / INPUTS_DIR).glob("layer_*.safetensors"))
     frames = []
-    for layer in layers:
+    for layer, path in moe_input_files(inputs_dir).items():
         module = stream.load_layer(layer)
         if not stream.adapter.is_moe_layer(module):
             raise ModelError(f"layer {layer} has cached MoE inputs but is not an MoE layer of {stream.tensors.model_dir}")
         block = getattr(module, stream.adapter.moe_block)
-        hidden = load_file(cache_dir / inputs_file(layer), device=str(stream.device))["hidden_states"]
-        dtype = next(block.parameters()).dtype
+        hidden = read_moe_input(path, stream.device).to(next(block.parameters()).dtype)
         frames.append(pd.DataFrame({"layer": layer, "expert": np.arange(stream.adapter.block_num_experts(block)),
-                                    "reap_saliency": layer_saliency(stream.adapter, block, hidden.to(dtype))}))
+                                    "reap_saliency": layer_saliency(stream.adapter, block, hidden)}))
         stream.free_layer(layer)
-    if not frames:
-        raise ModelError(f"no cached MoE inputs in {cache_dir / INPUTS_DIR}")
     return pd.concat(frames, ignore_index=True)
 
 

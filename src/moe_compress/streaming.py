@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -26,8 +25,6 @@ from torch import nn
 from moe_compress.architectures import MoEArchitecture, adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.modelio import DTYPES, check_model_dir, needs_remote_code, resolve_device
-
-log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,9 +58,6 @@ class CheckpointTensors:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
         return tensors
-
-    def total_bytes(self) -> int:
-        return sum((self.model_dir / name).stat().st_size for name in set(self.weight_map.values()))
 
 
 def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = False) -> nn.Module:

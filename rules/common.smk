@@ -6,7 +6,8 @@ from pathlib import Path
 
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError
-from moe_compress.hub import configure_hub_environment, is_hub_id
+from moe_compress.hub import configure_hub_environment, fetch_model_config, is_hub_id
+from moe_compress.methods import whole_model_reason
 from moe_compress.modelio import hub_dir_name, hub_repo_id
 
 # Validate at start-up: a typo or a wrong type fails here, naming the key, before any job runs.
@@ -62,6 +63,36 @@ CALIBRATION_CORPUS = (
 configure_hub_environment(config, remote_job=workflow.remote_exec)
 
 
+
+def exact_names(names):
+    """A wildcard constraint that matches exactly ``names`` (nothing when there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+# compress.per_layer_jobs: a variant whose steps all work one MoE layer at a time runs as one
+# compress_layer job per MoE layer + an assemble_checkpoint job; the others keep one compress job.
+LAYERWISE_VARIANTS = [name for name, steps in VARIANTS.items()
+                      if config["compress"]["per_layer_jobs"] and not any(whole_model_reason(step) for step in steps)]
+WHOLE_MODEL_VARIANTS = [name for name in VARIANTS if name not in LAYERWISE_VARIANTS]
+
+
+def moe_layers_of_model():
+    """The MoE decoder layers, known when the DAG is built: from the demo settings, the checkpoint's
+    config, or a hub model's config.json (fetched alone into HF_HOME, before the weights)."""
+    from moe_compress.demo import demo_moe_layers
+    from moe_compress.layerwise import skeleton_moe_layers
+
+    path = config["model"]["path"]
+    if path == "demo":
+        return demo_moe_layers(config["demo_model"]["num_layers"])
+    if not Path(path).exists():
+        path = fetch_model_config(path)
+    return skeleton_moe_layers(path, config["model"]["trust_remote_code"])
+
+
+MOE_LAYERS = moe_layers_of_model() if LAYERWISE_VARIANTS else []
+
+
 envvars:
     "HF_HOME",
 
@@ -70,3 +101,4 @@ wildcard_constraints:
     variant="|".join(re.escape(name) for name in VARIANTS),
     dataset="|".join(PPL_DATASETS),
     task="[A-Za-z0-9_]+",
+    layer=r"\d+",

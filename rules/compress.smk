@@ -1,7 +1,9 @@
-# One checkpoint per variant: the variant's ordered steps applied to the model. The steps are this
-# rule's params, so editing one variant reruns only that variant's jobs.
+# One checkpoint per variant: the variant's ordered steps applied to the model. The steps are the
+# params of every job that applies them, so editing one variant reruns only that variant's jobs.
 
 
+# compress.per_layer_jobs: false (or a variant with a whole-model step): one job loads the model,
+# applies the steps and saves the checkpoint.
 rule compress:
     input:
         model=MODEL_DIR,
@@ -10,6 +12,8 @@ rule compress:
         calibration="results/calibration/calibration.parquet",
     output:
         directory("results/checkpoints/{variant}"),
+    wildcard_constraints:
+        variant=exact_names(WHOLE_MODEL_VARIANTS),
     params:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
         dtype=config["model"]["dtype"],
@@ -25,3 +29,58 @@ rule compress:
         "results/benchmarks/compress/{variant}.tsv"
     script:
         "../workflow/scripts/compress.py"
+
+
+# compress.per_layer_jobs: true: one job per (variant, MoE layer) reads only that decoder layer and its
+# cached inputs, applies the steps, and writes the layer's tensors (hub layout) with its reports.
+rule compress_layer:
+    input:
+        model=MODEL_DIR,
+        stats="results/stats/expert_frequency.parquet",
+        cache="results/cache/moe_inputs",
+    output:
+        "results/layers/{variant}/layer_{layer}.safetensors",
+    wildcard_constraints:
+        variant=exact_names(LAYERWISE_VARIANTS),
+    params:
+        steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
+        dtype=config["model"]["dtype"],
+        device=config["model"]["device"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        heldout_fraction=config["compress"]["heldout_fraction"],
+    threads: 2
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/compress_layer/{variant}/layer_{layer}.log",
+    benchmark:
+        "results/benchmarks/compress_layer/{variant}/layer_{layer}.tsv"
+    script:
+        "../workflow/scripts/compress_layer.py"
+
+
+# ... then the checkpoint, written one decoder layer at a time: never the whole model in memory.
+rule assemble_checkpoint:
+    input:
+        model=MODEL_DIR,
+        parts=lambda wildcards: expand(
+            "results/layers/{variant}/layer_{layer}.safetensors", variant=wildcards.variant, layer=MOE_LAYERS
+        ),
+    output:
+        directory("results/checkpoints/{variant}"),
+    wildcard_constraints:
+        variant=exact_names(LAYERWISE_VARIANTS),
+    params:
+        steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
+        layers=MOE_LAYERS,
+        dtype=config["model"]["dtype"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    threads: 1
+    conda:
+        "../envs/core.yaml"
+    log:
+        "results/logs/assemble_checkpoint/{variant}.log",
+    benchmark:
+        "results/benchmarks/assemble_checkpoint/{variant}.tsv"
+    script:
+        "../workflow/scripts/assemble_checkpoint.py"

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe_compress import demo
+from moe_compress.architectures import adapter_for
 from moe_compress.errors import DataError
 
 TINY = dict(
@@ -64,6 +65,8 @@ def test_output_loads_offline_and_gives_finite_logits(built, monkeypatch):
     assert model.config.model_type == "qwen3_moe"
     assert model.config.num_experts == TINY["num_experts"] and model.config.num_experts_per_tok == TINY["top_k"]
     assert model.config.output_router_logits is False
+    # per-layer jobs are planned before the model exists, from its settings alone
+    assert sorted(adapter_for(model.config).moe_blocks(model)) == demo.demo_moe_layers(TINY["num_layers"])
     assert tokenizer.eos_token == demo.EOS_TOKEN
     assert tokenizer.eos_token_id == model.config.eos_token_id
     text = "The small cat sat on the mat, quickly! Ünïcödé too."

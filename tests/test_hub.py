@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import C4_SAMPLE, C4_SHARD, put_c4_in_hub_cache, put_model_in_hub_cache
+from conftest import C4_SAMPLE, C4_SHARD, put_c4_in_hub_cache, put_in_hub_cache, put_model_in_hub_cache
 from moe_compress.calibration import read_documents
 from moe_compress.errors import DataError, ModelError
-from moe_compress.hub import (OFFLINE_ENVIRONMENT, configure_hub_environment, fetch_c4_documents, fetch_model_snapshot,
+from moe_compress.hub import (OFFLINE_ENVIRONMENT, configure_hub_environment, fetch_c4_documents, fetch_model_config,
+                              fetch_model_snapshot,
                               hub_sources, is_hub_id, resolve_hf_home)
 
 
@@ -100,3 +101,13 @@ def test_a_model_missing_from_the_offline_cache_says_what_to_do(offline_hub, tmp
     with pytest.raises(ModelError, match=r"model.path: model 'tiny-org/absent'.*offline.*host with hub access"):
         fetch_model_snapshot("tiny-org/absent", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelError, match=r"model.path: the config of model 'tiny-org/absent'.*offline"):
+        fetch_model_config("tiny-org/absent")
+
+
+def test_per_layer_planning_reads_only_the_config_from_the_cache(offline_hub, tiny_model_dir):
+    """Which layers are MoE comes from config.json alone (layer 1 of the tiny Qwen3-MoE is dense)."""
+    from moe_compress.layerwise import skeleton_moe_layers
+
+    put_in_hub_cache(offline_hub, "tiny-org/config-only", {"config.json": tiny_model_dir / "config.json"})
+    assert skeleton_moe_layers(fetch_model_config("tiny-org/config-only")) == skeleton_moe_layers(tiny_model_dir) == [0, 2]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import (REPO, make_tokenizer, put_c4_in_hub_cache, put_model_in_hub_cache,
@@ -144,6 +145,54 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     assert ("lm_eval", "uniform4") in jobs and not any(variant == "base" for _, variant in jobs), jobs
 
 
+def checkpoint_tensors(checkpoint_dir: Path) -> dict:
+    from moe_compress.streaming import CheckpointTensors
+
+    tensors = CheckpointTensors(checkpoint_dir)
+    return tensors.read(list(tensors.weight_map))
+
+
+def test_per_layer_jobs_write_the_same_checkpoints(tiny_run, tmp_path):
+    """compress.per_layer_jobs: one job per (variant, MoE layer) + an assembly job give the checkpoints
+    the per-variant jobs gave; a whole-model step keeps its variant in one job; a changed threshold
+    replans that variant's layer jobs only."""
+    import shutil
+
+    workdir, _ = tiny_run
+    for stage in ("models", "calibration", "cache", "stats"):  # the upstream outputs, mtimes kept
+        shutil.copytree(workdir / "results" / stage, tmp_path / "results" / stage, symlinks=True)
+    config = copy.deepcopy(TINY)
+    config["compress"] = {"per_layer_jobs": True}
+    config["evaluation"] = {**TINY["evaluation"], "variants": ["merged"]}
+    layerwise = ["keep_some", "merged", "pruned_low_rank", "skip_rescale"]
+    config["variants"] = {**{name: TINY["variants"][name] for name in layerwise},
+                          "shallower": {"method": "drop_layers", "count": 1}}
+    targets = [f"results/checkpoints/{name}" for name in config["variants"]]
+    result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", *targets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == sorted([("compress", "shallower")]
+                                  + [("compress_layer", name) for name in layerwise for _ in range(2)]
+                                  + [("assemble_checkpoint", name) for name in layerwise]), jobs
+
+    result = snakemake(tmp_path, tmp_path / "config.yaml", *targets[:-1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for name in layerwise:
+        ours, theirs = (checkpoint_tensors(root / "results/checkpoints" / name) for root in (tmp_path, workdir))
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+        records = [json.loads((root / "results/checkpoints" / name / "compression.json").read_text())
+                   for root in (tmp_path, workdir)]
+        assert records[0] == records[1], name
+    assert (tmp_path / "results/logs/compress_layer/merged/layer_1.log").stat().st_size > 0
+
+    config["variants"]["keep_some"]["min_fraction"] = 0.2
+    result = snakemake(tmp_path, write_config(tmp_path / "config_changed.yaml", config), "-n", *targets[:-1])
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == [("assemble_checkpoint", "keep_some"), ("compress_layer", "keep_some"),
+                            ("compress_layer", "keep_some")], jobs
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     broken = copy.deepcopy(TINY)
     broken["variants"]["keep_some"]["min_fraction"] = -0.5
@@ -193,6 +242,8 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         config["hf_home"] = str(hf_home)
         config["calibration"] = {**config["calibration"], "source": "hub", "hub_docs": 400}
     config["evaluation"] = {"tasks": []}  # benchmarks run in the tiny demo DAG; here the architectures matter
+    # per-layer jobs planned from the hub model's config.json, with a dense layer (1) copied by the assembly
+    config["compress"] = {"per_layer_jobs": from_hub}
     config["variants"] = {"base": {"steps": []},
                           "per_layer": {"method": "frequency_prune", "min_fraction": 0.2},
                           "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4}}
@@ -204,6 +255,8 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         assert ("fetch_model", "repo_id=tiny-org--tiny-qwen3-moe") in jobs and ("fetch_calibration_corpus", "") in jobs
         assert "localrule fetch_model:" in result.stdout + result.stderr
         assert (tmp_path / "results/models/hub/tiny-org--tiny-qwen3-moe/model.safetensors").resolve().is_relative_to(hf_home)
+        assert sorted(job for job in jobs if job[0] == "compress_layer") == [
+            ("compress_layer", name) for name in ("base", "base", "per_layer", "per_layer", "uniform4", "uniform4")]
     table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
     record = json.loads((tmp_path / "results/checkpoints/uniform4/compression.json").read_text())
     same_routing = len({json.dumps(s, sort_keys=True) for s in record["router_settings_per_layer"].values()}) == 1

@@ -132,9 +132,12 @@ class MoEArchitecture:
 
     def dynamic_skip_settings(self, model: nn.Module) -> dict[int, dict]:
         """{layer: {"beta", "renormalize"}} for routers with dynamic expert skipping."""
-        return {index: {"beta": router.skip_beta, "renormalize": router.skip_renormalize}
-                for index, block in self.moe_blocks(model).items()
-                if is_skip_router(router := self.router_of(block))}
+        return {index: skip for index, block in self.moe_blocks(model).items()
+                if (skip := self.block_dynamic_skip(block)) is not None}
+
+    def block_dynamic_skip(self, block: nn.Module) -> dict | None:
+        router = self.router_of(block)
+        return {"beta": router.skip_beta, "renormalize": router.skip_renormalize} if is_skip_router(router) else None
 
     def scale_expert_outputs(self, block: nn.Module, scale: torch.Tensor) -> None:
         """Multiply every routed expert's output by ``scale`` (a scalar or one value per hidden channel),
@@ -173,8 +176,12 @@ class MoEArchitecture:
 
     def low_rank_specs(self, model: nn.Module) -> dict[int, dict]:
         """{layer: {matrix: {"rank", "shared"}}} for MoE blocks whose experts are stored as factors."""
-        return {index: self.experts_of(block).low_rank_specs for index, block in self.moe_blocks(model).items()
-                if is_low_rank(self.experts_of(block))}
+        return {index: specs for index, block in self.moe_blocks(model).items()
+                if (specs := self.block_low_rank_specs(block)) is not None}
+
+    def block_low_rank_specs(self, block: nn.Module) -> dict | None:
+        experts = self.experts_of(block)
+        return experts.low_rank_specs if is_low_rank(experts) else None
 
     def _refuse_low_rank(self, block: nn.Module) -> None:
         if is_low_rank(self.experts_of(block)):

@@ -144,6 +144,11 @@ def evaluate(model: Qwen3MoeForCausalLM, windows: torch.Tensor, batch_size: int 
     return math.exp(nll_sum / predicted), (counts / windows.numel()).numpy()
 
 
+def demo_moe_layers(num_layers: int) -> list[int]:
+    """The demo model's MoE layers, known before it is built: every layer is sparse (mlp_only_layers=[])."""
+    return list(range(num_layers))
+
+
 def build_demo_model(
     corpus_path: str | Path,
     out_dir: str | Path,

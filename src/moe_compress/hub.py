@@ -96,6 +96,18 @@ def fetch_model_snapshot(repo_id: str, out_dir: str | Path) -> Path:
     return snapshot
 
 
+def fetch_model_config(repo_id: str) -> Path:
+    """The folder holding ``config.json`` of ``repo_id`` in the hub cache (downloaded if missing): enough
+    to plan per-layer jobs (which decoder layers are MoE) before the weights are fetched."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename="config.json")).parent
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise _not_cached(f"the config of model {repo_id!r}", "model.path", err) from err
+
+
 def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_field: str = "text") -> int:
     """The first ``num_docs`` non-empty documents of one C4 shard (a file of the ``allenai/c4`` dataset repo,
     e.g. ``en/c4-train.00000-of-01024.json.gz``), written as JSON lines, gzip without a timestamp so the file

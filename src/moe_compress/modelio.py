@@ -94,32 +94,35 @@ def environment_versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _render_remote_code(model: nn.Module) -> str:
-    # The stock class of the in-memory model is the base of the remote class; when the model was
-    # itself loaded through our remote class, its stock parent is the base.
-    stock = type(model)
+def _render_remote_code(model_class: type) -> str:
+    # The stock class of the model is the base of the remote class; when the model was itself loaded
+    # through our remote class, its stock parent is the base.
+    stock = model_class
     while stock.__module__.startswith("transformers_modules") or stock.__name__ == REMOTE_CODE_CLASS:
         stock = stock.__bases__[0]
     template = resources.files("moe_compress.templates").joinpath(REMOTE_CODE_FILE).read_text()
     return template.replace("__BASE_MODULE__", stock.__module__).replace("__BASE_CLASS__", stock.__name__)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict,
-                    extra_files: dict[str, str] | None = None) -> dict:
-    """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
+def block_facts(adapter, block: nn.Module) -> dict:
+    """What the checkpoint's config and record say about one MoE block: its expert count, routing
+    settings, low-rank factor specs and dynamic-skip settings (None where it has none)."""
+    return {"experts": adapter.block_num_experts(block), "router_settings": adapter.router_settings(block),
+            "low_rank": adapter.block_low_rank_specs(block), "dynamic_skip": adapter.block_dynamic_skip(block)}
 
-    When every MoE layer has the same expert count and routing settings and no expert is factored, the
-    checkpoint is the stock architecture (plain ``from_pretrained``, the hub tensor layout vLLM reads).
-    Otherwise it carries ``modeling_moe_compress.py`` (+ the low-rank experts module) and an
-    ``auto_map``, and loads with ``trust_remote_code=True``.
-    """
-    adapter = adapter_for(model.config)
-    config = model.config
-    blocks = adapter.moe_blocks(model)
-    counts = {index: adapter.block_num_experts(block) for index, block in blocks.items()}
-    settings = {index: adapter.router_settings(block) for index, block in blocks.items()}
-    low_rank = adapter.low_rank_specs(model)
-    dynamic_skip = adapter.dynamic_skip_settings(model)
+
+def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class: type) -> tuple[dict, dict[str, str]]:
+    """Write into ``config`` how the MoE layers look after compression (``facts``: ``block_facts`` per
+    MoE layer); return (the record's layout fields, remote-code files to add: none for a stock checkpoint).
+
+    When every MoE layer has the same expert count and routing settings and no expert is factored or
+    skipped dynamically, the checkpoint is the stock architecture (plain ``from_pretrained``, the hub
+    tensor layout vLLM reads). Otherwise it carries ``modeling_moe_compress.py`` (+ the low-rank experts
+    module) and an ``auto_map``, and loads with ``trust_remote_code=True``."""
+    counts = {index: fact["experts"] for index, fact in facts.items()}
+    settings = {index: fact["router_settings"] for index, fact in facts.items()}
+    low_rank = {index: fact["low_rank"] for index, fact in facts.items() if fact["low_rank"] is not None}
+    dynamic_skip = {index: fact["dynamic_skip"] for index, fact in facts.items() if fact["dynamic_skip"] is not None}
     uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
     stock = uniform and not low_rank and not dynamic_skip
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
@@ -141,22 +144,30 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
         templates = resources.files("moe_compress.templates")
-        remote_code = {REMOTE_CODE_FILE: _render_remote_code(model),
+        remote_code = {REMOTE_CODE_FILE: _render_remote_code(model_class),
                        LAYERS_FILE: templates.joinpath(LAYERS_FILE).read_text()}
     record = {
-        **record,
         "model_type": config.model_type,
         "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
-        "num_layers": len(adapter.decoder_layers(model)),
         "active_experts": adapter.top_k(config),
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
         "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
         "dynamic_skip_per_layer": {str(index): skip for index, skip in dynamic_skip.items()},
-        "parameters": count_parameters(model),
-        "versions": environment_versions(),
     }
+    return record, remote_code
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict,
+                    extra_files: dict[str, str] | None = None) -> dict:
+    """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
+    The checkpoint is stock or carries its own modeling file: see ``apply_checkpoint_layout``."""
+    adapter = adapter_for(model.config)
+    facts = {index: block_facts(adapter, block) for index, block in adapter.moe_blocks(model).items()}
+    layout, remote_code = apply_checkpoint_layout(model.config, adapter, facts, type(model))
+    record = {**record, **layout, "num_layers": len(adapter.decoder_layers(model)),
+              "parameters": count_parameters(model), "versions": environment_versions()}
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

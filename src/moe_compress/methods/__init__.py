@@ -29,7 +29,9 @@ class CompressionContext:
     - ``reference_outputs``: the original (unmodified) MoE blocks' outputs on those inputs, filled by
       ``apply_steps`` before the first step: the target of fitted mitigations and of every error;
     - ``calibration_ids``: the calibration token windows [samples, seq_len], for whole-model measurements;
-    - ``renormalized``: layers a ``renormalize`` step has switched to renormalised top-k weights.
+    - ``renormalized``: layers a ``renormalize`` step has switched to renormalised top-k weights;
+    - ``layers``: the MoE layers the steps work on (None: all). A per-layer job sets one layer: the
+      model's other layers may stay on the meta device, unread.
     """
 
     stats: pd.DataFrame | None = None
@@ -39,14 +41,28 @@ class CompressionContext:
     reference_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     calibration_ids: torch.Tensor | None = None
     renormalized: set[int] = field(default_factory=set)
+    layers: set[int] | None = None
 
     @classmethod
     def for_model(cls, model, stats: pd.DataFrame | None = None, moe_inputs: dict[int, torch.Tensor] | None = None,
-                  heldout_fraction: float = 0.1, calibration_ids: torch.Tensor | None = None) -> "CompressionContext":
+                  heldout_fraction: float = 0.1, calibration_ids: torch.Tensor | None = None,
+                  layers: set[int] | None = None) -> "CompressionContext":
+        context = cls(stats=stats, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction,
+                      calibration_ids=calibration_ids, layers=layers)
         adapter = adapter_for(model.config)
-        ids = {index: torch.arange(adapter.block_num_experts(block)) for index, block in adapter.moe_blocks(model).items()}
-        return cls(stats=stats, original_expert_ids=ids, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction,
-                   calibration_ids=calibration_ids)
+        context.original_expert_ids = {index: torch.arange(adapter.block_num_experts(block))
+                                       for index, block in context.moe_blocks(model).items()}
+        return context
+
+    def moe_blocks(self, model) -> dict[int, torch.nn.Module]:
+        """The MoE blocks the steps work on, by decoder-layer index."""
+        blocks = adapter_for(model.config).moe_blocks(model)
+        if self.layers is None:
+            return blocks
+        missing = self.layers - set(blocks)
+        if missing:
+            raise ModelError(f"layers {sorted(missing)} are not MoE layers of this model (MoE layers: {sorted(blocks)})")
+        return {index: block for index, block in blocks.items() if index in self.layers}
 
     def heldout_count(self, layer: int) -> int:
         return max(1, int(round(len(self.moe_inputs[layer]) * self.heldout_fraction)))
@@ -64,6 +80,43 @@ class CompressionContext:
     def require_inputs(self, method: str) -> None:
         if not self.moe_inputs:
             raise ModelError(f"{method} needs the cached MoE-block inputs (results/cache/moe_inputs)")
+
+
+# Steps that need the whole model: drop_layers measures layer similarity with full forward passes and
+# renumbers the layers; dtype also casts the embeddings and the head.
+WHOLE_MODEL_METHODS = ("drop_layers", "dtype")
+
+
+def whole_model_reason(step: dict) -> str | None:
+    """Why ``step`` cannot run one MoE layer at a time (None: it can, each layer on its own)."""
+    if step["method"] in WHOLE_MODEL_METHODS:
+        return f"{step['method']} works on the whole model"
+    if step["method"] == "frequency_prune" and step.get("uniform") and not step.get("keep"):
+        return "frequency_prune with uniform and no keep sets one count from the mean over all layers"
+    return None
+
+
+def merge_layer_reports(reports_per_layer: list[list[dict]]) -> list[dict]:
+    """One variant's step reports from its per-layer jobs, combined into what one job over all layers
+    reports: per-layer dicts are united, per-layer lists concatenated, everything else is the same in
+    every job (the step's own settings)."""
+    if not reports_per_layer:
+        return []
+    merged = []
+    for step_reports in zip(*reports_per_layer, strict=True):
+        combined = {}
+        for key in step_reports[0]:
+            values = [report[key] for report in step_reports]
+            if all(isinstance(value, dict) for value in values):
+                combined[key] = {k: v for value in values for k, v in value.items()}
+            elif all(isinstance(value, list) for value in values):
+                combined[key] = [item for value in values for item in value]
+            elif all(value == values[0] for value in values):
+                combined[key] = values[0]
+            else:
+                raise ModelError(f"step {step_reports[0]['step']}: per-layer reports disagree on {key!r}: {values}")
+        merged.append(combined)
+    return merged
 
 
 def _registry():
@@ -85,7 +138,7 @@ def _measure(model, context: CompressionContext) -> tuple[dict[int, torch.Tensor
 
     adapter = adapter_for(model.config)
     outputs, active = {}, {}
-    for layer, block in adapter.moe_blocks(model).items():
+    for layer, block in context.moe_blocks(model).items():
         if layer not in context.moe_inputs:
             continue
         routing = {}
@@ -110,13 +163,12 @@ def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[d
 
     registry = _registry()
     if context.moe_inputs and not context.reference_outputs:
-        adapter = adapter_for(model.config)
         with torch.no_grad():
             # fit and held-out parts separately, exactly as they are measured later (same batch shapes,
             # so an unchanged block reproduces its reference bit for bit)
             context.reference_outputs = {layer: torch.cat([block_output(block, part)
                                                            for part in context.split_inputs(layer)])
-                                         for layer, block in adapter.moe_blocks(model).items()
+                                         for layer, block in context.moe_blocks(model).items()
                                          if layer in context.moe_inputs}
     reports = []
     for index, step in enumerate(steps):

@@ -82,7 +82,7 @@ def svd_experts(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     rank, energy = step.get("rank"), step.get("energy")
     report = {"layers": {}}
-    for layer, block in adapter.moe_blocks(model).items():
+    for layer, block in context.moe_blocks(model).items():
         experts = adapter.experts_of(block)
         if is_low_rank(experts):
             raise ConfigError(f"svd_experts: layer {layer} is already low-rank (two svd_experts steps in one variant)")

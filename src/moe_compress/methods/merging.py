@@ -281,7 +281,7 @@ def hc_merge(model, step: dict, context) -> dict:
     context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
     report = {"clusters": {}, "layers": {}}
-    for layer, block in adapter.moe_blocks(model).items():
+    for layer, block in context.moe_blocks(model).items():
         fit, heldout = context.split_inputs(layer)
         num_experts = adapter.block_num_experts(block)
         merges = step["merges_per_layer"]

@@ -19,7 +19,7 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     """Keep, in each listed MoE layer, the experts at the given current slot indices (sorted).
     Returns, per layer, what else the architecture had to adapt (e.g. expert groups)."""
     adapter = adapter_for(model.config)
-    blocks = adapter.moe_blocks(model)
+    blocks = context.moe_blocks(model)
     adaptations = {}
     for layer, keep in keep_per_layer.items():
         keep = torch.as_tensor(keep, dtype=torch.long).sort().values
@@ -92,7 +92,7 @@ def reap_prune(model, step: dict, context) -> dict:
         raise ModelError("reap_prune needs the reap_saliency column of the expert statistics table "
                          "(results/stats/expert_frequency.parquet from this version of the pipeline)")
     adapter = adapter_for(model.config)
-    blocks = adapter.moe_blocks(model)
+    blocks = context.moe_blocks(model)
     keep_per_layer, floored = {}, []
     for layer, original_ids in context.original_expert_ids.items():
         rows = context.stats[context.stats["layer"] == layer].set_index("expert")

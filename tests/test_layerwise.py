@@ -1,0 +1,132 @@
+"""Per-layer compression jobs + the streaming checkpoint writer give what one whole-model job saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
+
+from moe_compress.capture import CacheWriter, read_moe_inputs, read_router_cache, run_streamed_capture
+from moe_compress.config import step_defaults
+from moe_compress.errors import ConfigError, ModelError
+from moe_compress.layerwise import (
+    assemble_checkpoint,
+    check_layer_local,
+    compress_layer,
+    layer_part_paths,
+    skeleton_moe_layers,
+    write_layer_part,
+)
+from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
+from moe_compress.report import checkpoint_tables
+from moe_compress.stats import expert_frequency, streamed_expert_saliency, with_saliency
+from moe_compress.streaming import CheckpointTensors, LayerStream
+
+HELDOUT = 0.25
+
+
+def step(method, **options):
+    return {"method": method, **step_defaults(method), **options}
+
+
+STEP_LISTS = {
+    # same count everywhere: a stock checkpoint
+    "reap": [step("reap_prune", keep=5)],
+    # per-layer counts, remote code; then a fitted mitigation
+    "threshold_rescale": [step("frequency_prune", top_k=2, min_fraction=0.2), step("output_rescale")],
+    "merge_lowrank": [step("hc_merge", merges_per_layer=2, merge="learned"), step("svd_experts", rank=3)],
+    "skip": [step("renormalize"), step("dynamic_skip", beta="auto", target_active=1.5)],
+}
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A saved tiny model of an architecture, its calibration cache and its statistics table."""
+
+    def prepare(model_type):
+        model_dir = tmp_path / "model"
+        tiny_model_of(model_type).save_pretrained(model_dir)
+        make_tokenizer().save_pretrained(model_dir)
+        input_ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+        with CacheWriter(tmp_path / "cache") as writer:
+            run_streamed_capture(LayerStream(model_dir), input_ids, 4, writer)
+            writer.finish({})
+        stats = with_saliency(expert_frequency(read_router_cache(tmp_path / "cache")),
+                              streamed_expert_saliency(LayerStream(model_dir), tmp_path / "cache/moe_inputs"))
+        return model_dir, tmp_path / "cache/moe_inputs", stats
+
+    return prepare
+
+
+def whole_model_checkpoint(model_dir, inputs_dir, stats, steps, out_dir):
+    model = load_model(model_dir)
+    context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(inputs_dir),
+                                           heldout_fraction=HELDOUT)
+    reports = apply_steps(model, steps, context)
+    return save_checkpoint(model, load_tokenizer(model_dir), out_dir, {"steps": steps, "step_reports": reports},
+                           extra_files=checkpoint_tables(reports))
+
+
+def per_layer_checkpoint(model_dir, inputs_dir, stats, steps, parts_dir, out_dir):
+    layers = skeleton_moe_layers(model_dir)
+    parts = layer_part_paths(parts_dir, layers)
+    for layer, path in parts.items():
+        tensors, facts = compress_layer(model_dir, layer, steps, stats, inputs_dir, HELDOUT)
+        write_layer_part(path, tensors, facts)
+    return assemble_checkpoint(model_dir, parts, out_dir, {"steps": steps}, extra_files=checkpoint_tables)
+
+
+def all_tensors(model_dir):
+    tensors = CheckpointTensors(model_dir)
+    return tensors.read(list(tensors.weight_map))
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
+@pytest.mark.parametrize("steps_name", STEP_LISTS)
+def test_per_layer_jobs_save_what_the_whole_model_job_saves(tmp_path, prepared, model_type, steps_name):
+    steps = STEP_LISTS[steps_name]
+    model_dir, inputs_dir, stats = prepared(model_type)
+    whole = whole_model_checkpoint(model_dir, inputs_dir, stats, steps, tmp_path / "whole")
+    layered = per_layer_checkpoint(model_dir, inputs_dir, stats, steps, tmp_path / "parts", tmp_path / "layered")
+
+    ours, theirs = all_tensors(tmp_path / "layered"), all_tensors(tmp_path / "whole")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    assert json.loads((tmp_path / "layered/config.json").read_text()) == json.loads((tmp_path / "whole/config.json").read_text())
+    assert layered == whole
+    whole_files = {path.name for path in (tmp_path / "whole").iterdir()} - {"model.safetensors"}
+    layered_files = {path.name for path in (tmp_path / "layered").iterdir()}
+    assert whole_files <= layered_files
+    for name in whole_files - {"compression.json"}:
+        assert (tmp_path / "layered" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+    input_ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "layered")(input_ids).logits,
+                           load_model(tmp_path / "whole")(input_ids).logits)
+
+
+def test_assembly_refuses_missing_or_foreign_parts(tmp_path, prepared):
+    model_dir, inputs_dir, stats = prepared("qwen3_moe")  # MoE layers 0 and 2 (layer 1 is dense)
+    parts = layer_part_paths(tmp_path / "parts", [0, 2])
+    for layer, path in parts.items():
+        write_layer_part(path, *compress_layer(model_dir, layer, [], stats, inputs_dir, HELDOUT))
+    with pytest.raises(ModelError, match=r"layer parts for layers \[0\].*MoE layers .* are \[0, 2\]"):
+        assemble_checkpoint(model_dir, {0: parts[0]}, tmp_path / "out", {})
+    with pytest.raises(ModelError, match="holds layer 0, not layer 2"):
+        assemble_checkpoint(model_dir, {0: parts[0], 2: parts[0]}, tmp_path / "out", {})
+    with pytest.raises(ModelError, match="layer 1 is not an MoE layer"):
+        compress_layer(model_dir, 1, [], stats, inputs_dir, HELDOUT)
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_model_steps_are_refused_per_layer():
+    check_layer_local("ok", [step("frequency_prune", uniform=True, keep=4), step("svd_experts", rank=2)])
+    with pytest.raises(ConfigError, match="variant 'short' step 1: drop_layers works on the whole model"):
+        check_layer_local("short", [step("reap_prune", keep=4), step("drop_layers", count=1)])
+    with pytest.raises(ConfigError, match="mean over all layers"):
+        check_layer_local("mean", [step("frequency_prune", uniform=True)])

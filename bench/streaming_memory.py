@@ -2,7 +2,8 @@
 
 Synthetic Qwen3-MoEs of 5 and 10 GB (bf16) are written to disk; then, each in a fresh process, the
 calibration pass runs layer-streamed (and, for the smaller one, whole-model), and the process reports its
-own peak RSS. Goal: a checkpoint at least 4x larger than the memory the streamed pass uses.
+own peak RSS. Goal: a checkpoint at least 4x larger than the memory the streamed pass uses. For the
+smaller one, the streaming checkpoint writer (the per-layer mode's assembly job) is measured the same way.
 """
 
 from __future__ import annotations
@@ -31,18 +32,44 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def layer_parts(model_dir: Path) -> dict[int, Path]:
+    return {layer: model_dir.parent / "parts" / f"layer_{layer}.safetensors"
+            for layer in range(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])}
+
+
+def write_unchanged_parts(model_dir: Path) -> None:
+    """What compress_layer writes for a variant with no steps: each MoE layer's tensors (hub layout) and facts."""
+    from moe_compress.layerwise import hub_layout_tensors, layer_state, write_layer_part
+    from moe_compress.modelio import block_facts
+    from moe_compress.streaming import LayerStream
+
+    stream = LayerStream(model_dir, "bfloat16")
+    for layer, path in layer_parts(model_dir).items():
+        stream.load_layer(layer)
+        block = stream.adapter.moe_blocks(stream.model)[layer]
+        write_layer_part(path, hub_layout_tensors(stream.model, layer_state(stream, layer)),
+                         {"layer": layer, "facts": block_facts(stream.adapter, block), "reports": []})
+        stream.free_layer(layer)
+
+
 def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
-    """Run in a fresh process: one calibration pass (or none: the import baseline); print peak RSS."""
+    """Run in a fresh process: one calibration pass, the checkpoint assembly (or nothing: the import
+    baseline); print peak RSS."""
     reset_peak_rss()
     import torch
 
     from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture, write_cache
+    from moe_compress.layerwise import assemble_checkpoint
     from moe_compress.modelio import load_model
     from moe_compress.streaming import LayerStream
 
     input_ids = torch.randint(0, 4096, (samples, seq_len), generator=torch.Generator().manual_seed(0))
-    with tempfile.TemporaryDirectory() as out:
-        if mode == "streamed":
+    with tempfile.TemporaryDirectory(dir=Path(model_dir).parent) as out:
+        if mode == "parts":
+            write_unchanged_parts(Path(model_dir))
+        elif mode == "assemble":
+            assemble_checkpoint(model_dir, layer_parts(Path(model_dir)), Path(out) / "checkpoint", {}, "bfloat16")
+        elif mode == "streamed":
             with CacheWriter(Path(out) / "cache") as writer:
                 run_streamed_capture(LayerStream(model_dir, "bfloat16"), input_ids, 4, writer)
                 writer.finish({})
@@ -102,6 +129,10 @@ def main() -> None:
             streamed = measure("streamed", model_dir, args.samples, args.seq_len)
             # the whole-model pass needs about twice the checkpoint in RAM: the first (smallest) size only
             whole = None if args.skip_whole or position else measure("whole", model_dir, args.samples, args.seq_len)
+            assembled = None
+            if not position:  # the writer needs the parts and the output beside the checkpoint: 3x its size on disk
+                measure("parts", model_dir, args.samples, args.seq_len)
+                assembled = measure("assemble", model_dir, args.samples, args.seq_len)
         print(f"streaming memory: {layers} layers, hidden {args.hidden}, {args.experts} experts, bf16 checkpoint "
               f"{size / gb:.2f} GB, {args.samples} x {args.seq_len} calibration tokens")
         rows += [
@@ -116,6 +147,10 @@ def main() -> None:
                          "checkpoint_over_peak": size / whole})
             print(f"RATIO whole-model peak RSS / streamed peak RSS = {whole / streamed:.2f}")
         print(f"RATIO checkpoint size / streamed peak RSS at {size / gb:.1f} GB = {size / streamed:.2f} (goal >= 4)")
+        if assembled is not None:
+            rows.append({"layers": layers, "measure": "peak RSS, streamed checkpoint writer (assembly)",
+                         "gigabytes": assembled / gb, "checkpoint_over_peak": size / assembled})
+            print(f"RATIO checkpoint size / streamed writer peak RSS at {size / gb:.1f} GB = {size / assembled:.2f}")
     report("streaming_memory", rows)
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 
 from moe_compress.calibration import read_samples
 from moe_compress.capture import read_moe_inputs
-from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.methods import CompressionContext, apply_steps, whole_model_reason
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
 from moe_compress.report import checkpoint_tables
 from moe_compress.workflow import json_param, start_job
@@ -13,6 +13,9 @@ from moe_compress.workflow import json_param, start_job
 log = start_job(snakemake)
 params = snakemake.params
 steps = json_param(snakemake, "steps")
+reasons = [reason for step in steps if (reason := whole_model_reason(step))]
+if reasons:  # why compress.per_layer_jobs, if set, leaves this variant in one job
+    log.info("one job for the whole model: %s", "; ".join(reasons))
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats),
                                        moe_inputs=read_moe_inputs(snakemake.input.cache, device=model.device),

@@ -4,13 +4,17 @@ import json
 import re
 from pathlib import Path
 
-from moe_compress.config import validate_config
+from moe_compress.config import check_variants_against_model, read_config_file, validate_config
 from moe_compress.errors import ConfigError
 from moe_compress.hub import configure_hub_environment, fetch_model_config, is_hub_id
 from moe_compress.methods import whole_model_reason
-from moe_compress.modelio import hub_dir_name, hub_repo_id
+from moe_compress.modelio import hub_dir_name, hub_repo_id, model_shape
 
-# Validate at start-up: a typo or a wrong type fails here, naming the key, before any job runs.
+# Validate at start-up: a typo or a wrong type fails here, naming the key, before any job runs. Each
+# config file is read again strictly first: plain YAML silently keeps the last of two equal keys.
+for _configfile in workflow.configfiles:
+    if Path(_configfile).is_file():
+        read_config_file(_configfile)
 _validated = validate_config(config)
 config.clear()
 config.update(_validated)
@@ -50,6 +54,9 @@ def model_dir():
 
 
 MODEL_DIR = model_dir()
+# recorded in every compression.json: what, besides the steps' own seeds, fixes the result
+SEEDS = {"calibration": config["calibration"]["seed"],
+         "demo_model": config["demo_model"]["seed"] if config["model"]["path"] == "demo" else None}
 # source: hub -> the fetch_calibration_corpus local rule writes the C4 documents here
 CALIBRATION_CORPUS = (
     config["calibration"]["path"]
@@ -76,20 +83,32 @@ LAYERWISE_VARIANTS = [name for name, steps in VARIANTS.items()
 WHOLE_MODEL_VARIANTS = [name for name in VARIANTS if name not in LAYERWISE_VARIANTS]
 
 
+def model_config_dir():
+    """Where the model's config.json is when the DAG is built (None for the demo, not built yet): the
+    local checkpoint, or for a hub id its config.json alone, fetched into HF_HOME before the weights."""
+    path = config["model"]["path"]
+    if path == "demo":
+        return None
+    return path if Path(path).exists() else fetch_model_config(path)
+
+
 def moe_layers_of_model():
-    """The MoE decoder layers, known when the DAG is built: from the demo settings, the checkpoint's
-    config, or a hub model's config.json (fetched alone into HF_HOME, before the weights)."""
+    """The MoE decoder layers, known when the DAG is built (a meta-device skeleton: no weights read)."""
     from moe_compress.demo import demo_moe_layers
     from moe_compress.layerwise import skeleton_moe_layers
 
-    path = config["model"]["path"]
-    if path == "demo":
+    if MODEL_CONFIG_DIR is None:
         return demo_moe_layers(config["demo_model"]["num_layers"])
-    if not Path(path).exists():
-        path = fetch_model_config(path)
-    return skeleton_moe_layers(path, config["model"]["trust_remote_code"])
+    return skeleton_moe_layers(MODEL_CONFIG_DIR, config["model"]["trust_remote_code"])
 
 
+MODEL_CONFIG_DIR = model_config_dir()
+# a step asking for more experts or layers than the model has fails now, not in its job
+if MODEL_CONFIG_DIR is None:
+    MODEL_SHAPE = {key: config["demo_model"][key] for key in ("num_experts", "top_k", "num_layers")}
+else:
+    MODEL_SHAPE = model_shape(MODEL_CONFIG_DIR, config["model"]["trust_remote_code"])
+check_variants_against_model(config["variants"], **MODEL_SHAPE)
 MOE_LAYERS = moe_layers_of_model() if LAYERWISE_VARIANTS else []
 
 

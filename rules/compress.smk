@@ -9,6 +9,9 @@ rule compress:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
         cache="results/cache/moe_inputs",
+        # what the readers check the cache files against: without it, a cache invalidated by a reader
+        # (a file that failed its checksum) would not be rebuilt
+        manifest="results/cache/manifest.json",
         calibration="results/calibration/calibration.parquet",
     output:
         directory("results/checkpoints/{variant}"),
@@ -20,6 +23,7 @@ rule compress:
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
         heldout_fraction=config["compress"]["heldout_fraction"],
+        seeds=as_json(SEEDS),
     threads: 2
     conda:
         "../envs/core.yaml"
@@ -38,6 +42,9 @@ rule compress_layer:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
         cache="results/cache/moe_inputs",
+        # what the readers check the cache files against: without it, a cache invalidated by a reader
+        # (a file that failed its checksum) would not be rebuilt
+        manifest="results/cache/manifest.json",
     output:
         "results/layers/{variant}/layer_{layer}.safetensors",
     wildcard_constraints:
@@ -73,6 +80,7 @@ rule assemble_checkpoint:
     params:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
         layers=MOE_LAYERS,
+        seeds=as_json(SEEDS),
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
     threads: 1

@@ -8,6 +8,9 @@ rule expert_stats:
         model=MODEL_DIR,
         router="results/cache/router_logits.parquet",
         cache="results/cache/moe_inputs",
+        # what the readers check the cache files against: without it, a cache invalidated by a reader
+        # (a file that failed its checksum) would not be rebuilt
+        manifest="results/cache/manifest.json",
     output:
         parquet="results/stats/expert_frequency.parquet",
         csv="results/stats/expert_frequency.csv",

@@ -8,12 +8,17 @@ Layout of a cache directory:
   ``topk_weights`` (fixed-size list of float32, the weights the block applied).
   The top-k is recorded as the router returned it, so statistics need no per-architecture scoring rule.
 - ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
-- ``manifest.json``: layers, tokens, experts, top-k, hidden size, dtype.
+- ``manifest.json``: layers, tokens, experts, top-k, hidden size, dtype, and the CRC-32 of every file
+  (the checksum gzip and zip use against accidental corruption: twice as fast as SHA-256 here, and the
+  cache is written on every calibration pass): each reader checks the files it reads against it, so a
+  corrupted cache is never used (below).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ModelError
+from moe_compress.errors import DataError, ModelError, check_finite
 from moe_compress.io import atomic_directory, write_json
 
 log = logging.getLogger(__name__)
@@ -45,12 +51,6 @@ class LayerCapture:
     topk_weights: list[torch.Tensor]
     topk_indices: list[torch.Tensor]
     hidden_states: list[torch.Tensor]
-
-
-def _check_finite(tensor: torch.Tensor, what: str, layer: int) -> None:
-    # min and max carry any NaN or inf: one pass, no tensor of flags (15x faster than isfinite().all())
-    if tensor.numel() and not torch.isfinite(torch.stack(torch.aminmax(tensor))).all():
-        raise ModelError(f"non-finite values (NaN or inf) in {what} of layer {layer}")
 
 
 def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtype: torch.dtype) -> list:
@@ -158,8 +158,8 @@ class CacheWriter:
         weights = torch.cat(capture.topk_weights)
         indices = torch.cat(capture.topk_indices)
         hidden = torch.cat(capture.hidden_states)
-        _check_finite(logits, "router logits", layer)
-        _check_finite(hidden, "MoE-block input hidden states", layer)
+        check_finite(logits, f"router logits of layer {layer}")
+        check_finite(hidden, f"MoE-block input hidden states of layer {layer}")
         tokens, num_experts = logits.shape
         top_k = indices.shape[1]
         table = pa.table(
@@ -177,15 +177,18 @@ class CacheWriter:
             raise ModelError(f"layer {layer}: {num_experts} experts / top-{top_k}, but the cache's first layer has "
                              f"{self._router.schema}; the router cache needs the same expert count in every layer")
         self._router.write_table(table)
-        save_file({"hidden_states": hidden.contiguous()}, self.tmp / inputs_file(layer), metadata={"layer": str(layer)})
-        self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens}
+        data = safetensors_bytes({"hidden_states": hidden.contiguous()}, metadata={"layer": str(layer)})
+        (self.tmp / inputs_file(layer)).write_bytes(data)
+        self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens,
+                                    "crc32": _checksum(data)}
         self._hidden_size = int(hidden.shape[1])
 
     def finish(self, meta: dict) -> dict:
         if self._router is None:
             raise ModelError("the model has no MoE layers to capture")
         self._router.close()
-        manifest = {**meta, "layers": self._layers, "hidden_size": self._hidden_size}
+        manifest = {**meta, "layers": self._layers, "hidden_size": self._hidden_size,
+                    "router_crc32": _file_checksum(self.tmp / ROUTER_FILE)}
         write_json(manifest, self.tmp / MANIFEST)
         self._atomic.__exit__(None, None, None)
         self._finished = True
@@ -218,11 +221,48 @@ def _fixed_list(column: pa.ChunkedArray) -> np.ndarray:
     return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
 
 
+class CacheCorruptError(DataError):
+    """A cache file does not match the checksum its manifest recorded."""
+
+
+def _checksum(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _file_checksum(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _verified(path: Path, cache_dir: Path, expected: str, data: bytes | None = None) -> None:
+    """Stop if ``path`` is not the file the cache job wrote. The manifest is removed with it, so the next
+    run of the workflow sees the cache job's output missing and rebuilds the cache instead of using it."""
+    actual = _checksum(data) if data is not None else _file_checksum(path)
+    if actual != expected:
+        manifest = cache_dir / MANIFEST
+        manifest.unlink(missing_ok=True)
+        raise CacheCorruptError(f"{path} is corrupt (CRC-32 {actual}, the cache job recorded {expected}); {manifest} "
+                                f"was removed, so running the workflow again rebuilds the cache")
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the cache in {cache_dir} is incomplete or was invalidated; run the "
+                        f"workflow again to rebuild it")
+    return json.loads(path.read_text())
+
+
 def read_router_cache(path: str | Path) -> dict[int, LayerRouting]:
-    """Read ``router_logits.parquet`` (the file or its directory) into per-layer arrays."""
+    """Read ``router_logits.parquet`` (the file or its directory) into per-layer arrays, after checking
+    it against the manifest's checksum."""
     path = Path(path)
     if path.is_dir():
         path = path / ROUTER_FILE
+    _verified(path, path.parent, read_manifest(path.parent)["router_crc32"])
     table = pq.read_table(path)
     layers = table.column("layer").to_numpy()
     routing = {}
@@ -246,10 +286,16 @@ def moe_input_files(inputs_dir: str | Path) -> dict[int, Path]:
 
 
 def read_moe_input(path: str | Path, device: str | torch.device = "cpu") -> torch.Tensor:
-    """One layer's cached MoE-block inputs [tokens, hidden]."""
-    from safetensors.torch import load_file
-
-    return load_file(path, device=str(device))["hidden_states"]
+    """One layer's cached MoE-block inputs [tokens, hidden], after checking the file against the manifest."""
+    path = Path(path)
+    cache_dir = path.parent.parent
+    layer = str(int(path.stem.removeprefix("layer_")))
+    entry = read_manifest(cache_dir)["layers"].get(layer)
+    if entry is None:
+        raise DataError(f"{path}: layer {layer} is not in the cache manifest {cache_dir / MANIFEST}")
+    data = path.read_bytes()
+    _verified(path, cache_dir, entry["crc32"], data)
+    return load_safetensors(data)["hidden_states"].to(device)
 
 
 def read_moe_inputs(inputs_dir: str | Path, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:

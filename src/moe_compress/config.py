@@ -29,12 +29,34 @@ def step_defaults(method: str) -> dict:
     return {key: spec["default"] for key, spec in schema["$defs"][method]["properties"].items() if "default" in spec}
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping (plain YAML keeps the last one silently: two
+    variants with the same name would become one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} is written twice in the same "
+                                    f"mapping (first on line {seen[key]}); the second would silently replace the first")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict:
+    """The config file as a dict; a duplicated key, invalid YAML or a non-mapping is an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
@@ -140,6 +162,45 @@ def _check_steps(variants: dict) -> None:
                     )
 
 
+def _check_variant_names(variants: dict) -> None:
+    """Each variant gets results/checkpoints/<name>/ and results/eval/<name>/: names that differ only in case
+    would share them on a case-insensitive filesystem."""
+    by_folded: dict[str, str] = {}
+    for name in variants:
+        other = by_folded.setdefault(name.casefold(), name)
+        if other != name:
+            raise ConfigError(f"config key 'variants.{name}': same output folder as variant {other!r} on a "
+                              f"case-insensitive filesystem (results/checkpoints/<name>); rename one")
+
+
+def check_variants_against_model(variants: dict, num_experts: int, top_k: int, num_layers: int) -> None:
+    """What only the model can tell: a step asking for more experts or layers than the model has fails here,
+    when the workflow is parsed, not hours later in its job."""
+    for name, variant in variants.items():
+        for index, step in enumerate(variant["steps"]):
+            where = f"config key 'variants.{name}.steps[{index}]"
+            method = step["method"]
+            if method == "active_experts" and step["k"] > num_experts:
+                raise ConfigError(f"{where}.k': {step['k']} is more than the model's {num_experts} experts per layer")
+            if method == "frequency_prune" and step.get("top_k") is not None and step["top_k"] > top_k:
+                raise ConfigError(f"{where}.top_k': {step['top_k']} is more than the model's top-k ({top_k})")
+            if method in ("frequency_prune", "reap_prune") and step.get("keep") is not None and step["keep"] > num_experts:
+                raise ConfigError(f"{where}.keep': {step['keep']} is more than the model's {num_experts} experts per layer")
+            if method == "hc_merge" and num_experts - step["merges_per_layer"] < top_k:
+                raise ConfigError(f"{where}.merges_per_layer': {step['merges_per_layer']} leaves "
+                                  f"{num_experts - step['merges_per_layer']} of the model's {num_experts} experts, "
+                                  f"fewer than the {top_k} each token is routed to")
+            if method == "dynamic_skip" and step.get("target_active") is not None and step["target_active"] > top_k:
+                raise ConfigError(f"{where}.target_active': {step['target_active']} is more than the model's top-k ({top_k})")
+            if method == "drop_layers":
+                if step.get("count") is not None and step["count"] >= num_layers:
+                    raise ConfigError(f"{where}.count': dropping {step['count']} of the model's {num_layers} layers "
+                                      f"leaves none")
+                outside = [layer for layer in step.get("layers") or [] if layer >= num_layers]
+                if outside:
+                    raise ConfigError(f"{where}.layers': {outside} are not layers of the model (0..{num_layers - 1})")
+
+
 def _check_evaluation(config: dict) -> None:
     evaluation = config["evaluation"]
     listed = evaluation["variants"] or []
@@ -177,6 +238,7 @@ def validate_config(raw: dict) -> dict:
     for variant in config["variants"].values():
         for step in variant["steps"]:  # each method's own defaults, so params show every value used
             _fill_defaults(step, schema["$defs"][step["method"]], schema)
+    _check_variant_names(config["variants"])
     _check_steps(config["variants"])
     _check_evaluation(config)
     if config["calibration"]["source"] == "hub" and config["calibration"]["hub_docs"] <= config["calibration"]["heldout_docs"]:

@@ -72,7 +72,9 @@ def _not_cached(what: str, key: str, err: Exception) -> ModelError:
         return ModelError(f"{key}: {what} is not in the hub cache under {where} and the hub is offline "
                           f"(HF_HUB_OFFLINE=1); run once on a host with hub access, or download it there "
                           f"(e.g. `hf download ...`) into the same HF_HOME")
-    return ModelError(f"{key}: could not download {what} into {where}: {err}")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelError(f"{key}: could not download {what} into {where} ({reason}); check that this host reaches the "
+                      f"hub (or its mirror, HF_ENDPOINT), or download it elsewhere into the same HF_HOME")
 
 
 def fetch_model_snapshot(repo_id: str, out_dir: str | Path) -> Path:

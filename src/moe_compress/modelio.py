@@ -28,12 +28,19 @@ LOADER_REMOTE_CODE = "remote_code"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_dir(path: str | Path) -> Path:
+def check_model_dir(path: str | Path, weights: bool = False) -> Path:
+    """``path`` as a checkpoint folder; with ``weights``, one whose weights are safetensors: pickled weights
+    (``*.bin``, ``*.pt``) can run code when loaded, so they are never read."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model path {path} does not exist; set model.path to a local HF directory, a hub id, or 'demo'")
     if not (path / "config.json").is_file():
         raise ModelError(f"model path {path} is not a Hugging Face checkpoint (no config.json in it)")
+    if weights and not any(path.glob("*.safetensors")):
+        pickled = sorted(item.name for item in path.iterdir() if item.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only pickled weights ({', '.join(pickled[:3])})" if pickled else "no weights"
+        raise ModelError(f"model path {path}: {found}; moe-compress reads safetensors only. Convert it once where "
+                         f"you trust the file, e.g. AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)")
     return path
 
 
@@ -50,14 +57,41 @@ def needs_remote_code(path: str | Path) -> bool:
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """Load a causal LM for inference. Remote code is trusted only when asked for, or for our own checkpoints."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = check_model_dir(path)
+    path = check_model_dir(path, weights=True)
     trust = trust_remote_code or needs_remote_code(path)
+    load_checkpoint_config(path, trust)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust,
+                                                 use_safetensors=True)
+    return model.to(resolve_device(device)).eval()
+
+
+def load_checkpoint_config(path: Path, trust: bool):
+    """The checkpoint's config, refusing custom code unless trusted, and an architecture we support."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"model path {path}: config.json is not valid JSON ({err})") from err
+    if not raw.get("auto_map"):
+        adapter_for(raw.get("model_type"))  # before transformers: one line listing the supported types
+    if raw.get("auto_map") and not trust:
+        raise ModelError(f"model path {path}: its config.json asks to run the checkpoint's own code (auto_map); "
+                         f"set model.trust_remote_code: true only if you trust that code")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     adapter_for(config)  # fail early, listing the supported types
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust)
-    return model.to(resolve_device(device)).eval()
+    return config
+
+
+def model_shape(path: str | Path, trust_remote_code: bool = False) -> dict[str, int]:
+    """Experts per layer, top-k and decoder layers, from the checkpoint's config alone (no weights)."""
+    path = check_model_dir(path)
+    config = load_checkpoint_config(path, trust_remote_code or needs_remote_code(path))
+    adapter = adapter_for(config)
+    return {"num_experts": adapter.num_experts(config), "top_k": adapter.top_k(config),
+            "num_layers": config.num_hidden_layers}
 
 
 def load_tokenizer(path: str | Path):
@@ -89,9 +123,11 @@ def experts_per_layer(model: nn.Module) -> dict[int, int]:
 
 
 def environment_versions() -> dict:
-    import transformers
+    """The versions that decide a checkpoint's numbers, for compression.json."""
+    from importlib.metadata import version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    packages = ("moe-compress", "torch", "transformers", "safetensors", "numpy")
+    return {"python": platform.python_version(), **{name: version(name) for name in packages}}
 
 
 def _render_remote_code(model_class: type) -> str:

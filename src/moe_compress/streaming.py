@@ -24,7 +24,7 @@ from torch import nn
 
 from moe_compress.architectures import MoEArchitecture, adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.modelio import DTYPES, check_model_dir, needs_remote_code, resolve_device
+from moe_compress.modelio import DTYPES, check_model_dir, load_checkpoint_config, needs_remote_code, resolve_device
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,12 +63,11 @@ class CheckpointTensors:
 def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = False) -> nn.Module:
     """The model with every parameter on the meta device; non-persistent buffers (rotary tables) are
     rebuilt for real, on CPU, as loading would make them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_dir = check_model_dir(model_dir)
     trust = trust_remote_code or needs_remote_code(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
-    adapter_for(config)  # fail early, listing the supported types
+    config = load_checkpoint_config(model_dir, trust)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust)
     rebuild_derived_buffers(model)

@@ -9,7 +9,7 @@ params = snakemake.params
 parts = dict(zip(params.layers, snakemake.input.parts, strict=True))
 record = assemble_checkpoint(snakemake.input.model, parts, snakemake.output[0],
                              {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
-                              "steps": json_param(snakemake, "steps")},
+                              "steps": json_param(snakemake, "steps"), "seeds": json_param(snakemake, "seeds")},
                              params.dtype, params.trust_remote_code, extra_files=checkpoint_tables)
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

@@ -24,7 +24,7 @@ context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.in
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
-                          "steps": steps, "step_reports": reports},
+                          "steps": steps, "seeds": json_param(snakemake, "seeds"), "step_reports": reports},
                          extra_files=checkpoint_tables(reports))
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

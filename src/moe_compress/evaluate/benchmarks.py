@@ -148,7 +148,7 @@ def prefetch(tasks: list[str]) -> dict:
 def model_arguments(model_path: str | Path, dtype: str, device: str, trust_remote_code: bool, backend: str) -> dict:
     from moe_compress.modelio import check_model_dir, needs_remote_code
 
-    path = check_model_dir(model_path)
+    path = check_model_dir(model_path, weights=True)
     remote = needs_remote_code(path)
     if backend == "vllm":
         if remote:

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ModelError
+from moe_compress.errors import ModelError, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,10 @@ def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[d
     for index, step in enumerate(steps):
         log.info("step %d: %s", index, step)
         report = {"step": index, **step, **registry[step["method"]](model, step, context)}
+        for layer, block in context.moe_blocks(model).items():  # e.g. a merge or a fit that diverged
+            for name, tensor in block.state_dict().items():
+                if tensor.is_floating_point():
+                    check_finite(tensor, f"{name} of MoE layer {layer} after step {index} ({step['method']})")
         if context.reference_outputs:
             current, active = _measure(model, context)
             # keyed by the layer's current index (drop_layers re-keys the context's per-layer data)

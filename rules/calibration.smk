@@ -32,7 +32,9 @@ rule sample_calibration:
     output:
         "results/calibration/calibration.parquet",
     params:
-        calibration=as_json(config["calibration"]),
+        calibration=calibration_settings("text_field", "heldout_docs", "num_samples", "seq_len", "seed"),
+        # recorded as the samples' source (with a local corpus: the input file itself)
+        hub_file=config["calibration"]["hub_file"] if config["calibration"]["source"] == "hub" else None,
     conda:
         "../envs/core.yaml"
     log:
@@ -51,7 +53,10 @@ rule perplexity_windows:
     output:
         "results/calibration/ppl_{dataset}.parquet",
     params:
-        calibration=as_json(config["calibration"]),
+        # the held-out C4 windows depend on how the corpus is split; WikiText-2's on nothing of it
+        calibration=lambda wildcards: (
+            calibration_settings("text_field", "heldout_docs") if wildcards.dataset == "c4_heldout" else as_json({})
+        ),
         seq_len=config["perplexity"]["seq_len"],
         max_windows=config["perplexity"]["max_windows"],
     conda:

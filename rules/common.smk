@@ -31,6 +31,11 @@ def as_json(value):
     return json.dumps(value, sort_keys=True)
 
 
+def calibration_settings(*keys):
+    """Only the calibration keys a job reads, as its params: a key it does not use never reruns it."""
+    return as_json({key: config["calibration"][key] for key in keys})
+
+
 def exclusive_threads(wildcards):
     """All cores of a local run (so a timed job runs alone); on a cluster, where the job gets its own
     allocation and no total is defined, speed.cluster_threads."""

@@ -128,6 +128,16 @@ def test_nothing_to_do_after_a_complete_run(tiny_run):
     assert planned_jobs(result.stdout + result.stderr) == []
 
 
+def test_a_key_no_job_reads_replans_nothing(tiny_run):
+    """The hub corpus settings mean nothing with a local corpus: changing them must not rerun the DAG."""
+    workdir, _ = tiny_run
+    changed = copy.deepcopy(TINY)
+    changed["calibration"] = {**changed["calibration"], "hub_docs": 5000, "hub_file": "en/c4-train.00001-of-01024.json.gz"}
+    result = snakemake(workdir, write_config(workdir / "config_unused.yaml", changed), "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert planned_jobs(result.stdout + result.stderr) == []
+
+
 def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     workdir, _ = tiny_run
     changed = copy.deepcopy(TINY)

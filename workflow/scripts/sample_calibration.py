@@ -9,6 +9,7 @@ settings = json_param(snakemake, "calibration")
 pool, _heldout = load_corpus(snakemake.input.corpus, settings)
 ids = tokenize_into_samples(load_tokenizer(snakemake.input.model), pool, settings["num_samples"], settings["seq_len"],
                             settings["seed"])
-write_samples(TokenSamples(ids, source=settings["path"] if settings["source"] == "local" else f"hub:allenai/c4/{settings['hub_file']}"),
-              snakemake.output[0])
+hub_file = snakemake.params.hub_file
+source = f"hub:allenai/c4/{hub_file}" if hub_file else str(snakemake.input.corpus)
+write_samples(TokenSamples(ids, source=source), snakemake.output[0])
 log.info("%d calibration samples x %d tokens from %d candidate documents", *ids.shape, len(pool))

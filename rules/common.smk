@@ -75,7 +75,6 @@ CALIBRATION_CORPUS = (
 configure_hub_environment(config, remote_job=workflow.remote_exec)
 
 
-
 def exact_names(names):
     """A wildcard constraint that matches exactly ``names`` (nothing when there are none)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"
@@ -122,7 +121,7 @@ envvars:
 
 
 wildcard_constraints:
-    variant="|".join(re.escape(name) for name in VARIANTS),
+    variant=exact_names(VARIANTS),
     dataset="|".join(PPL_DATASETS),
     task="[A-Za-z0-9_]+",
     layer=r"\d+",

@@ -9,8 +9,6 @@ rule compress:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
         cache="results/cache/moe_inputs",
-        # what the readers check the cache files against: without it, a cache invalidated by a reader
-        # (a file that failed its checksum) would not be rebuilt
         manifest="results/cache/manifest.json",
         calibration="results/calibration/calibration.parquet",
     output:
@@ -42,8 +40,6 @@ rule compress_layer:
         model=MODEL_DIR,
         stats="results/stats/expert_frequency.parquet",
         cache="results/cache/moe_inputs",
-        # what the readers check the cache files against: without it, a cache invalidated by a reader
-        # (a file that failed its checksum) would not be rebuilt
         manifest="results/cache/manifest.json",
     output:
         "results/layers/{variant}/layer_{layer}.safetensors",

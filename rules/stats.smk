@@ -8,8 +8,8 @@ rule expert_stats:
         model=MODEL_DIR,
         router="results/cache/router_logits.parquet",
         cache="results/cache/moe_inputs",
-        # what the readers check the cache files against: without it, a cache invalidated by a reader
-        # (a file that failed its checksum) would not be rebuilt
+        # the checksums every reader verifies; a reader that finds a corrupt file removes it, so the
+        # cache is rebuilt (it is an input of compress and compress_layer too)
         manifest="results/cache/manifest.json",
     output:
         parquet="results/stats/expert_frequency.parquet",

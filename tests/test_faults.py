@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_a_hub_model_that_cannot_be_reached_fails_before_any_job(tmp_path):
 def test_pickled_weights_are_never_loaded(tmp_path):
     path = write_checkpoint(tmp_path / "model")
     for weights in path.glob("*.safetensors"):
-        weights.rename(weights.with_suffix(".bin"))  # what a pickled checkpoint looks like to the loader
+        weights.rename(weights.with_suffix(".bin"))  # the file names of a pickled checkpoint; never opened
     with pytest.raises(ModelError, match=r"only pickled weights \(model.bin\); moe-compress reads safetensors only"):
         load_model(path)
 
@@ -210,7 +211,7 @@ def test_a_corrupted_cache_file_is_detected_and_invalidated(tmp_path):
 
 def test_a_killed_writer_leaves_nothing_and_the_next_write_cleans_up(tmp_path):
     out = tmp_path / "checkpoint"
-    child = subprocess.Popen(["python", "-c", (
+    child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
         "from moe_compress.io import atomic_directory\n"
         "with atomic_directory(%r) as tmp:\n"
@@ -223,6 +224,11 @@ def test_a_killed_writer_leaves_nothing_and_the_next_write_cleans_up(tmp_path):
     with atomic_directory(out) as tmp:
         (tmp / "done").write_text("ok")
     assert (out / "done").read_text() == "ok" and not list(tmp_path.glob(".checkpoint.*.tmp"))
+    # a temporary of another output whose name extends this one (variant "checkpoint.2") is not stale
+    (tmp_path / ".checkpoint.2.abc123.tmp").mkdir()
+    with atomic_directory(out):
+        pass
+    assert (tmp_path / ".checkpoint.2.abc123.tmp").is_dir()
 
 
 # ---- the workflow: SIGKILL mid-run, a corrupted cache, two cold runs ---------------------------------------
@@ -236,7 +242,7 @@ FAULT_TARGETS = ["results/stats/expert_frequency.parquet", "results/checkpoints/
 
 
 def outputs_of(workdir: Path) -> dict[str, bytes]:
-    """The bytes of every stats table and checkpoint tensor file, and compression.json without nothing left out."""
+    """The bytes of the stats tables, and of each checkpoint's tensor files, config.json and compression.json."""
     files = [workdir / "results/stats/expert_frequency.parquet", workdir / "results/stats/expert_frequency.csv"]
     for variant in ("merged", "low_rank"):
         files += sorted((workdir / "results/checkpoints" / variant).glob("*.safetensors"))

@@ -13,9 +13,7 @@ from moe_compress.config import step_defaults
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.layerwise import (
     assemble_checkpoint,
-    check_layer_local,
     compress_layer,
-    layer_part_paths,
     skeleton_moe_layers,
     write_layer_part,
 )
@@ -26,6 +24,10 @@ from moe_compress.stats import expert_frequency, streamed_expert_saliency, with_
 from moe_compress.streaming import CheckpointTensors, LayerStream
 
 HELDOUT = 0.25
+
+
+def layer_part_paths(parts_dir, layers):
+    return {layer: parts_dir / f"layer_{layer}.safetensors" for layer in layers}
 
 
 def step(method, **options):
@@ -124,9 +126,9 @@ def test_assembly_refuses_missing_or_foreign_parts(tmp_path, prepared):
     assert not (tmp_path / "out").exists()
 
 
-def test_whole_model_steps_are_refused_per_layer():
-    check_layer_local("ok", [step("frequency_prune", uniform=True, keep=4), step("svd_experts", rank=2)])
-    with pytest.raises(ConfigError, match="variant 'short' step 1: drop_layers works on the whole model"):
-        check_layer_local("short", [step("reap_prune", keep=4), step("drop_layers", count=1)])
-    with pytest.raises(ConfigError, match="mean over all layers"):
-        check_layer_local("mean", [step("frequency_prune", uniform=True)])
+def test_whole_model_steps_are_refused_in_a_per_layer_job(prepared):
+    model_dir, inputs_dir, stats = prepared("qwen3_moe")
+    with pytest.raises(ConfigError, match="step 1: drop_layers works on the whole model, so it cannot run in a per-layer"):
+        compress_layer(model_dir, 0, [step("reap_prune", keep=4), step("drop_layers", count=1)], stats, inputs_dir, HELDOUT)
+    with pytest.raises(ConfigError, match="step 0: frequency_prune with uniform and no keep .* mean over all layers"):
+        compress_layer(model_dir, 0, [step("frequency_prune", uniform=True)], stats, inputs_dir, HELDOUT)

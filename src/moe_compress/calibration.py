@@ -115,11 +115,10 @@ def tokenize_contiguous(tokenizer, text: str, seq_len: int, max_windows: int | N
     windows = len(ids) // seq_len
     if windows < 1:
         raise DataError(f"the text yields {len(ids)} tokens, fewer than one window of {seq_len}")
-    if max_windows is not None and windows < max_windows:
-        # said, not silent: the perplexity table's token count shows it too
-        log.warning("the text yields %d windows of %d tokens, fewer than perplexity.max_windows=%d; scoring all %d",
-                    windows, seq_len, max_windows, windows)
     if max_windows is not None:
+        if windows < max_windows:  # said, not silent: the perplexity table's token count shows it too
+            log.warning("the text yields %d windows of %d tokens, fewer than perplexity.max_windows=%d; scoring all %d",
+                        windows, seq_len, max_windows, windows)
         windows = min(windows, max_windows)
     return np.asarray(ids[: windows * seq_len], dtype=np.int64).reshape(windows, seq_len)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 def _remove_stale_temporaries(path: Path) -> None:
     """What a killed earlier attempt at ``path`` left (no ``finally`` runs on SIGKILL). Only one job writes
     a given output at a time, so every temporary of this name is stale."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    # tempfile's random part has no dot: ".m.*.tmp" must not catch ".m.2.<random>.tmp" (a variant "m.2")
+    own = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+\.tmp")
+    for stale in (item for item in path.parent.glob(f".{path.name}.*.tmp") if own.fullmatch(item.name)):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from moe_compress.architectures import adapter_for
 from moe_compress.capture import inputs_file, read_moe_input
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.io import atomic_directory, atomic_path, write_json
@@ -44,17 +45,7 @@ PART_METADATA_KEY = "moe_compress_layer"
 
 def moe_layer_indices(model: nn.Module) -> list[int]:
     """The decoder layers with an MoE block (works on a meta skeleton)."""
-    from moe_compress.architectures import adapter_for
-
     return sorted(adapter_for(model.config).moe_blocks(model))
-
-
-def check_layer_local(variant: str, steps: list[dict]) -> None:
-    for index, step in enumerate(steps):
-        reason = whole_model_reason(step)
-        if reason:
-            raise ConfigError(f"variant {variant!r} step {index}: {reason}, so it cannot run as per-layer jobs "
-                              f"(per_layer_jobs sends such variants to one job per variant)")
 
 
 def hub_layout_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,6 +66,11 @@ def compress_layer(model_dir: str | Path, layer: int, steps: list[dict], stats: 
                    inputs_dir: str | Path, heldout_fraction: float, dtype: str = "float32", device: str = "cpu",
                    trust_remote_code: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Apply ``steps`` to MoE layer ``layer`` alone; return its tensors (hub layout) and its facts and reports."""
+    for index, step in enumerate(steps):
+        reason = whole_model_reason(step)
+        if reason:
+            raise ConfigError(f"step {index}: {reason}, so it cannot run in a per-layer job "
+                              f"(compress.per_layer_jobs gives such variants one job)")
     stream = LayerStream(model_dir, dtype, device, trust_remote_code)
     moe_layers = moe_layer_indices(stream.model)
     if layer not in moe_layers:
@@ -192,10 +188,6 @@ def _generation_config(model_dir: str | Path, model: nn.Module):
         return GenerationConfig.from_pretrained(model_dir)
     except OSError:  # no generation_config.json: the one derived from the model config
         return model.generation_config
-
-
-def layer_part_paths(variant_dir: str | Path, layers: list[int]) -> dict[int, Path]:
-    return {layer: Path(variant_dir) / f"layer_{layer}.safetensors" for layer in layers}
 
 
 def skeleton_moe_layers(model_dir: str | Path, trust_remote_code: bool = False) -> list[int]:

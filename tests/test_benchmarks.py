@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from moe_compress.errors import DataError
 from moe_compress.evaluate.benchmarks import (CSV_COLUMNS, official_tasks_dir, primary_score, run_benchmark,
                                               tidy_results, write_offline_tasks)
 from moe_compress.evaluate.speed import measure_speed
@@ -95,6 +96,26 @@ def test_speed_reports_medians_and_memory(tiny_model):
     result = measure_speed(tiny_model, prompts, decode_tokens=4, repeats=2, warmup=1)
     assert result["prompt_tokens"] == 8 and result["batch"] == 2 and result["repeats"] == 2
     assert result["prefill_tokens_per_s"] > 0 and result["t_token_ms"] > 0 and result["peak_memory_mb"] > 0
+
+
+def test_time_per_token_counts_decode_steps_only(tiny_model):
+    """A decode step made 30 ms slower (and a prefill made 200 ms slower) must show as +30 ms per token:
+    the prefill is not in the figure, and a slow first run cannot push it to zero."""
+    import time
+
+    def slow(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        time.sleep(0.03 if ids is not None and ids.shape[1] == 1 else 0.2)
+
+    handle = tiny_model.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        result = measure_speed(tiny_model, np.random.default_rng(0).integers(0, 300, size=(2, 8)),
+                               decode_tokens=4, repeats=1, warmup=0)
+    finally:
+        handle.remove()
+    assert 30 <= result["t_token_ms"] < 150
+    with pytest.raises(DataError, match="decode_tokens must be at least 2"):
+        measure_speed(tiny_model, np.zeros((1, 4), dtype=np.int64), decode_tokens=1, repeats=1, warmup=0)
 
 
 def test_score_formulas_on_fixed_numbers():

@@ -4,6 +4,10 @@ A fixed prompt set (held-out C4 windows cut to ``prompt_tokens``) is run ``warmu
 the warm-up runs are discarded and the median of the rest is reported, so one slow run (page faults,
 another process) does not decide the figure. Decoding is greedy with a fixed number of new tokens
 (``min_new_tokens = max_new_tokens``), so every variant generates the same amount of work.
+
+The time per token is taken inside ``generate``, between the first and the last new token: decode
+steps only. (Subtracting a separately timed prefill from the whole ``generate`` made it a difference of
+two noisy timings, which came out as zero when the prefill run happened to be the slower one.)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from transformers import StoppingCriteriaList
 
 from moe_compress.errors import DataError
 
@@ -23,11 +28,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _TokenClock:
+    """A stopping criterion that never stops: it notes the time each new token is ready."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        _synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, warmup: int) -> dict:
     """``prompts`` int64 [batch, prompt_tokens]. Returns medians over the timed repeats."""
     if len(prompts) == 0:
         raise DataError("speed: no prompts")
+    if decode_tokens < 2:
+        raise DataError("speed.decode_tokens must be at least 2: the time per token is measured between new tokens")
     device = next(model.parameters()).device
     ids = torch.from_numpy(prompts).to(device)
     attention = torch.ones_like(ids)
@@ -43,15 +62,16 @@ def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, 
         model(input_ids=ids, attention_mask=attention, use_cache=False)
         _synchronize(device)
         prefill = time.perf_counter() - start
-        start = time.perf_counter()
+        clock = _TokenClock(device)
         model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=decode_tokens,
-                       min_new_tokens=decode_tokens, do_sample=False, pad_token_id=pad)
-        _synchronize(device)
-        generate = time.perf_counter() - start
+                       min_new_tokens=decode_tokens, do_sample=False, pad_token_id=pad,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+        if len(clock.times) != decode_tokens:
+            raise RuntimeError(f"speed: generate made {len(clock.times)} tokens, not {decode_tokens}")
         if run >= warmup:
             prefill_times.append(prefill)
-            # generate = its own prefill + decode_tokens steps; each step makes one token per prompt
-            decode_times.append(max(generate - prefill, 0.0) / decode_tokens)
+            # decode steps only: from the first new token to the last, one token per prompt each
+            decode_times.append((clock.times[-1] - clock.times[0]) / (decode_tokens - 1))
     prefill_time = statistics.median(prefill_times)
     if device.type == "cuda":
         peak_mb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"

@@ -17,9 +17,20 @@ start_job(job)
 """
 
 
+TORCH_ERROR_IN_A_STEP = """
+import torch
+from moe_compress.methods import CompressionContext, step_errors
+context = CompressionContext()
+with step_errors("step 0 (hc_merge)", context):
+    context.current_layer = 3
+    torch.zeros(2) + torch.zeros(3)
+"""
+
+
 @pytest.mark.parametrize("failure, expected", [
     ('raise DataError("the corpus yields 5 tokens")', "ERROR: DataError: the corpus yields 5 tokens"),
     ('{}["missing"]', "KeyError: 'missing'"),
+    (TORCH_ERROR_IN_A_STEP, "ERROR: ModelError: step 0 (hc_merge), MoE layer 3 failed: The size of tensor a"),
 ])
 def test_an_uncaught_error_is_written_to_the_job_log(tmp_path, failure, expected):
     log = tmp_path / "job.log"
@@ -31,5 +42,5 @@ def test_an_uncaught_error_is_written_to_the_job_log(tmp_path, failure, expected
     assert "hub " in text and expected in text
     if "DataError" in expected:  # our errors: the message alone, no traceback to dig through
         assert "Traceback" not in text
-    else:
+    else:  # a library error, or ours naming one: where it arose
         assert "Traceback" in text

@@ -96,7 +96,7 @@ class MoEArchitecture:
         experts, router = self.experts_of(block), self.router_of(block)
         old_count = self.block_num_experts(block)
         self.install_expert_tensors(block, {
-            (owner, name): getattr(module, name).data.index_select(0, keep).clone()
+            (owner, name): _select_rows(getattr(module, name).data, keep)
             for owner, module, names in (("experts", experts, self.expert_tensors), ("router", router, self.router_tensors))
             for name in names})
         return self._adapt_groups(router, keep, old_count)
@@ -209,6 +209,11 @@ def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
     else:
         setattr(module, name, nn.Parameter(value, requires_grad=False))
+
+
+def _select_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows ``keep`` of ``tensor`` (dim 0), the index moved to the tensor's device (index_select needs both on one)."""
+    return tensor.index_select(0, keep.to(tensor.device)).clone()
 
 
 def _get_path(root: nn.Module, dotted: str):

@@ -77,13 +77,13 @@ def layer_saliency(adapter, block, hidden: torch.Tensor) -> np.ndarray:
 
     weights, indices = route(adapter, block, hidden)
     num_experts = adapter.block_num_experts(block)
-    saliency = np.zeros(num_experts)
+    saliency = torch.zeros(num_experts, dtype=torch.float64, device=hidden.device)
     for expert in range(num_experts):  # a loop over experts; each expert's tokens are one batch
         token_idx, rank = torch.where(indices == expert)
         if len(token_idx):
             norms = run_expert(adapter, block, hidden[token_idx], expert).double().norm(dim=-1)
-            saliency[expert] = float((weights[token_idx, rank].double() * norms).mean())
-    return saliency
+            saliency[expert] = (weights[token_idx, rank].double() * norms).mean()
+    return saliency.cpu().numpy()
 
 
 def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:

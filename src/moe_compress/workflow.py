@@ -31,10 +31,14 @@ def start_job(snakemake) -> logging.Logger:
 def _log_failure(logger: logging.Logger):
     """An excepthook that writes the error into the job's log (which Snakemake points users to), not only
     to stderr (which on a cluster lands in the scheduler's log): our own errors as their one-line message,
-    anything else with its traceback."""
+    anything else with its traceback. Where our error names a library's (a torch error inside a step), the
+    library error's traceback follows the message: it tells where in the code the error arose."""
 
     def log_and_exit(exc_type, exc, traceback):
-        if issubclass(exc_type, MoeCompressError):
+        cause = exc.__cause__
+        if issubclass(exc_type, MoeCompressError) and isinstance(cause, RuntimeError):
+            logger.error("%s: %s", exc_type.__name__, exc, exc_info=(type(cause), cause, cause.__traceback__))
+        elif issubclass(exc_type, MoeCompressError):
             logger.error("%s: %s", exc_type.__name__, exc)
         else:
             logger.error("failed", exc_info=(exc_type, exc, traceback))

@@ -168,7 +168,10 @@ def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: s
     """Run one lm-eval task (or group) on a checkpoint; return lm-eval's results dict (JSON-safe)."""
     import lm_eval
 
+    from moe_compress.modelio import resolve_device
+
     arguments = model_arguments(model_path, dtype, device, trust_remote_code, backend)
+    device = str(resolve_device(device))  # "auto" made concrete here, with our error where CUDA is missing
     manager = task_manager(source, [task], data_dir, work_dir)
     results = lm_eval.simple_evaluate(model=backend, model_args=arguments, tasks=[task], num_fewshot=num_fewshot,
                                       limit=limit, batch_size=batch_size, device=device if backend == "hf" else None,

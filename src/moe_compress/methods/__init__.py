@@ -5,6 +5,7 @@ know nothing of Snakemake or file paths."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -31,7 +32,12 @@ class CompressionContext:
     - ``calibration_ids``: the calibration token windows [samples, seq_len], for whole-model measurements;
     - ``renormalized``: layers a ``renormalize`` step has switched to renormalised top-k weights;
     - ``layers``: the MoE layers the steps work on (None: all). A per-layer job sets one layer: the
-      model's other layers may stay on the meta device, unread.
+      model's other layers may stay on the meta device, unread;
+    - ``current_layer``: the layer a step is working on (set by ``each_block``), so an error raised
+      inside a step can name it.
+
+    Device placement: cached inputs and reference outputs live on the device of the layer they feed;
+    ``original_expert_ids`` are bookkeeping that index the statistics table, so they stay on the CPU.
     """
 
     stats: pd.DataFrame | None = None
@@ -42,6 +48,7 @@ class CompressionContext:
     calibration_ids: torch.Tensor | None = None
     renormalized: set[int] = field(default_factory=set)
     layers: set[int] | None = None
+    current_layer: int | None = None
 
     @classmethod
     def for_model(cls, model, stats: pd.DataFrame | None = None, moe_inputs: dict[int, torch.Tensor] | None = None,
@@ -50,7 +57,7 @@ class CompressionContext:
         context = cls(stats=stats, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction,
                       calibration_ids=calibration_ids, layers=layers)
         adapter = adapter_for(model.config)
-        context.original_expert_ids = {index: torch.arange(adapter.block_num_experts(block))
+        context.original_expert_ids = {index: torch.arange(adapter.block_num_experts(block), device="cpu")
                                        for index, block in context.moe_blocks(model).items()}
         return context
 
@@ -63,6 +70,17 @@ class CompressionContext:
         if missing:
             raise ModelError(f"layers {sorted(missing)} are not MoE layers of this model (MoE layers: {sorted(blocks)})")
         return {index: block for index, block in blocks.items() if index in self.layers}
+
+    def each_block(self, model, only=None):
+        """``moe_blocks(model).items()`` (restricted to the layers in ``only``, if given), noting each
+        layer in ``current_layer`` while the caller works on it."""
+        blocks = self.moe_blocks(model)
+        for layer in (blocks if only is None else only):
+            if layer not in blocks:
+                raise ModelError(f"layer {layer} is not an MoE layer this step works on (MoE layers: {sorted(blocks)})")
+            self.current_layer = layer
+            yield layer, blocks[layer]
+        self.current_layer = None
 
     def heldout_count(self, layer: int) -> int:
         return max(1, int(round(len(self.moe_inputs[layer]) * self.heldout_fraction)))
@@ -138,7 +156,7 @@ def _measure(model, context: CompressionContext) -> tuple[dict[int, torch.Tensor
 
     adapter = adapter_for(model.config)
     outputs, active = {}, {}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         if layer not in context.moe_inputs:
             continue
         routing = {}
@@ -158,10 +176,16 @@ def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[d
 
     With cached inputs, every step's report carries, per MoE layer, the relative reconstruction error
     ||f - f'|| / ||f|| of the block on held-out calibration tokens (f: the original block) and the mean
-    number of experts active per token."""
+    number of experts active per token.
+
+    Every step runs on the device the model's weights are on; an error inside a step is reported with
+    the step and the layer it was working on, and a tensor a step leaves on another device, or with a
+    NaN or inf, is named with its layer and step."""
     from moe_compress.methods.merging import block_output, relative_error
 
     registry = _registry()
+    device = weights_device(model, context)
+    check_inputs_placed(context, device)
     if context.moe_inputs and not context.reference_outputs:
         with torch.no_grad():
             # fit and held-out parts separately, exactly as they are measured later (same batch shapes,
@@ -173,16 +197,50 @@ def apply_steps(model, steps: list[dict], context: CompressionContext) -> list[d
     reports = []
     for index, step in enumerate(steps):
         log.info("step %d: %s", index, step)
-        report = {"step": index, **step, **registry[step["method"]](model, step, context)}
+        where = f"step {index} ({step['method']})"
+        with step_errors(where, context):
+            report = {"step": index, **step, **registry[step["method"]](model, step, context)}
         for layer, block in context.moe_blocks(model).items():  # e.g. a merge or a fit that diverged
             for name, tensor in block.state_dict().items():
+                if tensor.device != device:
+                    raise ModelError(f"{name} of MoE layer {layer} is on {tensor.device} after {where}, but the "
+                                     f"model's weights are on {device}")
                 if tensor.is_floating_point():
-                    check_finite(tensor, f"{name} of MoE layer {layer} after step {index} ({step['method']})")
+                    check_finite(tensor, f"{name} of MoE layer {layer} after {where}")
         if context.reference_outputs:
-            current, active = _measure(model, context)
+            with step_errors(f"measuring {where}", context):
+                current, active = _measure(model, context)
             # keyed by the layer's current index (drop_layers re-keys the context's per-layer data)
             report["reconstruction_error"] = {str(layer): relative_error(context.split_reference(layer)[1], output)
                                               for layer, output in current.items()}
             report["active_experts_mean"] = {str(layer): value for layer, value in active.items()}
         reports.append(report)
     return reports
+
+
+def weights_device(model, context: CompressionContext) -> torch.device:
+    """The device of the weights the steps work on: the MoE blocks' (a per-layer job leaves the model's
+    other layers on meta), else the model's."""
+    blocks = context.moe_blocks(model)
+    module = next(iter(blocks.values())) if blocks else model
+    return next(module.parameters()).device
+
+
+def check_inputs_placed(context: CompressionContext, device: torch.device) -> None:
+    """The cached inputs must sit where the weights are: a mismatch would surface deep inside a step."""
+    for layer, hidden in context.moe_inputs.items():
+        if hidden.device != device:
+            raise ModelError(f"the cached MoE inputs of layer {layer} are on {hidden.device}, but the model's weights "
+                             f"are on {device}; read them with read_moe_inputs(..., device=model.device)")
+
+
+@contextmanager
+def step_errors(where: str, context: CompressionContext):
+    """Re-raise torch's errors (device mismatches, out of memory, shape errors) naming the step and the
+    layer it was working on; our own errors already say what is wrong."""
+    context.current_layer = None
+    try:
+        yield
+    except RuntimeError as err:
+        layer = "" if context.current_layer is None else f", MoE layer {context.current_layer}"
+        raise ModelError(f"{where}{layer} failed: {err}") from err

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean over tokens of cos(input, output) of every decoder layer's hidden states, [num_layers]."""
     layers = adapter_for(model.config).decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(layers), dtype=torch.float64, device=device)  # beside the hidden states it sums
     count = 0
     inputs = {}
 
@@ -43,7 +44,6 @@ def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> t
         layer.register_forward_pre_hook(remember_input(index), with_kwargs=True),
         layer.register_forward_hook(compare_output(index), with_kwargs=True))]
     try:
-        device = next(model.parameters()).device
         for start in range(0, len(input_ids), batch_size):
             batch = input_ids[start:start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
@@ -51,7 +51,7 @@ def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> t
     finally:
         for handle in handles:
             handle.remove()
-    return sums / max(count, 1)
+    return (sums / max(count, 1)).cpu()
 
 
 def remove_layers(model, drop: list[int]) -> dict[int, int]:

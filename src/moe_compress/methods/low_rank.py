@@ -34,7 +34,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     ``singular_values`` is [..., k]; leading dimensions (experts) are summed rank by rank."""
     squared = (singular_values.double() ** 2).reshape(-1, singular_values.shape[-1]).sum(dim=0)
     cumulative = torch.cumsum(squared, dim=0) / squared.sum().clamp_min(1e-300)
-    rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)).item()) + 1
     return min(rank, singular_values.shape[-1])
 
 
@@ -82,7 +82,7 @@ def svd_experts(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     rank, energy = step.get("rank"), step.get("energy")
     report = {"layers": {}}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         experts = adapter.experts_of(block)
         if is_low_rank(experts):
             raise ConfigError(f"svd_experts: layer {layer} is already low-rank (two svd_experts steps in one variant)")

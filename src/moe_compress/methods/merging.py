@@ -54,7 +54,7 @@ def expert_centroids(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor
     weights, indices = route(adapter, block, hidden)
     gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # normalised top-k weight G
     num_experts = adapter.block_num_experts(block)
-    centroids = torch.zeros(num_experts, hidden.shape[1], dtype=torch.float32)
+    centroids = torch.zeros(num_experts, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     for expert in range(num_experts):  # a loop over experts; tokens are handled as one batch each
         token_idx, rank = torch.where(indices == expert)
         if len(token_idx):
@@ -77,14 +77,22 @@ def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> floa
 # --- grouping ----------------------------------------------------------------------------------
 
 
+def clustering_points(points: torch.Tensor) -> torch.Tensor:
+    """The centroids as the clustering reads them: on the CPU, in float64. Grouping is a small [experts,
+    experts] problem with a discrete answer; solving it in one place and precision keeps the groups the
+    same whatever device computed the centroids (and the seeded k-means generator is a CPU one)."""
+    return points.detach().to("cpu", torch.float64)
+
+
 def average_linkage_clusters(points: torch.Tensor, merges: int, max_cluster_size: int | None) -> list[list[int]]:
     """Agglomerative clustering with average linkage: ``merges`` times, join the closest pair of
     clusters whose combined size stays within ``max_cluster_size``. Returns clusters sorted by first member."""
+    points = clustering_points(points)
     count = len(points)
-    distance = torch.cdist(points.double(), points.double())
+    distance = torch.cdist(points, points)
     distance.fill_diagonal_(float("inf"))
-    sizes = torch.ones(count, dtype=torch.long)
-    active = torch.ones(count, dtype=torch.bool)
+    sizes = torch.ones(count, dtype=torch.long, device=points.device)
+    active = torch.ones(count, dtype=torch.bool, device=points.device)
     members = [[index] for index in range(count)]
     limit = max_cluster_size or count
     for _ in range(merges):
@@ -109,8 +117,8 @@ def kmeans_clusters(points: torch.Tensor, num_clusters: int, seed: int, iteratio
     """k-means (k-means++ initialisation, seeded) on the centroids; empty clusters are not produced:
     each is re-seeded with the point farthest from its centre."""
     generator = torch.Generator().manual_seed(seed)
-    points = points.double()
-    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    points = clustering_points(points)
+    centres = points[torch.randint(len(points), (1,), generator=generator, device=points.device)]
     while len(centres) < num_clusters:
         nearest = torch.cdist(points, centres).min(dim=1).values ** 2
         probabilities = nearest / nearest.sum() if nearest.sum() > 0 else torch.ones_like(nearest) / len(nearest)
@@ -137,7 +145,7 @@ def kmeans_clusters(points: torch.Tensor, num_clusters: int, seed: int, iteratio
 def frequency_coefficients(cluster: list[int], counts: torch.Tensor) -> torch.Tensor:
     weights = counts[cluster].double()
     if weights.sum() == 0:  # no member was selected on the calibration tokens: plain average
-        weights = torch.ones(len(cluster), dtype=torch.float64)
+        weights = torch.ones(len(cluster), dtype=torch.float64, device=counts.device)
     return weights / weights.sum()
 
 
@@ -226,7 +234,8 @@ def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_
         scale = target_fit.pow(2).sum(dim=-1).mean().clamp_min(1e-20)  # relative loss: lr independent of scale
         steps_since_best = 0
         for iteration in range(1, step["learn_steps"] + 1):
-            rows = torch.randperm(len(fit), generator=generator)[:batch]
+            # a CPU generator: the same batches on every device
+            rows = torch.randperm(len(fit), generator=generator, device="cpu")[:batch].to(fit.device)
             loss = (block_output_with(block, fit[rows], merged_parameters()) - target_fit[rows]).pow(2).sum(-1).mean()
             optimizer.zero_grad()
             (loss / scale).backward()
@@ -281,7 +290,7 @@ def hc_merge(model, step: dict, context) -> dict:
     context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
     report = {"clusters": {}, "layers": {}}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         fit, heldout = context.split_inputs(layer)
         num_experts = adapter.block_num_experts(block)
         merges = step["merges_per_layer"]
@@ -301,6 +310,7 @@ def hc_merge(model, step: dict, context) -> dict:
         report["layers"][str(layer)] = {"coefficients": [[round(float(c), 6) for c in cs] for cs in coefficients],
                                         **measured}
         # a merged expert stands for its members; later steps see its first member's original id
-        context.original_expert_ids[layer] = torch.tensor([int(original_ids[cluster[0]]) for cluster in clusters])
+        context.original_expert_ids[layer] = torch.tensor([int(original_ids[cluster[0]]) for cluster in clusters],
+                                                     device="cpu")
         log.info("layer %d: %d -> %d experts (%s merge)", layer, num_experts, len(clusters), step["merge"])
     return report

@@ -19,14 +19,15 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     """Keep, in each listed MoE layer, the experts at the given current slot indices (sorted).
     Returns, per layer, what else the architecture had to adapt (e.g. expert groups)."""
     adapter = adapter_for(model.config)
-    blocks = context.moe_blocks(model)
     adaptations = {}
-    for layer, keep in keep_per_layer.items():
-        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-        top_k = adapter.router_settings(blocks[layer])["top_k"]  # the layer's own top-k, which may differ per layer
+    for layer, block in context.each_block(model, only=keep_per_layer):
+        # slot indices are bookkeeping, kept on the CPU beside original_expert_ids; select_experts moves
+        # them to the device of each tensor it selects from
+        keep = torch.as_tensor(keep_per_layer[layer], dtype=torch.long, device="cpu").sort().values
+        top_k = adapter.router_settings(block)["top_k"]  # the layer's own top-k, which may differ per layer
         if len(keep) < top_k:
             raise ModelError(f"layer {layer}: cannot keep {len(keep)} experts, fewer than the {top_k} active per token")
-        changed = adapter.select_experts(blocks[layer], keep)
+        changed = adapter.select_experts(block, keep)
         if changed:
             log.warning("layer %d: %s", layer, changed)
             adaptations[str(layer)] = changed

@@ -30,7 +30,7 @@ def active_experts(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     k = step["k"]
     report = {"previous_top_k": {}}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         router = adapter.router_of(block)
         num_experts = adapter.block_num_experts(block)
         if k > num_experts:
@@ -43,7 +43,7 @@ def active_experts(model, step: dict, context) -> dict:
 def renormalize(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     report = {"switched": [], "already_renormalized": []}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         router = adapter.router_of(block)
         if isinstance(adapter.renormalize, str) and not getattr(router, adapter.renormalize):
             setattr(router, adapter.renormalize, True)
@@ -79,7 +79,7 @@ def dynamic_skip(model, step: dict, context) -> dict:
     report = {"beta": {}}
     if beta == "auto":
         context.require_inputs("dynamic_skip with beta: auto")
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         router = adapter.router_of(block)
         if step["target_active"] is not None and step["target_active"] > router.top_k:
             raise ConfigError(f"dynamic_skip.target_active={step['target_active']} is more than the {router.top_k} "
@@ -122,7 +122,7 @@ def output_rescale(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     per_channel = step["granularity"] == "channel"
     report = {"layers": {}}
-    for layer, block in context.moe_blocks(model).items():
+    for layer, block in context.each_block(model):
         fit, heldout = context.split_inputs(layer)
         target_fit, target_heldout = context.split_reference(layer)
         routed, rest = routed_and_rest(adapter, block, fit)

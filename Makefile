@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: setup demo test test-slurm test-slurm-accounting bench lint dag clean
+.PHONY: setup demo test test-gpu test-narrow-isa test-slurm test-slurm-accounting bench lint dag clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,22 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not slurm" tests
+
+# on a GPU node: every method and statistics test on CUDA, CPU/CUDA agreement (fp32) and every step in bf16,
+# and the tiny DAG with model.device: cuda; each test says why it skipped where CUDA is absent (-rs)
+test-gpu: setup
+	$(BIN)/python -m pytest -m gpu -rs tests
+
+# the tests that compare numbers, again on a narrower instruction set than this CPU's (AVX-512 -> AVX2,
+# otherwise -> the portable baseline), so an assertion that only holds on one CPU fails here, not for a user
+NARROW_ISA_AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+NARROW_ISA_BASE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+test-narrow-isa: setup
+	@isa=$$($(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability())"); \
+	case "$$isa" in AVX512*) narrow="$(NARROW_ISA_AVX2)";; *) narrow="$(NARROW_ISA_BASE)";; esac; \
+	echo "this CPU: $$isa; the numeric tests again with $$narrow"; \
+	env $$narrow $(BIN)/python -c "import torch; print('torch now dispatches to', torch.backends.cpu.get_cpu_capability())"; \
+	env $$narrow $(BIN)/python -m pytest -m "numeric and not gpu and not slurm" tests
 
 # a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing);
 # -rP prints what the cluster ran (job ids and rules)

@@ -30,8 +30,16 @@ _COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_
                num_key_value_heads=2)
 
 
-def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2):
-    """A tiny config of each architecture, with the real architecture's options switched on."""
+def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
+    """A tiny config of each architecture, with the real architecture's options switched on (``overrides``:
+    further config fields, e.g. DeepSeek-V3's ``n_group``)."""
+    config = _tiny_config(model_type, num_experts, top_k)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _tiny_config(model_type: str, num_experts: int, top_k: int):
     if model_type == "qwen3_moe":  # a dense layer in the middle (mlp_only_layers)
         return Qwen3MoeConfig(**_COMMON, head_dim=8, moe_intermediate_size=16, num_experts=num_experts,
                               num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=[1])
@@ -56,6 +64,31 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2):
 
 
 ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+
+NO_CUDA = "CUDA is not available on this machine (make test-gpu runs these on a GPU node)"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+# the devices every method and statistics test runs on: the CPU always, CUDA where present
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, requires_cuda])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def assert_same_model(reloaded, model, ids: torch.Tensor) -> None:
+    """A reloaded checkpoint is the in-memory model: every saved tensor bitwise equal, and the same logits.
+
+    The logits are compared within the dtype's tolerance, not bitwise: the loaded tensors sit at other
+    memory alignments (safetensors maps the file), and CPU GEMM kernels pick their code path by
+    alignment and vector width, so the last bits of a sum may differ though the weights are equal."""
+    ours, theirs = model.state_dict(), reloaded.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype and torch.equal(theirs[name].cpu(), tensor.cpu()), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids.to(reloaded.device)).logits,
+                                   model(input_ids=ids.to(model.device)).logits)
 
 
 def tiny_model_of(model_type: str, seed: int = 0, **kwargs):

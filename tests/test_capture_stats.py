@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from moe_compress.architectures import adapter_for
@@ -6,23 +7,32 @@ from moe_compress.capture import read_router_cache, run_capture, write_cache, in
 from moe_compress.stats import expert_frequency, selected_within_top
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.numeric
 
-def test_router_cache_matches_direct_forward(tmp_path, tiny_model, token_batch):
-    captured = run_capture(tiny_model, token_batch, batch_size=4)
+
+def test_router_cache_matches_direct_forward(tmp_path, tiny_model, token_batch, device):
+    tiny_model.to(device)
+    batch_size = 4
+    captured = run_capture(tiny_model, token_batch, batch_size=batch_size)
     manifest = write_cache(captured, tmp_path / "cache", {})
     routing = read_router_cache(tmp_path / "cache")
     assert sorted(routing) == [0, 2] and sorted(manifest["layers"]) == ["0", "2"]  # layer 1 is dense
+    batches = token_batch.split(batch_size)
     with torch.no_grad():
-        direct = tiny_model(input_ids=token_batch, output_router_logits=True)
-    # the model's own router-logit output (independent of our hooks), in MoE-layer order
-    for direct_logits, layer in zip(direct.router_logits, sorted(routing)):
-        np.testing.assert_array_equal(routing[layer].logits, direct_logits.float().numpy())
+        # the model's own router-logit output (independent of our hooks), batch by batch as the cache ran:
+        # the same kernels on the same shapes, so bit for bit
+        direct = [tiny_model(input_ids=batch.to(device), output_router_logits=True).router_logits for batch in batches]
+    for position, layer in enumerate(sorted(routing)):  # router_logits come in MoE-layer order
+        direct_logits = torch.cat([per_batch[position] for per_batch in direct]).float().cpu()
+        np.testing.assert_array_equal(routing[layer].logits, direct_logits.numpy())
     adapter = adapter_for(tiny_model.config)
+    rows_per_batch = [batch.numel() for batch in batches]
     for layer, block in adapter.moe_blocks(tiny_model).items():
         inputs = load_file(tmp_path / "cache" / inputs_file(layer))["hidden_states"]
         assert inputs.shape == (token_batch.numel(), 32)
-        with torch.no_grad():
-            logits, weights, indices = adapter.router_of(block)(inputs)
+        with torch.no_grad():  # the router on the cached inputs, in the rows of each batch it saw
+            decided = [adapter.router_of(block)(part.to(device)) for part in inputs.split(rows_per_batch)]
+        logits, weights, indices = (torch.cat([part[i] for part in decided]).cpu() for i in range(3))
         # the cached inputs are exactly what the router saw, and the cached decisions what it chose
         np.testing.assert_array_equal(logits.numpy(), routing[layer].logits)
         np.testing.assert_array_equal(indices.numpy(), routing[layer].topk_indices)

@@ -23,6 +23,8 @@ from moe_compress.report import checkpoint_tables
 from moe_compress.stats import expert_frequency, streamed_expert_saliency, with_saliency
 from moe_compress.streaming import CheckpointTensors, LayerStream
 
+pytestmark = pytest.mark.numeric
+
 HELDOUT = 0.25
 
 

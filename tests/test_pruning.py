@@ -5,11 +5,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import assert_same_model
 from moe_compress.capture import read_router_cache, run_capture, write_cache
 from moe_compress.errors import ModelError
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_frequency
+
+pytestmark = pytest.mark.numeric
 
 
 @pytest.fixture
@@ -20,7 +23,7 @@ def stats(tmp_path, tiny_model, token_batch):
 
 def logits(model, token_batch):
     with torch.no_grad():
-        return model(input_ids=token_batch).logits
+        return model(input_ids=token_batch.to(model.device)).logits
 
 
 def compress(model, steps, stats):
@@ -28,14 +31,16 @@ def compress(model, steps, stats):
     return apply_steps(model, steps, context)
 
 
-def test_prune_nothing_is_bitwise_identical(tiny_model, token_batch, stats):
+def test_prune_nothing_is_bitwise_identical(tiny_model, token_batch, stats, device):
+    tiny_model.to(device)
     before = logits(tiny_model, token_batch)
     reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": 0}], stats)
     assert reports[0]["kept_per_layer"] == {"0": 8, "2": 8}
-    assert torch.equal(before, logits(tiny_model, token_batch))
+    assert torch.equal(before, logits(tiny_model, token_batch))  # the same weights, kernels and shapes
 
 
-def test_pruning_changes_logits_and_drops_rarely_used(tiny_model, token_batch, stats):
+def test_pruning_changes_logits_and_drops_rarely_used(tiny_model, token_batch, stats, device):
+    tiny_model.to(device)
     before = logits(tiny_model, token_batch)
     threshold = int(stats["selected"].median())
     reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": threshold}], stats)
@@ -54,29 +59,27 @@ def saved_tensor_count(path):
     return total
 
 
-def test_non_uniform_checkpoint_reloads_with_remote_code(tmp_path, tiny_model, tokenizer, token_batch, stats):
+def test_non_uniform_checkpoint_reloads_with_remote_code(tmp_path, tiny_model, tokenizer, token_batch, stats, device):
+    tiny_model.to(device)
     reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": int(stats["selected"].quantile(0.4))}], stats)
     assert len(set(reports[0]["kept_per_layer"].values())) > 1, "fixture should give a non-uniform pruning"
-    expected = logits(tiny_model, token_batch)
     record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "t"})
     assert record["loader"] == "remote_code"
     assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "compression.json").read_text())["experts_per_layer"] == reports[0]["kept_per_layer"]
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
-    assert torch.equal(expected, logits(reloaded, token_batch))
-    assert torch.equal(expected, logits(load_model(tmp_path / "ckpt"), token_batch))  # our loader finds the flag
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).to(device)
+    assert_same_model(reloaded, tiny_model, token_batch)
+    assert_same_model(load_model(tmp_path / "ckpt", device=str(device)), tiny_model, token_batch)  # our loader finds the flag
 
 
 def test_uniform_checkpoint_is_stock(tmp_path, tiny_model, tokenizer, token_batch, stats):
     reports = compress(tiny_model, [{"method": "frequency_prune", "uniform": True, "keep": 5}], stats)
     assert reports[0]["kept_per_layer"] == {"0": 5, "2": 5}
-    expected = logits(tiny_model, token_batch)
     record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "u"})
     assert record["loader"] == "stock" and not (tmp_path / "ckpt" / "modeling_moe_compress.py").exists()
     config = AutoConfig.from_pretrained(tmp_path / "ckpt")
     assert config.num_experts == 5 and not hasattr(config, "auto_map")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")  # no remote code
-    assert torch.equal(expected, logits(reloaded, token_batch))
+    assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"), tiny_model, token_batch)  # no remote code
     assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
 
 

@@ -4,7 +4,7 @@ must hold bit for bit, fitted quantities that must not make things worse, and sa
 import pytest
 import torch
 
-from conftest import ARCHITECTURE_TYPES, tiny_model_of
+from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError
@@ -14,6 +14,8 @@ from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_saliency
 from test_merging import context_with_inputs
 from test_pruning import saved_tensor_count
+
+pytestmark = pytest.mark.numeric
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -25,11 +27,11 @@ def steps(*raw_steps):
 
 def logits(model, ids=IDS):
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids.to(model.device)).logits
 
 
 def full_context(model, tokens=192):
-    context = context_with_inputs(model, tokens)
+    context = context_with_inputs(model, tokens, device=model.device)
     context.calibration_ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
     return context
 
@@ -37,36 +39,36 @@ def full_context(model, tokens=192):
 def round_trip(model, tmp_path, tokenizer, dtype="float32"):
     record = save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
     assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
-    reloaded = load_model(tmp_path / "ckpt", dtype=dtype)
-    assert torch.equal(logits(reloaded), logits(model)), "the reloaded checkpoint computes something else"
+    reloaded = load_model(tmp_path / "ckpt", dtype=dtype, device=str(model.device))
+    assert_same_model(reloaded, model, IDS)
     # remote-code checkpoints keep transformers' fused experts kernels (grouped_mm), not the eager loop
     assert reloaded.config._experts_implementation == model.config._experts_implementation
     return record
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
-def test_own_top_k_and_beta_zero_reproduce_the_base_logits_bitwise(tmp_path, model_type, tokenizer):
-    model = tiny_model_of(model_type)
+def test_own_top_k_and_beta_zero_reproduce_the_base_logits_bitwise(tmp_path, model_type, tokenizer, device):
+    model = tiny_model_of(model_type).to(device)
     expected = logits(model)
     top_k = adapter_for(model.config).top_k(model.config)
     reports = apply_steps(model, steps({"method": "active_experts", "k": top_k},
                                        {"method": "dynamic_skip", "beta": 0}), full_context(model))
-    assert torch.equal(logits(model), expected)
+    assert torch.equal(logits(model), expected)  # the same weights, kernels and shapes: bit for bit
     assert all(error == 0 for error in reports[-1]["reconstruction_error"].values())
     assert all(active == top_k for active in reports[-1]["active_experts_mean"].values())
     assert round_trip(model, tmp_path, tokenizer)["loader"] == "remote_code"  # the skip router travels along
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"])
-def test_fewer_active_experts_with_each_mitigation_round_trip(tmp_path, model_type, tokenizer):
-    model = tiny_model_of(model_type, top_k=3)
+def test_fewer_active_experts_with_each_mitigation_round_trip(tmp_path, model_type, tokenizer, device):
+    model = tiny_model_of(model_type, top_k=3).to(device)
     reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, {"method": "renormalize"},
                                        {"method": "output_rescale"}),
                           full_context(model))
     assert all(active == 2 for active in reports[0]["active_experts_mean"].values())
     record = round_trip(model, tmp_path / "a", tokenizer)
     assert record["loader"] == "stock" and record["active_experts"] == 2  # plain config expresses all of it
-    skipping = tiny_model_of(model_type, top_k=3)
+    skipping = tiny_model_of(model_type, top_k=3).to(device)
     reports = apply_steps(skipping, steps({"method": "dynamic_skip", "beta": "auto", "target_active": 2.0}),
                           full_context(skipping))
     for active in reports[0]["active_experts_mean"].values():
@@ -84,8 +86,8 @@ def test_auto_beta_hits_the_target_on_its_own_tokens():
 
 @pytest.mark.parametrize("granularity", ["channel", "scalar"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
-def test_output_rescale_never_increases_calibration_error(model_type, granularity):
-    model = tiny_model_of(model_type, top_k=3)
+def test_output_rescale_never_increases_calibration_error(model_type, granularity, device):
+    model = tiny_model_of(model_type, top_k=3).to(device)
     report = apply_steps(model, steps({"method": "active_experts", "k": 1},
                                       {"method": "output_rescale", "granularity": granularity}),
                          full_context(model))
@@ -97,13 +99,13 @@ def test_output_rescale_never_increases_calibration_error(model_type, granularit
             rescaled["reconstruction_error"][layer], rel=1e-4)
 
 
-def test_reap_saliency_equals_a_brute_force_computation():
+def test_reap_saliency_equals_a_brute_force_computation(device):
     model = tiny_model_of("qwen3_moe")
     adapter = adapter_for(model.config)
     inputs = {layer: torch.randn(50, 32, generator=torch.Generator().manual_seed(layer))
               for layer in adapter.moe_blocks(model)}
-    table = expert_saliency(model, inputs)
-    for layer, block in adapter.moe_blocks(model).items():
+    table = expert_saliency(model.to(device), {layer: hidden.to(device) for layer, hidden in inputs.items()})
+    for layer, block in adapter.moe_blocks(model.cpu()).items():  # the reference: on the CPU, token by token
         experts, router = adapter.experts_of(block), adapter.router_of(block)
         torch.set_grad_enabled(False)
         totals, counts = torch.zeros(8, dtype=torch.float64), torch.zeros(8)
@@ -122,8 +124,8 @@ def test_reap_saliency_equals_a_brute_force_computation():
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tokenizer):
-    model = tiny_model_of("mixtral")
+def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tokenizer, device):
+    model = tiny_model_of("mixtral").to(device)
     context = full_context(model)
     context.stats = expert_saliency(model, context.moe_inputs)
     report = apply_steps(model, steps({"method": "reap_prune", "keep": 5}), context)[0]
@@ -134,8 +136,8 @@ def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tok
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
-def test_dropping_zero_layers_is_identity_and_dropping_layers_round_trips(tmp_path, model_type, tokenizer):
-    model = tiny_model_of(model_type)
+def test_dropping_zero_layers_is_identity_and_dropping_layers_round_trips(tmp_path, model_type, tokenizer, device):
+    model = tiny_model_of(model_type).to(device)
     expected = logits(model)
     apply_steps(model, steps({"method": "drop_layers", "count": 0}), full_context(model))
     assert torch.equal(logits(model), expected)
@@ -143,7 +145,7 @@ def test_dropping_zero_layers_is_identity_and_dropping_layers_round_trips(tmp_pa
     assert len(report["dropped_layers"]) == 1 and model.config.num_hidden_layers == 2
     assert len(report["similarity"]) == 3
     # generation indexes the KV cache by layer: it must run after the drop
-    model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False)
+    model.generate(IDS[:, :4].to(device), max_new_tokens=3, do_sample=False)
     assert round_trip(model, tmp_path, tokenizer)["loader"] == "stock"
 
 
@@ -156,8 +158,8 @@ def test_dropping_an_explicit_layer_keeps_the_layer_pattern():
         apply_steps(model, steps({"method": "drop_layers", "layers": [5]}), full_context(model))
 
 
-def test_dtype_cast_is_the_last_step_and_round_trips(tmp_path, tokenizer):
-    model = tiny_model_of("olmoe")
+def test_dtype_cast_is_the_last_step_and_round_trips(tmp_path, tokenizer, device):
+    model = tiny_model_of("olmoe").to(device)
     reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, {"method": "dtype", "dtype": "bfloat16"}),
                           full_context(model))
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -15,6 +15,8 @@ from moe_compress.modelio import load_model
 from moe_compress.stats import expert_saliency, streamed_expert_saliency
 from moe_compress.streaming import LayerStream
 
+pytestmark = pytest.mark.numeric
+
 
 def save_tiny(path, model_type, **save_options):
     tiny_model_of(model_type).save_pretrained(path, **save_options)

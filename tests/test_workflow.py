@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import (REPO, make_tokenizer, put_c4_in_hub_cache, put_model_in_hub_cache,
+from conftest import (REPO, make_tokenizer, put_c4_in_hub_cache, put_model_in_hub_cache, requires_cuda,
                       tiny_model_of)
 
 pytestmark = pytest.mark.slow
@@ -119,6 +119,40 @@ def test_end_to_end_final_table(tiny_run):
     assert list(lm_eval_csv.columns) == ["task", "metric", "value", "stderr", "n", "num_fewshot"]
     for rule_log in ("build_demo_model", "cache_router_activations", "expert_stats", "final_table"):
         assert (workdir / f"results/logs/{rule_log}.log").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_tiny_dag_on_cuda(tiny_run, tmp_path):
+    """The tiny DAG with model.device: cuda, plus the whole-model steps (layer dropping, bf16) and the
+    per-layer jobs: every rule reaches the final table on the GPU, and the discrete outcomes (the
+    experts each pruning variant keeps) are the CPU run's."""
+    config = copy.deepcopy(TINY)
+    config["model"]["device"] = "cuda"
+    config["variants"] = {**config["variants"],
+                          "dropped": {"method": "drop_layers", "count": 1},
+                          "bf16_pruned": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
+                                                    {"method": "dtype", "dtype": "bfloat16"}]}}
+    config["evaluation"]["variants"] = ["base", "uniform4", "bf16_pruned"]
+    result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    per_layer = copy.deepcopy(config)
+    per_layer["compress"] = {"per_layer_jobs": True}
+    result = snakemake(tmp_path, write_config(tmp_path / "per_layer.yaml", per_layer), "--forcerun", "compress_layer",
+                       "assemble_checkpoint", "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
+    assert not table[["parameters", "ppl_c4_heldout", "ppl_wikitext2", "t_token_ms"]].isna().any().any()
+    assert not table.loc[["base", "uniform4", "bf16_pruned"], "acc_winogrande"].isna().any()
+    assert table.loc["dropped", "layers"] == 1 and table.loc["base", "layers"] == 2
+    assert pd.read_csv(tmp_path / "results/eval/base/speed.csv")["device"].str.startswith("cuda").all()
+    cpu_workdir, _ = tiny_run
+    for variant in ("keep_most", "keep_some", "uniform4", "reap4", "merged"):
+        ours, theirs = (json.loads((workdir / f"results/checkpoints/{variant}/compression.json").read_text())
+                        for workdir in (tmp_path, cpu_workdir))
+        assert ours["experts_per_layer"] == theirs["experts_per_layer"], variant
+        assert [report.get("kept_original_ids", report.get("clusters")) for report in ours["step_reports"]] == \
+            [report.get("kept_original_ids", report.get("clusters")) for report in theirs["step_reports"]], variant
 
 
 def test_nothing_to_do_after_a_complete_run(tiny_run):

@@ -70,7 +70,7 @@ def main() -> None:
         routing = LayerRouting(logits.numpy(), indices.numpy(), weights.numpy())
         seconds, _ = timed(lambda: layer_frequency(0, routing))
         add("frequency table", seconds)
-        seconds, _ = timed(lambda: layer_saliency(adapter, block, hidden))
+        seconds, _ = timed(lambda: layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config)))
         add("REAP saliency", seconds, "each expert on its routed tokens")
         centroid_seconds, (centroids, counts) = timed(lambda: expert_centroids(adapter, block, hidden))
         add("HC centroids", centroid_seconds, "each expert on its routed tokens")

@@ -107,8 +107,11 @@ def test_a_torch_error_inside_a_step_names_the_step_and_the_layer(monkeypatch):
 
 # what must agree between a CPU and a CUDA run of the same step list (fp32): the discrete choices exactly,
 # fitted and measured quantities to a tolerance: fp32 kernels differ in summation order (~1e-6 relative per
-# sum), which a 20-step Adam fit or a ratio of norms can amplify by a few orders of magnitude
+# sum), which a ratio of norms or a least-squares fit amplifies by a few orders of magnitude, and an
+# iterative fit (Adam, early-stopped on held-out tokens) by more
 MEASURED_RTOL = 1e-3
+ITERATIVE_FIT_RTOL = 1e-2
+ITERATIVE_FACTS = ("heldout_error_learned",)
 EXACT_KEYS = ("kept_per_layer", "kept_original_ids", "clusters", "dropped_layers", "previous_top_k", "switched")
 
 
@@ -116,13 +119,15 @@ def assert_reports_agree(cpu_reports, cuda_reports, name):
     for cpu, cuda in zip(cpu_reports, cuda_reports, strict=True):
         for key in EXACT_KEYS:
             assert cpu.get(key) == cuda.get(key), (name, key)
+        rtol = ITERATIVE_FIT_RTOL if cpu["method"] == "hc_merge" and cpu.get("merge") == "learned" else MEASURED_RTOL
         for key in ("reconstruction_error", "active_experts_mean"):
             for layer, value in cpu.get(key, {}).items():
-                assert cuda[key][layer] == pytest.approx(value, rel=MEASURED_RTOL, abs=1e-6), (name, key, layer)
+                assert cuda[key][layer] == pytest.approx(value, rel=rtol, abs=1e-6), (name, key, layer)
         for layer, facts in cpu.get("layers", {}).items():
             for fact, value in facts.items():
                 if isinstance(value, float):
-                    assert cuda["layers"][layer][fact] == pytest.approx(value, rel=MEASURED_RTOL, abs=1e-6), (name, fact)
+                    rtol = ITERATIVE_FIT_RTOL if fact in ITERATIVE_FACTS else MEASURED_RTOL
+                    assert cuda["layers"][layer][fact] == pytest.approx(value, rel=rtol, abs=1e-6), (name, fact)
         for layer, beta in cpu.get("beta", {}).items():
             assert cuda["beta"][layer] == pytest.approx(beta, rel=MEASURED_RTOL), (name, layer)
 

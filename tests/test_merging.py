@@ -7,7 +7,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_same_model, tiny_model_of
+from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
 from moe_compress.methods import CompressionContext, apply_steps
@@ -104,7 +104,7 @@ def test_learned_merge_never_ends_worse_than_its_initialisation(device):
             assert layer["heldout_error_learned"] <= layer["heldout_error_init"]
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
 @pytest.mark.parametrize("rule", ["frequency", "svd", "learned"])
 def test_merged_checkpoint_round_trips(tmp_path, model_type, rule, tokenizer, device):
     model = tiny_model_of(model_type).to(device)
@@ -115,7 +115,9 @@ def test_merged_checkpoint_round_trips(tmp_path, model_type, rule, tokenizer, de
     assert all(0 < error < 2 for error in report["reconstruction_error"].values())
     record = save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
     assert record["loader"] == "stock" and record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
-    assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").to(device).eval(), model, ids)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").to(device).eval()
+    assert_same_model(reloaded, model, ids)
+    reloaded.generate(ids[:, :4].to(device), max_new_tokens=3, do_sample=False)  # the KV-cache path too
 
 
 def test_merging_reports_reconstruction_error_and_fewer_parameters():

@@ -50,6 +50,8 @@ class MoEArchitecture:
     shared_modules: tuple[str, ...] = ()
     # router attributes holding expert groups (DeepSeek-V3: group-limited routing)
     group_attrs: tuple[str, str] | None = None  # (number of groups, groups kept per token)
+    # sigmoid_grouped: the router buffer added to the scores to choose experts (not to weigh them)
+    choice_bias: str | None = None
 
     # --- navigation -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -94,30 +96,57 @@ class MoEArchitecture:
 
         Returns what else had to change (e.g. expert groups that could not be preserved)."""
         experts, router = self.experts_of(block), self.router_of(block)
-        old_count = self.block_num_experts(block)
-        self.install_expert_tensors(block, {
+        return self.install_expert_tensors(block, {
             (owner, name): _select_rows(getattr(module, name).data, keep)
             for owner, module, names in (("experts", experts, self.expert_tensors), ("router", router, self.router_tensors))
-            for name in names})
-        return self._adapt_groups(router, keep, old_count)
+            for name in names}, members=[[int(slot)] for slot in keep])
 
-    def _adapt_groups(self, router: nn.Module, keep: torch.Tensor, old_count: int) -> dict:
-        """Group-limited routing assigns contiguous expert ranges to groups. The groups survive pruning
-        exactly when every group keeps the same number of experts (at least 2: groups are scored by
-        their top-2); otherwise routing falls back to one group (plain top-k over the survivors)."""
+    def _adapt_groups(self, router: nn.Module, members: list[list[int]], old_count: int) -> dict:
+        """Group-limited routing assigns contiguous expert ranges to groups (group = slot // group size).
+        The groups survive a change of the experts exactly when every new expert stands for experts of
+        one group, the new experts keep the group order, and every group keeps the same number of them
+        (at least 2: groups are scored by their top-2); otherwise routing falls back to one group (plain
+        top-k over all experts), the only grouping that is defined for any expert count."""
         if self.group_attrs is None:
             return {}
         groups_attr, kept_groups_attr = self.group_attrs
         num_groups = getattr(router, groups_attr)
         if num_groups == 1:
             return {}
-        per_group = torch.bincount(keep // (old_count // num_groups), minlength=num_groups)
-        if bool((per_group == per_group[0]).all()) and int(per_group[0]) >= 2:
+        group_size = old_count // num_groups
+        groups = [sorted({slot // group_size for slot in member}) for member in members]
+        per_group = [sum(group == [g] for group in groups) for g in range(num_groups)]
+        single = [group[0] for group in groups if len(group) == 1]
+        if (len(single) == len(groups) and single == sorted(single) and len(set(per_group)) == 1
+                and per_group[0] >= 2):
             return {}
         setattr(router, groups_attr, 1)
         setattr(router, kept_groups_attr, 1)
-        return {"expert_groups": f"{num_groups} groups could not be kept (experts kept per group: "
-                                 f"{per_group.tolist()}); routing is plain top-k over the kept experts"}
+        spanning = sum(len(group) > 1 for group in groups)
+        return {"expert_groups": f"{num_groups} groups could not be kept (experts per group: {per_group}"
+                                 + (f", {spanning} spanning groups" if spanning else "")
+                                 + "); routing is plain top-k over all experts"}
+
+    def rank_order(self, router: nn.Module, logits: torch.Tensor, weights: torch.Tensor,
+                   indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k weights, indices) [tokens, k] with the router's first choice first. Kernels may return
+        the top-k in any order (DeepSeek-V3's topk(sorted=False)); the rank is the router's own choice
+        score: the routing weight, or for sigmoid_grouped the sigmoid score plus the correction bias,
+        which chooses the experts but does not weigh them. Skipped slots (index = expert count) go last."""
+        num_experts = logits.shape[-1]
+        if self.choice_bias is not None:
+            choice = logits.float().sigmoid() + getattr(router, self.choice_bias).float()
+            score = choice.gather(1, indices.clamp(max=num_experts - 1))
+        else:
+            score = weights.float()
+        score = score.masked_fill(indices >= num_experts, float("-inf"))
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        return weights.gather(1, order), indices.gather(1, order)
+
+    def reap_renormalizes(self, config) -> bool:
+        """Whether REAP's saliency renormalises the softmax weights over the top-k: REAP's code does so
+        where the config has a true ``norm_topk_prob`` (not for Mixtral, whose router does renormalise)."""
+        return bool(getattr(config, "norm_topk_prob", False))
 
     def routing_fields(self) -> tuple[tuple[str, str], ...]:
         """(router attribute, config field) of every per-layer routing setting a method may change:
@@ -129,6 +158,11 @@ class MoEArchitecture:
     def router_settings(self, block: nn.Module) -> dict[str, int]:
         router = self.router_of(block)
         return {attr: getattr(router, attr) for attr, _ in self.routing_fields()}
+
+    def set_router_settings(self, block: nn.Module, settings: dict[str, int]) -> None:
+        router = self.router_of(block)
+        for attr, value in settings.items():
+            setattr(router, attr, value)
 
     def dynamic_skip_settings(self, model: nn.Module) -> dict[int, dict]:
         """{layer: {"beta", "renormalize"}} for routers with dynamic expert skipping."""
@@ -165,14 +199,25 @@ class MoEArchitecture:
                 if hasattr(module, attr):
                     setattr(module, attr, num_experts)
 
-    def install_expert_tensors(self, block: nn.Module, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
-        """Replace per-expert tensors, {("experts" | "router", name): value with dim 0 = expert}, and
-        set the block's expert count to their new first dimension."""
+    def install_expert_tensors(self, block: nn.Module, tensors: dict[tuple[str, str], torch.Tensor],
+                               members: list[list[int]] | None = None) -> dict:
+        """Replace per-expert tensors, {("experts" | "router", name): value with dim 0 = expert}, and set
+        the block's expert count to their new first dimension. The one place an expert count changes, so
+        the routing settings that depend on it (expert groups) are adapted here.
+
+        ``members``: for each new expert, the current experts it stands for (one each when pruning, a
+        cluster when merging); None when the tensors put back the block's own experts. Returns what else
+        had to change."""
         self._refuse_low_rank(block)
+        old_count = self.block_num_experts(block)
         modules = {"experts": self.experts_of(block), "router": self.router_of(block)}
         for (owner, name), value in tensors.items():
             replace_tensor(modules[owner], name, value)
-        self.set_expert_count(block, len(next(iter(tensors.values()))))
+        new_count = len(next(iter(tensors.values())))
+        if members is not None and len(members) != new_count:
+            raise ModelError(f"{len(members)} expert groupings for {new_count} new experts")
+        self.set_expert_count(block, new_count)
+        return {} if members is None else self._adapt_groups(modules["router"], members, old_count)
 
     def low_rank_specs(self, model: nn.Module) -> dict[int, dict]:
         """{layer: {matrix: {"rank", "shared"}}} for MoE blocks whose experts are stored as factors."""
@@ -244,6 +289,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
             scoring="sigmoid_grouped",
             shared_modules=("shared_experts",),
             group_attrs=("num_group", "topk_group"),
+            choice_bias="e_score_correction_bias",
         ),
         # router has a bias, top-k of logits then softmax; experts store gate_up_proj transposed
         # [E, H, 2I] with gate/up interleaved, plus per-expert biases. Dim 0 is still the expert.

@@ -4,9 +4,9 @@ what the router saw and decided and what the MoE block received.
 Layout of a cache directory:
 - ``router_logits.parquet``: one row per (layer, token). Columns ``layer`` (int16), ``token`` (int32,
   = sample * seq_len + position), ``logits`` (fixed-size list of float32, one per expert),
-  ``topk_indices`` (fixed-size list of int16, rank order as the router returned them) and
-  ``topk_weights`` (fixed-size list of float32, the weights the block applied).
-  The top-k is recorded as the router returned it, so statistics need no per-architecture scoring rule.
+  ``topk_indices`` (fixed-size list of int16) and ``topk_weights`` (fixed-size list of float32, the
+  weights the block applied), in rank order: the router's first choice first, by its own choice score
+  (``MoEArchitecture.rank_order``), whatever order its top-k kernel returned them in.
 - ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
 - ``manifest.json``: layers, tokens, experts, top-k, hidden size, dtype, and the CRC-32 of every file
   (the checksum gzip and zip use against accidental corruption: twice as fast as SHA-256 here, and the
@@ -62,6 +62,7 @@ def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtyp
 
     def save_routing(module, args, output):
         logits, weights, indices = output
+        weights, indices = adapter.rank_order(module, logits, weights, indices)
         capture.logits.append(logits.float().cpu())
         capture.topk_weights.append(weights.float().cpu())
         capture.topk_indices.append(indices.to(torch.int16).cpu())

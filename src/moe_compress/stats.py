@@ -7,9 +7,19 @@
 - ``selected``: selected within the model's top-k; ``frequency`` = selected / tokens;
 - ``mean_weight_when_selected``: mean routing weight applied when selected;
 - ``routing_mass``: total routing weight applied to the expert over all tokens;
-- ``mean_router_prob``: mean softmax probability of the expert over all tokens (from the logits);
-- ``reap_saliency`` (REAP): mean over the tokens routed to the expert of routing weight x the L2
-  norm of the expert's output, from the cached MoE-block inputs (each expert runs only on its tokens).
+- ``mean_router_prob``: mean over all tokens of the router's own probability for the expert: the
+  softmax of the logits (softmax-then-top-k routers), the sigmoid gate (DeepSeek-V3's sigmoid routers,
+  independent per expert), or the weight applied, zero outside the top-k (gpt-oss: softmax over the
+  top-k logits only);
+- ``reap_saliency`` (REAP, Lasby et al. 2025, as its code computes it): mean over the tokens routed to
+  the expert of g(x) x the L2 norm of the expert's output, g the softmax over all experts' logits,
+  renormalised over the token's top-k only where the config has a true ``norm_topk_prob``. So on Mixtral,
+  whose router renormalises but whose config has no such field, g is the raw softmax; on sigmoid routers
+  (DeepSeek-V3), for which REAP's code has no definition of its own, the same softmax of the logits
+  weighs the tokens the router actually chose;
+- ``reap_saliency_applied``: the same with g the weight the block applies (where the two differ, it is
+  the expert's contribution as the model computes it). From the cached MoE-block inputs; each expert
+  runs only on its tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +38,20 @@ def rank_column(rank: int) -> str:
     return f"selected_rank_{rank}"
 
 
-def layer_frequency(layer: int, routing: LayerRouting) -> pd.DataFrame:
+def router_probabilities(routing: LayerRouting, scoring: str) -> np.ndarray:
+    """[tokens, experts] the router's own probability of each expert (see ``mean_router_prob``)."""
+    logits = routing.logits.astype(np.float64)
+    if scoring == "sigmoid_grouped":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if scoring == "topk_softmax":
+        probs = np.zeros_like(logits)
+        np.put_along_axis(probs, routing.topk_indices, routing.topk_weights.astype(np.float64), axis=1)
+        return probs
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def layer_frequency(layer: int, routing: LayerRouting, scoring: str = "softmax_topk") -> pd.DataFrame:
     tokens, num_experts = routing.logits.shape
     top_k = routing.topk_indices.shape[1]
     # counts[r, e]: one bincount over (rank, expert) pairs, no loop over tokens
@@ -36,9 +59,7 @@ def layer_frequency(layer: int, routing: LayerRouting) -> pd.DataFrame:
     counts = np.bincount(flat, minlength=top_k * num_experts).reshape(top_k, num_experts)
     mass = np.bincount(routing.topk_indices.ravel(), weights=routing.topk_weights.ravel().astype(np.float64),
                        minlength=num_experts)
-    logits = routing.logits.astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = router_probabilities(routing, scoring)
     selected = counts.sum(axis=0)
     table = pd.DataFrame(
         {
@@ -56,8 +77,11 @@ def layer_frequency(layer: int, routing: LayerRouting) -> pd.DataFrame:
     return table
 
 
-def expert_frequency(routing: dict[int, LayerRouting]) -> pd.DataFrame:
-    return pd.concat([layer_frequency(layer, routing[layer]) for layer in sorted(routing)], ignore_index=True)
+def expert_frequency(routing: dict[int, LayerRouting], scoring: str = "softmax_topk") -> pd.DataFrame:
+    """The frequency table; ``scoring``: the architecture's (``MoEArchitecture.scoring``), for
+    ``mean_router_prob``."""
+    return pd.concat([layer_frequency(layer, routing[layer], scoring) for layer in sorted(routing)],
+                     ignore_index=True)
 
 
 def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
@@ -71,28 +95,38 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
 
 
 @torch.no_grad()
-def layer_saliency(adapter, block, hidden: torch.Tensor) -> np.ndarray:
-    """REAP saliency of every expert of ``block`` on ``hidden`` [tokens, hidden] (0 if never routed to)."""
-    from moe_compress.methods.merging import route, run_expert
+def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool) -> dict[str, np.ndarray]:
+    """{"reap_saliency", "reap_saliency_applied"} of every expert of ``block`` on ``hidden`` [tokens,
+    hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``)."""
+    from moe_compress.methods.merging import run_expert
 
-    weights, indices = route(adapter, block, hidden)
+    logits, weights, indices = adapter.router_of(block)(hidden)
+    reap_weights = torch.softmax(logits.double(), dim=-1).gather(1, indices)
+    if reap_renormalize:
+        reap_weights = reap_weights / reap_weights.sum(dim=-1, keepdim=True)
     num_experts = adapter.block_num_experts(block)
-    saliency = torch.zeros(num_experts, dtype=torch.float64, device=hidden.device)
+    saliency = torch.zeros(2, num_experts, dtype=torch.float64, device=hidden.device)
     for expert in range(num_experts):  # a loop over experts; each expert's tokens are one batch
         token_idx, rank = torch.where(indices == expert)
         if len(token_idx):
             norms = run_expert(adapter, block, hidden[token_idx], expert).double().norm(dim=-1)
-            saliency[expert] = (weights[token_idx, rank].double() * norms).mean()
-    return saliency.cpu().numpy()
+            saliency[0, expert] = (reap_weights[token_idx, rank] * norms).mean()
+            saliency[1, expert] = (weights[token_idx, rank].double() * norms).mean()
+    reap, applied = saliency.cpu().numpy()
+    return {"reap_saliency": reap, "reap_saliency_applied": applied}
+
+
+def saliency_frame(adapter, config, layer: int, block, hidden: torch.Tensor) -> pd.DataFrame:
+    return pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
+                         **layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config))})
 
 
 def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:
-    """One row per (layer, expert): ``reap_saliency`` on the cached MoE-block inputs."""
+    """One row per (layer, expert): the REAP saliency columns on the cached MoE-block inputs."""
     from moe_compress.architectures import adapter_for
 
     adapter = adapter_for(model.config)
-    frames = [pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
-                            "reap_saliency": layer_saliency(adapter, block, moe_inputs[layer])})
+    frames = [saliency_frame(adapter, model.config, layer, block, moe_inputs[layer])
               for layer, block in adapter.moe_blocks(model).items() if layer in moe_inputs]
     return pd.concat(frames, ignore_index=True)
 
@@ -109,8 +143,7 @@ def streamed_expert_saliency(stream, inputs_dir: str | Path) -> pd.DataFrame:
             raise ModelError(f"layer {layer} has cached MoE inputs but is not an MoE layer of {stream.tensors.model_dir}")
         block = getattr(module, stream.adapter.moe_block)
         hidden = read_moe_input(path, stream.device).to(next(block.parameters()).dtype)
-        frames.append(pd.DataFrame({"layer": layer, "expert": np.arange(stream.adapter.block_num_experts(block)),
-                                    "reap_saliency": layer_saliency(stream.adapter, block, hidden)}))
+        frames.append(saliency_frame(stream.adapter, stream.model.config, layer, block, hidden))
         stream.free_layer(layer)
     return pd.concat(frames, ignore_index=True)
 

@@ -1,9 +1,14 @@
 """Expert merging (HC-SMoE / Sub-MoE family): cluster the experts of each layer, then replace each
 cluster by one expert, so the expert count, and with it the parameter count, really goes down.
 
-1. Centroids: h_i = sum over calibration tokens routed to i of G_i(x) * E_i(x), with G the top-k
-   weight renormalised over the token's k choices. Each expert runs only on the tokens routed to it,
-   i.e. the work of one forward pass of the block, from the cached MoE-block inputs.
+1. What each expert is, as a point to cluster (``centroid``), from the cached MoE-block inputs:
+   - ``routed_sum`` (the recipe's): h_i = sum over calibration tokens routed to i of G_i(x) * E_i(x),
+     G the top-k weight renormalised over the token's k choices; each expert runs only on its tokens,
+     the work of one forward pass. A sum grows with how often the expert is chosen, so rarely used
+     experts sit near the origin together;
+   - ``mean_output`` (HC-SMoE, ``group_experts_by_clustering_output``): E_i(x) averaged over all
+     calibration tokens, unweighted: every expert runs on every token (the work of E / k passes);
+   - ``router_logits`` (HC-SMoE's router-logit similarity): expert i's router logits over the tokens.
 2. Grouping: agglomerative clustering with average linkage (cluster distance = mean pairwise L2 of the
    members' centroids), merging the closest pair ``merges_per_layer`` times under ``max_cluster_size``;
    or k-means on the centroids (Sub-MoE).
@@ -49,18 +54,28 @@ def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(indices.reshape(-1), minlength=num_experts)
 
 
-def expert_centroids(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids [experts, hidden], selection counts [experts]) on ``hidden``."""
-    weights, indices = route(adapter, block, hidden)
-    gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # normalised top-k weight G
+def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "routed_sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids [experts, features], selection counts [experts]) on ``hidden``; ``centroid`` as in the
+    module's docstring."""
+    logits, weights, indices = adapter.router_of(block)(hidden)
     num_experts = adapter.block_num_experts(block)
+    counts = selection_counts(indices, num_experts)
+    if centroid == "router_logits":
+        return logits.float().T.contiguous(), counts
     centroids = torch.zeros(num_experts, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    if centroid == "mean_output":
+        for expert in range(num_experts):  # a loop over experts; all tokens are one batch
+            centroids[expert] = run_expert(adapter, block, hidden, expert).float().mean(dim=0)
+        return centroids, counts
+    if centroid != "routed_sum":
+        raise ConfigError(f"hc_merge.centroid: {centroid!r} is not one of routed_sum, mean_output, router_logits")
+    gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # normalised top-k weight G
     for expert in range(num_experts):  # a loop over experts; tokens are handled as one batch each
         token_idx, rank = torch.where(indices == expert)
         if len(token_idx):
             outputs = run_expert(adapter, block, hidden[token_idx], expert).float()
             centroids[expert] = (gates[token_idx, rank, None].float() * outputs).sum(dim=0)
-    return centroids, selection_counts(indices, num_experts)
+    return centroids, counts
 
 
 def block_output(block, hidden: torch.Tensor) -> torch.Tensor:
@@ -221,10 +236,11 @@ def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_
         return ([torch.softmax(logit.detach(), 0).double() for logit in expert_logits],
                 [weights.detach().double().clone() for weights in router_weights])
 
-    # the block must have the merged shape for functional_call to run it
+    # the block must have the merged shape (and routing settings) for functional_call to run it
     with torch.no_grad():
         adapter.install_expert_tensors(block, build_merged_tensors(adapter, block, clusters, init_coefficients,
-                                                                   init_router_coefficients, "frequency", step))
+                                                                   init_router_coefficients, "frequency", step),
+                                       members=clusters)
     init_error = heldout_error()
     best_error, best, iteration = init_error, snapshot(), 0
     if trainable:
@@ -270,6 +286,7 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
     else:
         router_coefficients = coefficients
     measured = {}
+    settings = adapter.router_settings(block)
     if step["merge"] == "learned":
         with torch.no_grad():
             target_fit, target_heldout = block_output(block, fit), block_output(block, heldout)
@@ -279,17 +296,22 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
         coefficients, router_coefficients, measured = learn_coefficients(
             adapter, block, clusters, coefficients, router_coefficients, step, fit, heldout, target_fit, target_heldout)
         adapter.install_expert_tensors(block, original)  # back to the unmerged block before the final merge
+        adapter.set_router_settings(block, settings)
         measured["router_coefficients"] = [[round(float(c), 6) for c in cs] for cs in router_coefficients]
     with torch.no_grad():
-        adapter.install_expert_tensors(block, build_merged_tensors(adapter, block, clusters, coefficients,
-                                                                   router_coefficients, step["merge"], step))
+        adaptations = adapter.install_expert_tensors(
+            block, build_merged_tensors(adapter, block, clusters, coefficients, router_coefficients, step["merge"], step),
+            members=clusters)
+    if adaptations:
+        log.warning("%s", adaptations)
+        measured["adaptations"] = adaptations
     return coefficients, measured
 
 
 def hc_merge(model, step: dict, context) -> dict:
     context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
-    report = {"clusters": {}, "layers": {}}
+    report = {"clusters": {}, "layers": {}, "adaptations": {}}
     for layer, block in context.each_block(model):
         fit, heldout = context.split_inputs(layer)
         num_experts = adapter.block_num_experts(block)
@@ -299,12 +321,14 @@ def hc_merge(model, step: dict, context) -> dict:
             raise ConfigError(f"hc_merge.merges_per_layer={merges} leaves layer {layer} with {num_experts - merges} "
                               f"experts, fewer than the {top_k} active per token")
         with torch.no_grad():
-            centroids, counts = expert_centroids(adapter, block, fit)
+            centroids, counts = expert_centroids(adapter, block, fit, step["centroid"])
         if step["grouping"] == "kmeans":
             clusters = kmeans_clusters(centroids, num_experts - merges, step["seed"])
         else:
             clusters = average_linkage_clusters(centroids, merges, step.get("max_cluster_size"))
         coefficients, measured = merge_layer(adapter, block, clusters, counts, step, fit, heldout)
+        if "adaptations" in measured:
+            report["adaptations"][str(layer)] = measured.pop("adaptations")
         original_ids = context.original_expert_ids[layer]
         report["clusters"][str(layer)] = [[int(original_ids[i]) for i in cluster] for cluster in clusters]
         report["layers"][str(layer)] = {"coefficients": [[round(float(c), 6) for c in cs] for cs in coefficients],

@@ -48,6 +48,23 @@ def prune_and_report(model, keep_per_layer: dict[int, torch.Tensor], floored: li
     }
 
 
+def keep_highest(scores: np.ndarray, n: int, top_k: int) -> tuple[torch.Tensor, bool]:
+    """The slots (sorted) of the ``n`` highest ``scores``, ``n`` raised to the layer's current ``top_k``
+    (a layer keeps at least as many experts as it routes each token to), ties broken by slot index so the
+    choice is deterministic. Returns (slots, whether n was raised)."""
+    floored = n < top_k
+    order = np.argsort(-scores, kind="stable")
+    return torch.from_numpy(np.sort(order[:min(max(n, top_k), len(scores))])), floored
+
+
+def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np.ndarray:
+    """``column`` of the statistics table for the experts a layer holds now (by their original ids)."""
+    rows = stats[stats["layer"] == layer].set_index("expert")
+    if rows.empty:
+        raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
+    return rows.loc[original_ids.numpy(), column].to_numpy()
+
+
 def frequency_prune(model, step: dict, context) -> dict:
     """Keep experts selected within the router's top-``top_k`` at least ``min_count`` times (or for a
     ``min_fraction`` of tokens); with ``uniform``, keep the same number of most-used experts per layer
@@ -60,54 +77,44 @@ def frequency_prune(model, step: dict, context) -> dict:
     if top_k > model_top_k:
         raise ConfigError(f"frequency_prune.top_k={top_k} exceeds the model's top-k ({model_top_k})")
     stats = context.stats.assign(selected_within=selected_within_top(context.stats, top_k))
+    blocks = context.moe_blocks(model)
     usage, thresholds_kept = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
-        rows = stats[stats["layer"] == layer].set_index("expert")
-        if rows.empty:
-            raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
-        counts = rows.loc[original_ids.numpy(), "selected_within"].to_numpy()
-        tokens = int(rows["tokens"].iloc[0])
+        counts = stats_rows(stats, layer, "selected_within", original_ids)
+        tokens = int(stats.loc[stats["layer"] == layer, "tokens"].iloc[0])
         min_count = step["min_count"] if "min_count" in step else int(np.ceil(step.get("min_fraction", 0) * tokens))
         usage[layer] = counts
         thresholds_kept[layer] = int((counts >= min_count).sum())
-    floored = []
-    keep_per_layer = {}
     if step.get("uniform"):
         per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
+    keep_per_layer, floored = {}, []
     for layer, counts in usage.items():
         n = per_layer if step.get("uniform") else thresholds_kept[layer]
-        if n < model_top_k:
+        keep_per_layer[layer], raised = keep_highest(counts, n, adapter.router_settings(blocks[layer])["top_k"])
+        if raised:
             floored.append(layer)
-            n = model_top_k
-        n = min(n, len(counts))
-        # most-used first; the stable sort breaks ties by expert index, so the choice is deterministic
-        order = np.argsort(-counts, kind="stable")
-        keep_per_layer[layer] = torch.from_numpy(np.sort(order[:n]))
     return prune_and_report(model, keep_per_layer, floored, context)
+
+
+# REAP's own weight (softmax over all experts, renormalised over the top-k where the config says
+# norm_topk_prob), or the weight the block applies
+REAP_COLUMNS = {"reap": "reap_saliency", "applied": "reap_saliency_applied"}
 
 
 def reap_prune(model, step: dict, context) -> dict:
     """REAP: keep the ``keep`` most salient experts per layer, or those holding at least ``min_fraction``
     of the layer's total saliency (saliency = mean over routed tokens of weight x ||expert output||)."""
-    if context.stats is None or "reap_saliency" not in context.stats.columns:
-        raise ModelError("reap_prune needs the reap_saliency column of the expert statistics table "
+    column = REAP_COLUMNS[step.get("weight", "reap")]
+    if context.stats is None or column not in context.stats.columns:
+        raise ModelError(f"reap_prune needs the {column} column of the expert statistics table "
                          "(results/stats/expert_frequency.parquet from this version of the pipeline)")
     adapter = adapter_for(model.config)
     blocks = context.moe_blocks(model)
     keep_per_layer, floored = {}, []
     for layer, original_ids in context.original_expert_ids.items():
-        rows = context.stats[context.stats["layer"] == layer].set_index("expert")
-        if rows.empty:
-            raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
-        saliency = rows.loc[original_ids.numpy(), "reap_saliency"].to_numpy()
-        if "keep" in step:
-            n = step["keep"]
-        else:
-            n = int((saliency >= step["min_fraction"] * saliency.sum()).sum())
-        top_k = adapter.router_settings(blocks[layer])["top_k"]
-        if n < top_k:
+        saliency = stats_rows(context.stats, layer, column, original_ids)
+        n = step["keep"] if "keep" in step else int((saliency >= step["min_fraction"] * saliency.sum()).sum())
+        keep_per_layer[layer], raised = keep_highest(saliency, n, adapter.router_settings(blocks[layer])["top_k"])
+        if raised:
             floored.append(layer)
-            n = top_k
-        order = np.argsort(-saliency, kind="stable")  # most salient first; ties by expert index
-        keep_per_layer[layer] = torch.from_numpy(np.sort(order[:min(n, len(saliency))]))
     return prune_and_report(model, keep_per_layer, floored, context)

@@ -5,7 +5,9 @@
   that always renormalise are left as they are; kept weights after dynamic skipping are rescaled).
 - ``dynamic_skip`` (NAEE): for ranks >= 2, skip an expert whose weight is below beta x the top-1
   weight; beta fixed, or ``auto``: per layer, the beta whose mean number of active experts on the
-  calibration tokens is ``target_active``.
+  calibration tokens is ``target_active``. As NAEE does, the kept weights are renormalised (scaled to
+  the sum the full top-k had: NAEE's division by their sum where that is 1, as on Mixtral, and the
+  router's own scale elsewhere); ``renormalize: false`` keeps the raw weights.
 - ``output_rescale``: per layer, the scalar or per-channel scale s minimising ||f - (g + s * r)||^2 on
   the fit tokens, where f is the original block's output, r the current routed experts' output and g
   the rest of the block (shared experts); folded into the experts' output projection, so a stock
@@ -90,7 +92,8 @@ def dynamic_skip(model, step: dict, context) -> dict:
             layer_beta = auto_beta(weights.float(), step["target_active"])
         else:
             layer_beta = float(beta)
-        convert_to_dynamic_skip(router, adapter.experts_of(block), layer_beta, layer in context.renormalized)
+        renormalize_kept = step.get("renormalize", True) or layer in context.renormalized
+        convert_to_dynamic_skip(router, adapter.experts_of(block), layer_beta, renormalize_kept)
         report["beta"][str(layer)] = layer_beta
     return report
 

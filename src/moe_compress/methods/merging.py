@@ -55,8 +55,8 @@ def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "routed_sum") -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids [experts, features], selection counts [experts]) on ``hidden``; ``centroid`` as in the
-    module's docstring."""
+    """(centroids [experts, features], selection counts [experts]) on ``hidden``; ``centroid`` (one of the
+    schema's values) as in the module's docstring."""
     logits, weights, indices = adapter.router_of(block)(hidden)
     num_experts = adapter.block_num_experts(block)
     counts = selection_counts(indices, num_experts)
@@ -67,8 +67,6 @@ def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "rout
         for expert in range(num_experts):  # a loop over experts; all tokens are one batch
             centroids[expert] = run_expert(adapter, block, hidden, expert).float().mean(dim=0)
         return centroids, counts
-    if centroid != "routed_sum":
-        raise ConfigError(f"hc_merge.centroid: {centroid!r} is not one of routed_sum, mean_output, router_logits")
     gates = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # normalised top-k weight G
     for expert in range(num_experts):  # a loop over experts; tokens are handled as one batch each
         token_idx, rank = torch.where(indices == expert)
@@ -334,7 +332,7 @@ def hc_merge(model, step: dict, context) -> dict:
         report["layers"][str(layer)] = {"coefficients": [[round(float(c), 6) for c in cs] for cs in coefficients],
                                         **measured}
         # a merged expert stands for its members; later steps see its first member's original id
-        context.original_expert_ids[layer] = torch.tensor([int(original_ids[cluster[0]]) for cluster in clusters],
-                                                     device="cpu")
+        first_members = [int(original_ids[cluster[0]]) for cluster in clusters]
+        context.original_expert_ids[layer] = torch.tensor(first_members, device="cpu")
         log.info("layer %d: %d -> %d experts (%s merge)", layer, num_experts, len(clusters), step["merge"])
     return report

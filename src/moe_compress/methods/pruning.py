@@ -104,7 +104,7 @@ REAP_COLUMNS = {"reap": "reap_saliency", "applied": "reap_saliency_applied"}
 def reap_prune(model, step: dict, context) -> dict:
     """REAP: keep the ``keep`` most salient experts per layer, or those holding at least ``min_fraction``
     of the layer's total saliency (saliency = mean over routed tokens of weight x ||expert output||)."""
-    column = REAP_COLUMNS[step.get("weight", "reap")]
+    column = REAP_COLUMNS[step["weight"]]
     if context.stats is None or column not in context.stats.columns:
         raise ModelError(f"reap_prune needs the {column} column of the expert statistics table "
                          "(results/stats/expert_frequency.parquet from this version of the pipeline)")

@@ -92,7 +92,7 @@ def dynamic_skip(model, step: dict, context) -> dict:
             layer_beta = auto_beta(weights.float(), step["target_active"])
         else:
             layer_beta = float(beta)
-        renormalize_kept = step.get("renormalize", True) or layer in context.renormalized
+        renormalize_kept = step["renormalize"] or layer in context.renormalized
         convert_to_dynamic_skip(router, adapter.experts_of(block), layer_beta, renormalize_kept)
         report["beta"][str(layer)] = layer_beta
     return report

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: setup demo test test-gpu test-narrow-isa test-slurm test-slurm-accounting bench lint dag clean
+.PHONY: setup demo test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench lint dag clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -m "not slurm" tests
+
+# the edit loop: the unit tests on one architecture, without Snakemake or lm-eval runs (slow), the cluster
+# (slurm) or a GPU; make test runs everything
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not slurm and not gpu and not other_architectures" -q tests
 
 # on a GPU node: every method and statistics test on CUDA, CPU/CUDA agreement (fp32) and every step in bf16,
 # and the tiny DAG with model.device: cuda; each test says why it skipped where CUDA is absent (-rs)
@@ -63,7 +68,8 @@ lint: setup
 	$(BIN)/snakemake --lint
 
 dag: setup
-	$(BIN)/snakemake --dag results/final_table.csv | dot -Tsvg > docs/dag.svg
+	mkdir -p results
+	$(BIN)/snakemake --dag results/final_table.csv | dot -Tsvg > results/dag.svg
 
 clean:
 	rm -rf results .snakemake

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import report, save_synthetic, synthetic_qwen3_moe, timed  # noqa: E402
 
-from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture, write_cache  # noqa: E402
+from moe_compress.cache import build_cache
 from moe_compress.modelio import load_model  # noqa: E402
 from moe_compress.streaming import LayerStream  # noqa: E402
 
@@ -54,12 +54,10 @@ def main() -> None:
                     decoder(input_ids=batch, use_cache=False)
 
             def whole_model_calibration():
-                write_cache(run_capture(model, input_ids, args.batch_size), work / "cache_whole", {})
+                build_cache(model, input_ids, args.batch_size, work / "cache_whole")
 
             def streamed_calibration():  # includes reading every layer from disk
-                with CacheWriter(work / "cache_streamed") as writer:
-                    run_streamed_capture(LayerStream(model_dir), input_ids, args.batch_size, writer)
-                    writer.finish({})
+                build_cache(LayerStream(model_dir), input_ids, args.batch_size, work / "cache_streamed")
 
             plain_forward()  # warm-up: first-call allocations and kernels
             plain, _ = timed(plain_forward, args.repeats)

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import report, timed  # noqa: E402
 
 from moe_compress.architectures import adapter_for  # noqa: E402
-from moe_compress.capture import LayerRouting  # noqa: E402
+from moe_compress.cache import LayerRouting
 from moe_compress.config import step_defaults  # noqa: E402
 from moe_compress.methods.low_rank import factorize  # noqa: E402
-from moe_compress.methods.merging import (average_linkage_clusters, expert_centroids, merge_layer, route,  # noqa: E402
-                                          run_expert)
+from moe_compress.methods.merging import average_linkage_clusters, expert_centroids, merge_layer  # noqa: E402
+from moe_compress.moe_block import route, run_expert  # noqa: E402
 from moe_compress.stats import layer_frequency, layer_saliency  # noqa: E402
 
 

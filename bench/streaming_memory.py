@@ -58,7 +58,7 @@ def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
     reset_peak_rss()
     import torch
 
-    from moe_compress.capture import CacheWriter, run_capture, run_streamed_capture, write_cache
+    from moe_compress.cache import build_cache
     from moe_compress.layerwise import assemble_checkpoint
     from moe_compress.modelio import load_model
     from moe_compress.streaming import LayerStream
@@ -70,11 +70,9 @@ def child(mode: str, model_dir: str, samples: int, seq_len: int) -> None:
         elif mode == "assemble":
             assemble_checkpoint(model_dir, layer_parts(Path(model_dir)), Path(out) / "checkpoint", {}, "bfloat16")
         elif mode == "streamed":
-            with CacheWriter(Path(out) / "cache") as writer:
-                run_streamed_capture(LayerStream(model_dir, "bfloat16"), input_ids, 4, writer)
-                writer.finish({})
+            build_cache(LayerStream(model_dir, "bfloat16"), input_ids, 4, Path(out) / "cache")
         elif mode == "whole":
-            write_cache(run_capture(load_model(model_dir, "bfloat16"), input_ids, 4), Path(out) / "cache", {})
+            build_cache(load_model(model_dir, "bfloat16"), input_ids, 4, Path(out) / "cache")
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 
 
@@ -103,7 +101,6 @@ def main() -> None:
         return
     if args.build:
         import torch
-
         from _common import save_synthetic, synthetic_qwen3_moe
 
         layers, hidden, experts, width, model_dir = args.build

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
+from helpers import ARCHITECTURE_TYPES, assert_same_model, logits, tiny_model_of
 from moe_compress.architectures import adapter_for
-from moe_compress.capture import read_router_cache, run_capture, write_cache
+from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.evaluate.perplexity import perplexity
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.methods.pruning import prune_experts
@@ -17,10 +17,6 @@ from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_frequency
 
 pytestmark = pytest.mark.numeric
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids.to(model.device)).logits
 
 
 def shared_state(model):
@@ -40,7 +36,7 @@ def ids():
 def test_cache_stats_prune_nothing(tmp_path, model_type, ids, device):
     model = tiny_model_of(model_type).to(device)
     adapter = adapter_for(model.config)
-    write_cache(run_capture(model, ids, batch_size=2), tmp_path / "cache", {})
+    build_cache(model, ids, 2, tmp_path / "cache")
     routing = read_router_cache(tmp_path / "cache")
     assert sorted(routing) == sorted(adapter.moe_blocks(model))  # dense layers are not cached
     stats = expert_frequency(routing)
@@ -82,7 +78,7 @@ def test_prune_save_reload(tmp_path, model_type, uniform, tokenizer, ids, device
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
 def test_frequency_prune_keeps_most_used(model_type, ids, tmp_path, device):
     model = tiny_model_of(model_type).to(device)
-    write_cache(run_capture(model, ids, batch_size=4), tmp_path / "cache", {})
+    build_cache(model, ids, 4, tmp_path / "cache")
     stats = expert_frequency(read_router_cache(tmp_path / "cache"))
     report = apply_steps(model, [{"method": "frequency_prune", "uniform": True, "keep": 4}],
                          CompressionContext.for_model(model, stats))[0]

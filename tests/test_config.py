@@ -2,9 +2,9 @@ import copy
 
 import pytest
 
+from helpers import REPO
 from moe_compress.config import load_config, validate_config
 from moe_compress.errors import ConfigError
-from conftest import REPO
 
 MINIMAL = {
     "model": {"path": "demo"},

@@ -6,19 +6,18 @@ creates without naming its device lands on meta and the step fails, which is exa
 that stays on the CPU while the weights are on CUDA. The cross-device comparisons run under
 ``make test-gpu``."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from conftest import ARCHITECTURE_TYPES, requires_cuda, tiny_model_of
-from moe_compress import methods
+from helpers import ARCHITECTURE_TYPES, requires_cuda, synthetic_inputs, tiny_model_of, validated_steps
 from moe_compress.architectures import adapter_for, replace_tensor
-from moe_compress.capture import read_router_cache, run_capture, write_cache
+from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.errors import ModelError
-from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.methods import CompressionContext, apply_steps, methods
 from moe_compress.methods.decoder import layer_similarities
 from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
-from test_merging import synthetic_inputs
-from test_routing import steps
 
 STEP_LISTS = {
     "frequency_prune": [{"method": "frequency_prune", "min_count": 1}],
@@ -49,7 +48,7 @@ def prepared(model_type: str, device: str, dtype: torch.dtype = torch.float32):
 def context_for(model, ids, inputs, tmp_path) -> CompressionContext:
     """The context the compress job builds: statistics (frequency from the router cache, REAP saliency),
     cached inputs, calibration tokens."""
-    write_cache(run_capture(model, ids, batch_size=2), tmp_path / "cache", {})
+    build_cache(model, ids, 2, tmp_path / "cache")
     stats = with_saliency(expert_frequency(read_router_cache(tmp_path / "cache")), expert_saliency(model, inputs))
     return CompressionContext.for_model(model, stats=stats, moe_inputs=inputs, heldout_fraction=0.25,
                                         calibration_ids=ids)
@@ -63,7 +62,7 @@ def test_steps_and_statistics_create_nothing_on_the_default_device(tmp_path, mod
         with torch.device("meta"):  # a tensor made without naming its device would land here
             context = context_for(model, ids, inputs, tmp_path / name)
             layer_similarities(model, ids)
-            reports = apply_steps(model, steps(*step_list), context)
+            reports = apply_steps(model, validated_steps(*step_list), context)
         assert reports[-1]["reconstruction_error"], name
         assert all(not tensor.is_meta for tensor in model.state_dict().values()), name
 
@@ -73,7 +72,12 @@ def test_cached_inputs_on_another_device_are_named():
     inputs = {layer: torch.zeros(8, 32, device="meta") for layer in adapter_for(model.config).moe_blocks(model)}
     context = CompressionContext.for_model(model, moe_inputs=inputs)
     with pytest.raises(ModelError, match="cached MoE inputs of layer 0 are on meta, but the model's weights are on cpu"):
-        apply_steps(model, steps({"method": "renormalize"}), context)
+        apply_steps(model, validated_steps({"method": "renormalize"}), context)
+
+
+def replace_apply(monkeypatch, name, apply):
+    """Run ``apply`` in place of method ``name``'s own, for this test."""
+    monkeypatch.setitem(methods(), name, dataclasses.replace(methods()[name], apply=apply))
 
 
 def test_a_tensor_a_step_leaves_on_another_device_is_named(monkeypatch):
@@ -83,11 +87,11 @@ def test_a_tensor_a_step_leaves_on_another_device_is_named(monkeypatch):
             replace_tensor(router, "weight", router.weight.data.to("meta"))
         return {}
 
-    monkeypatch.setattr(methods, "_registry", lambda: {"renormalize": misplacing_step})
+    replace_apply(monkeypatch, "renormalize", misplacing_step)
     model = tiny_model_of("qwen3_moe")
     with pytest.raises(ModelError, match=r"gate\.weight of MoE layer 0 is on meta after step 0 \(renormalize\), "
                                          r"but the model's weights are on cpu"):
-        apply_steps(model, steps({"method": "renormalize"}), CompressionContext.for_model(model))
+        apply_steps(model, validated_steps({"method": "renormalize"}), CompressionContext.for_model(model))
 
 
 def test_a_torch_error_inside_a_step_names_the_step_and_the_layer(monkeypatch):
@@ -97,8 +101,7 @@ def test_a_torch_error_inside_a_step_names_the_step_and_the_layer(monkeypatch):
                 torch.zeros(2, device="cpu") + torch.zeros(3, device="cpu")  # a shape error, raised by torch
         return {}
 
-    monkeypatch.setattr(methods, "_registry", lambda: {"frequency_prune": failing_step,
-                                                       "renormalize": lambda model, step, context: {}})
+    replace_apply(monkeypatch, "frequency_prune", failing_step)
     model = tiny_model_of("qwen3_moe")
     with pytest.raises(ModelError, match=r"step 1 \(frequency_prune\), MoE layer 2 failed: The size of tensor a"):
         apply_steps(model, [{"method": "renormalize"}, {"method": "frequency_prune", "min_count": 0}],
@@ -141,7 +144,7 @@ def test_cpu_and_cuda_agree(tmp_path, model_type):
         for device in ("cpu", "cuda"):
             model, ids, inputs = prepared(model_type, device)
             context = context_for(model, ids, inputs, tmp_path / name / device)
-            runs[device] = (context.stats, apply_steps(model, steps(*step_list), context))
+            runs[device] = (context.stats, apply_steps(model, validated_steps(*step_list), context))
         (cpu_stats, cpu_reports), (cuda_stats, cuda_reports) = runs["cpu"], runs["cuda"]
         counts = [column for column in cpu_stats.columns if column.startswith("selected")]
         assert cpu_stats[counts].equals(cuda_stats[counts]), name
@@ -156,6 +159,6 @@ def test_cpu_and_cuda_agree(tmp_path, model_type):
 def test_every_step_runs_in_bf16_on_cuda(tmp_path, model_type):
     for name, step_list in STEP_LISTS.items():
         model, ids, inputs = prepared(model_type, "cuda", torch.bfloat16)
-        reports = apply_steps(model, steps(*step_list), context_for(model, ids, inputs, tmp_path / name))
+        reports = apply_steps(model, validated_steps(*step_list), context_for(model, ids, inputs, tmp_path / name))
         assert all(0 <= error < 2 for error in reports[-1]["reconstruction_error"].values()), name
         assert all(tensor.device.type == "cuda" for tensor in model.state_dict().values()), name

@@ -1,3 +1,5 @@
+from helpers import REPO
+
 """The conda environments (envs/*.yaml, one per rule group) pin exactly what pyproject.toml asks for, at the
 versions of pyproject.toml and requirements.lock, and every rule names one of them."""
 
@@ -6,8 +8,6 @@ import tomllib
 
 import pytest
 import yaml
-
-from conftest import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))

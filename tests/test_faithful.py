@@ -18,15 +18,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
+from helpers import ARCHITECTURE_TYPES, make_tokenizer, synthetic_inputs, tiny_model_of, validated_steps
 from moe_compress.architectures import adapter_for
-from moe_compress.capture import read_router_cache, run_capture, write_cache
+from moe_compress.cache import build_cache, read_moe_inputs, read_router_cache
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.merging import block_output, expert_centroids
+from moe_compress.methods.merging import expert_centroids
 from moe_compress.modelio import save_checkpoint
+from moe_compress.moe_block import block_output
 from moe_compress.stats import expert_frequency, expert_saliency
-from test_merging import synthetic_inputs
-from test_routing import steps
 
 pytestmark = pytest.mark.numeric
 
@@ -54,12 +53,12 @@ def deepseek_reference_choice(router, hidden: torch.Tensor) -> torch.Tensor:
 def test_deepseek_rank_columns_are_the_routers_ranks(tmp_path):
     model = deepseek()
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(5))
-    captured = run_capture(model, ids, batch_size=4)
-    write_cache(captured, tmp_path / "cache", {})
+    build_cache(model, ids, 4, tmp_path / "cache")
     table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter_for(model.config).scoring)
     adapter = adapter_for(model.config)
+    inputs = read_moe_inputs(tmp_path / "cache")
     for layer, block in adapter.moe_blocks(model).items():
-        hidden = torch.cat(captured[layer].hidden_states)
+        hidden = inputs[layer]
         expected = deepseek_reference_choice(adapter.router_of(block), hidden)
         rows = table[table["layer"] == layer].set_index("expert")
         for rank in range(4):
@@ -67,7 +66,7 @@ def test_deepseek_rank_columns_are_the_routers_ranks(tmp_path):
             np.testing.assert_array_equal(rows[f"selected_rank_{rank + 1}"].to_numpy(), counts)
     # pruning by first choices keeps the most-chosen first choices
     context = CompressionContext.for_model(model, table)
-    report = apply_steps(model, steps({"method": "frequency_prune", "top_k": 1, "uniform": True, "keep": 6}), context)[0]
+    report = apply_steps(model, validated_steps({"method": "frequency_prune", "top_k": 1, "uniform": True, "keep": 6}), context)[0]
     for layer, kept in report["kept_original_ids"].items():
         first = table[table["layer"] == int(layer)].set_index("expert")["selected_rank_1"]
         assert first[kept].min() >= first.drop(kept).max(), layer
@@ -77,7 +76,7 @@ def test_merging_keeps_group_limited_routing_well_defined(tmp_path):
     model = deepseek()
     adapter = adapter_for(model.config)
     inputs = {layer: synthetic_inputs(200, 32, seed=layer) for layer in adapter.moe_blocks(model)}
-    report = apply_steps(model, steps({"method": "hc_merge", "merges_per_layer": 6}),
+    report = apply_steps(model, validated_steps({"method": "hc_merge", "merges_per_layer": 6}),
                          CompressionContext.for_model(model, moe_inputs=inputs, heldout_fraction=0.25))[0]
     assert all(len(clusters) == 10 for clusters in report["clusters"].values())
     hidden = torch.randn(7, 32, generator=torch.Generator().manual_seed(1))  # 7 x 10 scores: no grouping fits
@@ -105,7 +104,7 @@ def test_merging_within_groups_keeps_the_groups():
 
     clusters = [[0, 1], [2], [3], [4, 5], [6], [7]]  # 3 merged experts in each group of 4
     counts = torch.ones(8, dtype=torch.long)
-    step = steps({"method": "hc_merge", "merges_per_layer": 2})[0]
+    step = validated_steps({"method": "hc_merge", "merges_per_layer": 2})[0]
     hidden = synthetic_inputs(100, 32)
     _, measured = merge_layer(adapter, block, clusters, counts, step, hidden[:80], hidden[80:])
     router = adapter.router_of(block)
@@ -118,14 +117,14 @@ def test_pruning_floors_at_the_layers_current_top_k(method, tmp_path):
     adapter = adapter_for(model.config)
     inputs = {layer: synthetic_inputs(120, 32, seed=layer) for layer in adapter.moe_blocks(model)}
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
-    write_cache(run_capture(model, ids, batch_size=4), tmp_path / "cache", {})
+    build_cache(model, ids, 4, tmp_path / "cache")
     stats = expert_frequency(read_router_cache(tmp_path / "cache")).merge(expert_saliency(model, inputs))
     prune = {"method": method, "keep": 3, **({"uniform": True} if method == "frequency_prune" else {})}
-    reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, prune),
+    reports = apply_steps(model, validated_steps({"method": "active_experts", "k": 2}, prune),
                           CompressionContext.for_model(model, stats, moe_inputs=inputs))
     assert reports[1]["kept_per_layer"] == {"0": 3, "2": 3} and reports[1]["floored_to_top_k"] == []
     model = tiny_model_of("qwen3_moe", top_k=4)
-    reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, {**prune, "keep": 1}),
+    reports = apply_steps(model, validated_steps({"method": "active_experts", "k": 2}, {**prune, "keep": 1}),
                           CompressionContext.for_model(model, stats, moe_inputs=inputs))
     assert reports[1]["kept_per_layer"] == {"0": 2, "2": 2} and reports[1]["floored_to_top_k"] == [0, 2]
 
@@ -135,12 +134,12 @@ def test_mean_router_prob_is_each_routers_own_probability(tmp_path, model_type):
     model = tiny_model_of(model_type)
     adapter = adapter_for(model.config)
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
-    captured = run_capture(model, ids, batch_size=4)
-    write_cache(captured, tmp_path / "cache", {})
+    build_cache(model, ids, 4, tmp_path / "cache")
     table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter.scoring)
+    inputs = read_moe_inputs(tmp_path / "cache")
     for layer, block in adapter.moe_blocks(model).items():
         router = adapter.router_of(block)
-        hidden = torch.cat(captured[layer].hidden_states).double()
+        hidden = inputs[layer].double()
         logits = hidden @ router.weight.detach().double().T
         if model_type == "deepseek_v3":  # independent sigmoid gates
             probs = torch.sigmoid(logits)
@@ -194,7 +193,7 @@ def test_dynamic_skip_renormalises_as_naee_by_default(renormalize):
     hidden = synthetic_inputs(40, 32)
     step = {"method": "dynamic_skip", "beta": 0.5} if renormalize else {"method": "dynamic_skip", "beta": 0.5,
                                                                         "renormalize": False}
-    apply_steps(model, steps(step), CompressionContext.for_model(model))
+    apply_steps(model, validated_steps(step), CompressionContext.for_model(model))
     with torch.no_grad():
         ours = block_output(block, hidden)
         expected = torch.zeros_like(hidden)
@@ -244,7 +243,7 @@ def test_reap_saliency_is_reaps_definition_and_the_applied_one_is_offered():
             assert (rows["reap_saliency"] < rows["reap_saliency_applied"]).sum() > 0
     for weight, column in (("reap", "reap_saliency"), ("applied", "reap_saliency_applied")):
         pruned = tiny_model_of("mixtral")
-        report = apply_steps(pruned, steps({"method": "reap_prune", "keep": 4, "weight": weight}),
+        report = apply_steps(pruned, validated_steps({"method": "reap_prune", "keep": 4, "weight": weight}),
                              CompressionContext.for_model(pruned, table))[0]
         for layer, kept in report["kept_original_ids"].items():
             saliency = table[table["layer"] == int(layer)].set_index("expert")[column]
@@ -257,7 +256,7 @@ def test_every_expert_count_change_adapts_routing(model_type):
     model = tiny_model_of(model_type)
     adapter = adapter_for(model.config)
     inputs = {layer: synthetic_inputs(120, 32, seed=layer) for layer in adapter.moe_blocks(model)}
-    apply_steps(model, steps({"method": "hc_merge", "merges_per_layer": 3}),
+    apply_steps(model, validated_steps({"method": "hc_merge", "merges_per_layer": 3}),
                 CompressionContext.for_model(model, moe_inputs=inputs, heldout_fraction=0.25))
     hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
     for block in adapter.moe_blocks(model).values():

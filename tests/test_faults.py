@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_model_of
-from test_workflow import SNAKEMAKE, TINY, snakemake, write_config
 
+from helpers import SNAKEMAKE, TINY, make_tokenizer, snakemake, tiny_model_of, write_config
+from moe_compress.atomic import atomic_directory
+from moe_compress.cache import CacheCorruptError, CacheReader, build_cache, read_router_cache
 from moe_compress.calibration import read_documents, tokenize_contiguous, tokenize_into_samples
-from moe_compress.capture import CacheCorruptError, CacheWriter, read_moe_input, read_router_cache, run_streamed_capture
 from moe_compress.config import check_variants_against_model, read_config_file, validate_config
 from moe_compress.errors import ConfigError, DataError, ModelError
-from moe_compress.io import atomic_directory
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, model_shape
 from moe_compress.streaming import LayerStream
@@ -49,13 +48,14 @@ def test_variant_names_that_share_an_output_folder_are_refused():
 
 
 @pytest.mark.parametrize("step, message", [
-    ({"method": "active_experts", "k": 12}, r"steps\[0\].k': 12 is more than the model's 8 experts"),
-    ({"method": "frequency_prune", "top_k": 4, "min_count": 1}, r"steps\[0\].top_k': 4 is more than the model's top-k \(2\)"),
-    ({"method": "reap_prune", "keep": 9}, r"steps\[0\].keep': 9 is more than the model's 8 experts"),
-    ({"method": "hc_merge", "merges_per_layer": 7}, r"steps\[0\].merges_per_layer': 7 leaves 1 of the model's 8 experts, fewer than the 2"),
-    ({"method": "dynamic_skip", "beta": 0.3, "target_active": 3}, r"steps\[0\].target_active': 3 is more than the model's top-k"),
-    ({"method": "drop_layers", "count": 3}, r"steps\[0\].count': dropping 3 of the model's 3 layers leaves none"),
-    ({"method": "drop_layers", "layers": [1, 5]}, r"steps\[0\].layers': \[5\] are not layers of the model \(0..2\)"),
+    ({"method": "active_experts", "k": 12}, r"steps\[0\].k': 12 is more than the 8 experts per layer"),
+    ({"method": "frequency_prune", "top_k": 4, "min_count": 1}, r"steps\[0\].top_k': 4 is more than the 2 experts each"),
+    ({"method": "reap_prune", "keep": 9}, r"steps\[0\].keep': 9 is more than the 8 experts per layer"),
+    ({"method": "random_prune", "keep": 9}, r"steps\[0\].keep': 9 is more than the 8 experts per layer"),
+    ({"method": "hc_merge", "merges_per_layer": 7}, r"steps\[0\].merges_per_layer': 7 leaves 1 of the 8 experts, fewer than the 2"),
+    ({"method": "dynamic_skip", "beta": 0.3, "target_active": 3}, r"steps\[0\].target_active': 3 is more than the 2 experts"),
+    ({"method": "drop_layers", "count": 3}, r"steps\[0\].count': dropping 3 of the 3 decoder layers leaves none"),
+    ({"method": "drop_layers", "layers": [1, 5]}, r"steps\[0\].layers': \[5\] are not decoder layers \(0..2\)"),
 ])
 def test_steps_beyond_the_model_are_refused(step, message):
     variants = validate_config({"model": {"path": "demo"}, "calibration": {}, "variants": {"v": step}})["variants"]
@@ -63,6 +63,7 @@ def test_steps_beyond_the_model_are_refused(step, message):
         check_variants_against_model(variants, num_experts=8, top_k=2, num_layers=3)
 
 
+@pytest.mark.slow  # a Snakemake run
 def test_a_step_beyond_the_model_fails_the_workflow_before_any_job(tmp_path):
     config = copy.deepcopy(TINY)
     config["variants"]["top9"] = {"method": "active_experts", "k": 9}  # the tiny demo has 8 experts
@@ -97,6 +98,7 @@ def test_unusable_model_paths_say_what_to_do(tmp_path):
         model_shape(dense)
 
 
+@pytest.mark.slow  # a Snakemake run
 def test_a_workflow_on_an_unsupported_model_fails_before_any_job(tmp_path):
     dense = write_checkpoint(tmp_path / "model")
     edit_config_json(dense, model_type="llama")
@@ -108,6 +110,7 @@ def test_a_workflow_on_an_unsupported_model_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow  # a Snakemake run
 def test_a_hub_model_that_cannot_be_reached_fails_before_any_job(tmp_path):
     config = {**copy.deepcopy(TINY), "model": {"path": "tiny-org/not-cached"}, "hf_home": str(tmp_path / "hf_home")}
     del config["demo_model"]
@@ -181,9 +184,7 @@ def test_a_step_that_produces_inf_names_the_layer_and_step():
 def small_cache(tmp_path) -> Path:
     model_dir = write_checkpoint(tmp_path / "model")
     input_ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    with CacheWriter(tmp_path / "cache") as writer:
-        run_streamed_capture(LayerStream(model_dir), input_ids, 2, writer)
-        writer.finish({})
+    build_cache(LayerStream(model_dir), input_ids, 2, tmp_path / "cache")
     return tmp_path / "cache"
 
 
@@ -198,10 +199,10 @@ def test_a_corrupted_cache_file_is_detected_and_invalidated(tmp_path):
     flip_one_byte(cache / "moe_inputs/layer_002.safetensors")
     with pytest.raises(CacheCorruptError, match=r"layer_002.safetensors is corrupt \(CRC-32 .* running the workflow "
                                                 r"again rebuilds the cache"):
-        read_moe_input(cache / "moe_inputs/layer_002.safetensors")
+        CacheReader(cache).moe_input(2)
     assert not (cache / "manifest.json").exists()  # the cache job's output is gone: the next run rebuilds it
     with pytest.raises(DataError, match="manifest.json is missing"):
-        read_moe_input(cache / "moe_inputs/layer_000.safetensors")
+        CacheReader(cache).moe_input(0)
 
     cache = small_cache(tmp_path / "second")
     flip_one_byte(cache / "router_logits.parquet", offset_from_end=2000)
@@ -213,7 +214,7 @@ def test_a_killed_writer_leaves_nothing_and_the_next_write_cleans_up(tmp_path):
     out = tmp_path / "checkpoint"
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
-        "from moe_compress.io import atomic_directory\n"
+        "from moe_compress.atomic import atomic_directory\n"
         "with atomic_directory(%r) as tmp:\n"
         "    (tmp / 'half.bin').write_bytes(b'x' * 1000); print('writing', flush=True); time.sleep(60)\n"
     ) % (str(REPO / "src"), str(out))], stdout=subprocess.PIPE, text=True)
@@ -250,6 +251,7 @@ def outputs_of(workdir: Path) -> dict[str, bytes]:
     return {str(path.relative_to(workdir)): path.read_bytes() for path in files}
 
 
+@pytest.mark.slow  # a Snakemake run
 def test_killed_and_corrupted_runs_recover_to_what_a_cold_run_gives(tmp_path):
     cold = tmp_path / "cold"
     cold.mkdir()

@@ -9,12 +9,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import C4_SAMPLE, C4_SHARD, put_c4_in_hub_cache, put_in_hub_cache, put_model_in_hub_cache
+from helpers import C4_SAMPLE, C4_SHARD, put_c4_in_hub_cache, put_in_hub_cache, put_model_in_hub_cache
 from moe_compress.calibration import read_documents
 from moe_compress.errors import DataError, ModelError
-from moe_compress.hub import (OFFLINE_ENVIRONMENT, configure_hub_environment, fetch_c4_documents, fetch_model_config,
-                              fetch_model_snapshot,
-                              hub_sources, is_hub_id, resolve_hf_home)
+from moe_compress.hub import (
+    OFFLINE_ENVIRONMENT,
+    configure_hub_environment,
+    fetch_c4_documents,
+    fetch_model_config,
+    fetch_model_snapshot,
+    hub_sources,
+    is_hub_id,
+    resolve_hf_home,
+)
 
 
 @pytest.fixture

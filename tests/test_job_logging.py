@@ -44,3 +44,21 @@ def test_an_uncaught_error_is_written_to_the_job_log(tmp_path, failure, expected
         assert "Traceback" not in text
     else:  # a library error, or ours naming one: where it arose
         assert "Traceback" in text
+
+
+def test_warnings_progress_bars_and_native_writes_reach_the_job_log(tmp_path):
+    """Not only logging: what libraries print to stderr (warnings, progress bars, C code, child processes)."""
+    log = tmp_path / "job.log"
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(log=str(log), failure="""
+import os, subprocess, sys, warnings
+warnings.warn("a library warning")
+sys.stderr.write("progress 50%\\r")
+os.write(2, b"written by native code\\n")
+subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('from a child process')"], check=True)
+""")))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = log.read_text()
+    for expected in ("a library warning", "progress 50%", "written by native code", "from a child process"):
+        assert expected in text

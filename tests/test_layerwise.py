@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
 
-from moe_compress.capture import CacheWriter, read_moe_inputs, read_router_cache, run_streamed_capture
+from helpers import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
+from moe_compress.cache import CacheReader, build_cache, read_moe_inputs, read_router_cache
 from moe_compress.config import step_defaults
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.layerwise import (
@@ -19,8 +19,7 @@ from moe_compress.layerwise import (
 )
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
-from moe_compress.report import checkpoint_tables
-from moe_compress.stats import expert_frequency, streamed_expert_saliency, with_saliency
+from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
 from moe_compress.streaming import CheckpointTensors, LayerStream
 
 pytestmark = pytest.mark.numeric
@@ -55,32 +54,29 @@ def prepared(tmp_path):
         tiny_model_of(model_type).save_pretrained(model_dir)
         make_tokenizer().save_pretrained(model_dir)
         input_ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
-        with CacheWriter(tmp_path / "cache") as writer:
-            run_streamed_capture(LayerStream(model_dir), input_ids, 4, writer)
-            writer.finish({})
+        build_cache(LayerStream(model_dir), input_ids, 4, tmp_path / "cache")
         stats = with_saliency(expert_frequency(read_router_cache(tmp_path / "cache")),
-                              streamed_expert_saliency(LayerStream(model_dir), tmp_path / "cache/moe_inputs"))
-        return model_dir, tmp_path / "cache/moe_inputs", stats
+                              expert_saliency(LayerStream(model_dir), CacheReader(tmp_path / "cache").moe_inputs()))
+        return model_dir, tmp_path / "cache", stats
 
     return prepare
 
 
-def whole_model_checkpoint(model_dir, inputs_dir, stats, steps, out_dir):
+def whole_model_checkpoint(model_dir, cache_dir, stats, steps, out_dir):
     model = load_model(model_dir)
-    context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(inputs_dir),
+    context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(cache_dir),
                                            heldout_fraction=HELDOUT)
     reports = apply_steps(model, steps, context)
-    return save_checkpoint(model, load_tokenizer(model_dir), out_dir, {"steps": steps, "step_reports": reports},
-                           extra_files=checkpoint_tables(reports))
+    return save_checkpoint(model, load_tokenizer(model_dir), out_dir, {"steps": steps, "step_reports": reports})
 
 
-def per_layer_checkpoint(model_dir, inputs_dir, stats, steps, parts_dir, out_dir):
+def per_layer_checkpoint(model_dir, cache_dir, stats, steps, parts_dir, out_dir):
     layers = skeleton_moe_layers(model_dir)
     parts = layer_part_paths(parts_dir, layers)
     for layer, path in parts.items():
-        tensors, facts = compress_layer(model_dir, layer, steps, stats, inputs_dir, HELDOUT)
+        tensors, facts = compress_layer(model_dir, layer, steps, stats, cache_dir, HELDOUT)
         write_layer_part(path, tensors, facts)
-    return assemble_checkpoint(model_dir, parts, out_dir, {"steps": steps}, extra_files=checkpoint_tables)
+    return assemble_checkpoint(model_dir, parts, out_dir, {"steps": steps})
 
 
 def all_tensors(model_dir):
@@ -92,9 +88,9 @@ def all_tensors(model_dir):
 @pytest.mark.parametrize("steps_name", STEP_LISTS)
 def test_per_layer_jobs_save_what_the_whole_model_job_saves(tmp_path, prepared, model_type, steps_name):
     steps = STEP_LISTS[steps_name]
-    model_dir, inputs_dir, stats = prepared(model_type)
-    whole = whole_model_checkpoint(model_dir, inputs_dir, stats, steps, tmp_path / "whole")
-    layered = per_layer_checkpoint(model_dir, inputs_dir, stats, steps, tmp_path / "parts", tmp_path / "layered")
+    model_dir, cache_dir, stats = prepared(model_type)
+    whole = whole_model_checkpoint(model_dir, cache_dir, stats, steps, tmp_path / "whole")
+    layered = per_layer_checkpoint(model_dir, cache_dir, stats, steps, tmp_path / "parts", tmp_path / "layered")
 
     ours, theirs = all_tensors(tmp_path / "layered"), all_tensors(tmp_path / "whole")
     assert ours.keys() == theirs.keys()
@@ -115,22 +111,22 @@ def test_per_layer_jobs_save_what_the_whole_model_job_saves(tmp_path, prepared, 
 
 
 def test_assembly_refuses_missing_or_foreign_parts(tmp_path, prepared):
-    model_dir, inputs_dir, stats = prepared("qwen3_moe")  # MoE layers 0 and 2 (layer 1 is dense)
+    model_dir, cache_dir, stats = prepared("qwen3_moe")  # MoE layers 0 and 2 (layer 1 is dense)
     parts = layer_part_paths(tmp_path / "parts", [0, 2])
     for layer, path in parts.items():
-        write_layer_part(path, *compress_layer(model_dir, layer, [], stats, inputs_dir, HELDOUT))
+        write_layer_part(path, *compress_layer(model_dir, layer, [], stats, cache_dir, HELDOUT))
     with pytest.raises(ModelError, match=r"layer parts for layers \[0\].*MoE layers .* are \[0, 2\]"):
         assemble_checkpoint(model_dir, {0: parts[0]}, tmp_path / "out", {})
     with pytest.raises(ModelError, match="holds layer 0, not layer 2"):
         assemble_checkpoint(model_dir, {0: parts[0], 2: parts[0]}, tmp_path / "out", {})
     with pytest.raises(ModelError, match="layer 1 is not an MoE layer"):
-        compress_layer(model_dir, 1, [], stats, inputs_dir, HELDOUT)
+        compress_layer(model_dir, 1, [], stats, cache_dir, HELDOUT)
     assert not (tmp_path / "out").exists()
 
 
 def test_whole_model_steps_are_refused_in_a_per_layer_job(prepared):
-    model_dir, inputs_dir, stats = prepared("qwen3_moe")
+    model_dir, cache_dir, stats = prepared("qwen3_moe")
     with pytest.raises(ConfigError, match="step 1: drop_layers works on the whole model, so it cannot run in a per-layer"):
-        compress_layer(model_dir, 0, [step("reap_prune", keep=4), step("drop_layers", count=1)], stats, inputs_dir, HELDOUT)
+        compress_layer(model_dir, 0, [step("reap_prune", keep=4), step("drop_layers", count=1)], stats, cache_dir, HELDOUT)
     with pytest.raises(ConfigError, match="step 0: frequency_prune with uniform and no keep .* mean over all layers"):
-        compress_layer(model_dir, 0, [step("frequency_prune", uniform=True)], stats, inputs_dir, HELDOUT)
+        compress_layer(model_dir, 0, [step("frequency_prune", uniform=True)], stats, cache_dir, HELDOUT)

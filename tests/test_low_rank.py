@@ -5,17 +5,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
+from helpers import (
+    ARCHITECTURE_TYPES,
+    assert_same_model,
+    context_with_inputs,
+    logits,
+    saved_tensor_count,
+    tiny_model_of,
+)
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.methods.low_rank import energy_rank, factorize
-from moe_compress.methods.merging import block_output
 from moe_compress.modelio import load_model, save_checkpoint
-from moe_compress.templates.moe_compress_layers import is_low_rank
-from test_merging import context_with_inputs
-from test_pruning import saved_tensor_count
+from moe_compress.moe_block import block_output
+from moe_compress.remote_code.moe_compress_layers import is_low_rank
 
 pytestmark = pytest.mark.numeric
 
@@ -23,11 +28,6 @@ pytestmark = pytest.mark.numeric
 def svd_step(**options):
     raw = {"model": {"path": "demo"}, "calibration": {}, "variants": {"v": {"method": "svd_experts", **options}}}
     return validate_config(raw)["variants"]["v"]["steps"][0]
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids.to(model.device)).logits
 
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -118,5 +118,5 @@ def test_energy_rank_adapts_per_layer_and_later_expert_edits_are_refused():
         svd_step(rank=2, energy=0.9)
     raw = {"model": {"path": "demo"}, "calibration": {}, "variants": {"v": {"steps": [
         {"method": "svd_experts", "rank": 2}, {"method": "frequency_prune", "min_count": 1}]}}}
-    with pytest.raises(ConfigError, match=r"variants.v.steps\[1\].method.*cannot follow svd_experts"):
+    with pytest.raises(ConfigError, match=r"variants.v.steps\[1\].method': frequency_prune cannot follow the low-rank step steps\[0\]"):
         validate_config(raw)

@@ -7,14 +7,20 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
+from helpers import (
+    ARCHITECTURE_TYPES,
+    assert_same_model,
+    context_with_inputs,
+    saved_tensor_count,
+    synthetic_inputs,
+    tiny_model_of,
+)
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
-from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.merging import (average_linkage_clusters, block_output, kmeans_clusters, merge_layer,
-                                          relative_error, selection_counts, route, svd_merge)
+from moe_compress.methods import apply_steps
+from moe_compress.methods.merging import average_linkage_clusters, kmeans_clusters, merge_layer, svd_merge
 from moe_compress.modelio import save_checkpoint
-from test_pruning import saved_tensor_count
+from moe_compress.moe_block import block_output, relative_error, route, selection_counts
 
 pytestmark = pytest.mark.numeric
 
@@ -24,13 +30,6 @@ def merge_step(**overrides):
     raw = {"model": {"path": "demo"}, "calibration": {},
            "variants": {"v": {"method": "hc_merge", "merges_per_layer": 1, **overrides}}}
     return validate_config(raw)["variants"]["v"]["steps"][0]
-
-
-def synthetic_inputs(tokens=256, hidden=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(tokens, hidden, generator=generator)
-    inputs[:, 0] = inputs[:, 0].abs() + 3.0  # every token has a positive first coordinate
-    return inputs
 
 
 @pytest.mark.parametrize("rule", ["frequency", "svd", "learned"])
@@ -88,13 +87,6 @@ def test_cluster_size_limit_and_kmeans_partition():
     assert groups == kmeans_clusters(points, 5, seed=0)  # seeded
 
 
-def context_with_inputs(model, tokens=192, device="cpu"):
-    adapter = adapter_for(model.config)
-    inputs = {layer: synthetic_inputs(tokens, model.config.hidden_size, seed=layer).to(device)
-              for layer in adapter.moe_blocks(model)}
-    return CompressionContext.for_model(model, moe_inputs=inputs, heldout_fraction=0.25)
-
-
 def test_learned_merge_never_ends_worse_than_its_initialisation(device):
     for seed in range(3):
         model = tiny_model_of("mixtral", seed=seed).to(device)
@@ -130,7 +122,8 @@ def test_merging_reports_reconstruction_error_and_fewer_parameters():
 
 
 def test_clusters_and_coefficients_are_written_as_a_readable_table():
-    from moe_compress.report import checkpoint_tables, clusters_table, describe_steps
+    from moe_compress.final_table import describe_steps
+    from moe_compress.modelio import clusters_table, step_report_tables
 
     model = tiny_model_of("qwen3_moe")
     step = merge_step(merges_per_layer=3, merge="frequency")
@@ -141,5 +134,5 @@ def test_clusters_and_coefficients_are_written_as_a_readable_table():
     assert members == list(range(8))  # every original expert is in exactly one cluster
     for _, row in table.iterrows():
         assert sum(float(c) for c in row["coefficients"].split()) == pytest.approx(1.0, abs=1e-3)
-    assert set(checkpoint_tables(reports)) == {"reconstruction_error.csv", "merge_clusters.csv"}
+    assert set(step_report_tables(reports)) == {"reconstruction_error.csv", "merge_clusters.csv"}
     assert describe_steps([step]) == "hc_merge(merges_per_layer=3)"  # defaults are left out

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import assert_same_model
-from moe_compress.capture import read_router_cache, run_capture, write_cache
+from helpers import assert_same_model, logits, saved_tensor_count
+from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.errors import ModelError
 from moe_compress.methods import CompressionContext, apply_steps
 from moe_compress.modelio import load_model, save_checkpoint
@@ -17,13 +16,8 @@ pytestmark = pytest.mark.numeric
 
 @pytest.fixture
 def stats(tmp_path, tiny_model, token_batch):
-    write_cache(run_capture(tiny_model, token_batch, batch_size=6), tmp_path / "cache", {})
+    build_cache(tiny_model, token_batch, 6, tmp_path / "cache")
     return expert_frequency(read_router_cache(tmp_path / "cache"))
-
-
-def logits(model, token_batch):
-    with torch.no_grad():
-        return model(input_ids=token_batch.to(model.device)).logits
 
 
 def compress(model, steps, stats):
@@ -49,14 +43,6 @@ def test_pruning_changes_logits_and_drops_rarely_used(tiny_model, token_batch, s
         expected = sorted(rows.index[rows["selected"] >= threshold].tolist())
         assert kept_ids == expected or len(kept_ids) == 2  # floored at the active top-k
     assert not torch.equal(before, logits(tiny_model, token_batch))
-
-
-def saved_tensor_count(path):
-    total = 0
-    for shard in path.glob("*.safetensors"):
-        with safe_open(shard, "pt") as handle:
-            total += sum(handle.get_tensor(key).numel() for key in handle.keys())
-    return total
 
 
 def test_non_uniform_checkpoint_reloads_with_remote_code(tmp_path, tiny_model, tokenizer, token_batch, stats, device):
@@ -99,9 +85,7 @@ def test_chained_pruning_tracks_original_ids(tiny_model, stats):
 
 
 def test_top_k_above_model_is_refused(tiny_model, stats):
-    from moe_compress.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="top_k=3 exceeds the model's top-k"):
+    with pytest.raises(ModelError, match=r"step 0 \(frequency_prune\).top_k, MoE layer 0: 3 is more than the 2 experts"):
         compress(tiny_model, [{"method": "frequency_prune", "top_k": 3, "min_count": 1}], stats)
 
 

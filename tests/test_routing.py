@@ -4,30 +4,25 @@ must hold bit for bit, fitted quantities that must not make things worse, and sa
 import pytest
 import torch
 
-from conftest import ARCHITECTURE_TYPES, assert_same_model, tiny_model_of
+from helpers import (
+    ARCHITECTURE_TYPES,
+    assert_same_model,
+    context_with_inputs,
+    logits,
+    saved_tensor_count,
+    tiny_model_of,
+    validated_steps,
+)
 from moe_compress.architectures import adapter_for
-from moe_compress.config import validate_config
-from moe_compress.errors import ConfigError
+from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import apply_steps
 from moe_compress.methods.routing import auto_beta
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_saliency
-from test_merging import context_with_inputs
-from test_pruning import saved_tensor_count
 
 pytestmark = pytest.mark.numeric
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def steps(*raw_steps):
-    raw = {"model": {"path": "demo"}, "calibration": {}, "variants": {"v": {"steps": list(raw_steps)}}}
-    return validate_config(raw)["variants"]["v"]["steps"]
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids.to(model.device)).logits
 
 
 def full_context(model, tokens=192):
@@ -49,11 +44,11 @@ def round_trip(model, tmp_path, tokenizer, dtype="float32"):
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
 def test_own_top_k_and_beta_zero_reproduce_the_base_logits_bitwise(tmp_path, model_type, tokenizer, device):
     model = tiny_model_of(model_type).to(device)
-    expected = logits(model)
+    expected = logits(model, IDS)
     top_k = adapter_for(model.config).top_k(model.config)
-    reports = apply_steps(model, steps({"method": "active_experts", "k": top_k},
+    reports = apply_steps(model, validated_steps({"method": "active_experts", "k": top_k},
                                        {"method": "dynamic_skip", "beta": 0}), full_context(model))
-    assert torch.equal(logits(model), expected)  # the same weights, kernels and shapes: bit for bit
+    assert torch.equal(logits(model, IDS), expected)  # the same weights, kernels and shapes: bit for bit
     assert all(error == 0 for error in reports[-1]["reconstruction_error"].values())
     assert all(active == top_k for active in reports[-1]["active_experts_mean"].values())
     assert round_trip(model, tmp_path, tokenizer)["loader"] == "remote_code"  # the skip router travels along
@@ -62,14 +57,14 @@ def test_own_top_k_and_beta_zero_reproduce_the_base_logits_bitwise(tmp_path, mod
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_fewer_active_experts_with_each_mitigation_round_trip(tmp_path, model_type, tokenizer, device):
     model = tiny_model_of(model_type, top_k=3).to(device)
-    reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, {"method": "renormalize"},
+    reports = apply_steps(model, validated_steps({"method": "active_experts", "k": 2}, {"method": "renormalize"},
                                        {"method": "output_rescale"}),
                           full_context(model))
     assert all(active == 2 for active in reports[0]["active_experts_mean"].values())
     record = round_trip(model, tmp_path / "a", tokenizer)
     assert record["loader"] == "stock" and record["active_experts"] == 2  # plain config expresses all of it
     skipping = tiny_model_of(model_type, top_k=3).to(device)
-    reports = apply_steps(skipping, steps({"method": "dynamic_skip", "beta": "auto", "target_active": 2.0}),
+    reports = apply_steps(skipping, validated_steps({"method": "dynamic_skip", "beta": "auto", "target_active": 2.0}),
                           full_context(skipping))
     for active in reports[0]["active_experts_mean"].values():
         assert 1.6 < active < 2.4  # fitted on the fit tokens, measured on held-out ones
@@ -88,7 +83,7 @@ def test_auto_beta_hits_the_target_on_its_own_tokens():
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
 def test_output_rescale_never_increases_calibration_error(model_type, granularity, device):
     model = tiny_model_of(model_type, top_k=3).to(device)
-    report = apply_steps(model, steps({"method": "active_experts", "k": 1},
+    report = apply_steps(model, validated_steps({"method": "active_experts", "k": 1},
                                       {"method": "output_rescale", "granularity": granularity}),
                          full_context(model))
     reduced, rescaled = report
@@ -128,7 +123,7 @@ def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tok
     model = tiny_model_of("mixtral").to(device)
     context = full_context(model)
     context.stats = expert_saliency(model, context.moe_inputs)
-    report = apply_steps(model, steps({"method": "reap_prune", "keep": 5}), context)[0]
+    report = apply_steps(model, validated_steps({"method": "reap_prune", "keep": 5}), context)[0]
     for layer, kept in report["kept_original_ids"].items():
         saliency = context.stats[context.stats["layer"] == int(layer)]["reap_saliency"]
         assert sorted(kept) == sorted(saliency.nlargest(5).index.map(lambda i: int(context.stats.loc[i, "expert"])))
@@ -138,10 +133,10 @@ def test_reap_prune_keeps_the_most_salient_experts_and_round_trips(tmp_path, tok
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)
 def test_dropping_zero_layers_is_identity_and_dropping_layers_round_trips(tmp_path, model_type, tokenizer, device):
     model = tiny_model_of(model_type).to(device)
-    expected = logits(model)
-    apply_steps(model, steps({"method": "drop_layers", "count": 0}), full_context(model))
-    assert torch.equal(logits(model), expected)
-    report = apply_steps(model, steps({"method": "drop_layers", "count": 1}), full_context(model))[0]
+    expected = logits(model, IDS)
+    apply_steps(model, validated_steps({"method": "drop_layers", "count": 0}), full_context(model))
+    assert torch.equal(logits(model, IDS), expected)
+    report = apply_steps(model, validated_steps({"method": "drop_layers", "count": 1}), full_context(model))[0]
     assert len(report["dropped_layers"]) == 1 and model.config.num_hidden_layers == 2
     assert len(report["similarity"]) == 3
     # generation indexes the KV cache by layer: it must run after the drop
@@ -151,21 +146,21 @@ def test_dropping_zero_layers_is_identity_and_dropping_layers_round_trips(tmp_pa
 
 def test_dropping_an_explicit_layer_keeps_the_layer_pattern():
     model = tiny_model_of("qwen3_moe")  # layer 1 is dense (mlp_only_layers=[1])
-    apply_steps(model, steps({"method": "drop_layers", "layers": [0]}), full_context(model))
+    apply_steps(model, validated_steps({"method": "drop_layers", "layers": [0]}), full_context(model))
     assert model.config.mlp_only_layers == [0] and model.config.num_hidden_layers == 2
     assert list(adapter_for(model.config).moe_blocks(model)) == [1]
-    with pytest.raises(ConfigError, match="out of range"):
-        apply_steps(model, steps({"method": "drop_layers", "layers": [5]}), full_context(model))
+    with pytest.raises(ModelError, match=r"step 0 \(drop_layers\).layers, MoE layer 1: \[5\] are not decoder layers"):
+        apply_steps(model, validated_steps({"method": "drop_layers", "layers": [5]}), full_context(model))
 
 
 def test_dtype_cast_is_the_last_step_and_round_trips(tmp_path, tokenizer, device):
     model = tiny_model_of("olmoe").to(device)
-    reports = apply_steps(model, steps({"method": "active_experts", "k": 2}, {"method": "dtype", "dtype": "bfloat16"}),
+    reports = apply_steps(model, validated_steps({"method": "active_experts", "k": 2}, {"method": "dtype", "dtype": "bfloat16"}),
                           full_context(model))
     assert next(model.parameters()).dtype == torch.bfloat16
     assert all(0 < error < 0.1 for error in reports[-1]["reconstruction_error"].values())
     round_trip(model, tmp_path, tokenizer, dtype="bfloat16")
     with pytest.raises(ConfigError, match="dtype must be the last step"):
-        steps({"method": "dtype", "dtype": "bfloat16"}, {"method": "renormalize"})
+        validated_steps({"method": "dtype", "dtype": "bfloat16"}, {"method": "renormalize"})
     with pytest.raises(ConfigError, match="target_active.*required with beta: auto"):
-        steps({"method": "dynamic_skip", "beta": "auto"})
+        validated_steps({"method": "dynamic_skip", "beta": "auto"})

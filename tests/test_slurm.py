@@ -21,8 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, make_tokenizer, put_c4_in_hub_cache, tiny_qwen3_moe
-from test_workflow import TINY
+from helpers import REPO, TINY, make_tokenizer, put_c4_in_hub_cache, tiny_qwen3_moe
 
 pytestmark = pytest.mark.slurm
 

@@ -4,82 +4,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from conftest import (REPO, make_tokenizer, put_c4_in_hub_cache, put_model_in_hub_cache, requires_cuda,
-                      tiny_model_of)
+from helpers import (
+    TINY,
+    make_tokenizer,
+    planned_jobs,
+    put_c4_in_hub_cache,
+    put_model_in_hub_cache,
+    requires_cuda,
+    snakemake,
+    tiny_model_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
-
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-
-TINY = {
-    "model": {"path": "demo", "dtype": "float32", "device": "cpu"},
-    "demo_model": {"num_layers": 2, "hidden_size": 32, "num_experts": 8, "top_k": 2, "moe_intermediate_size": 32,
-                   "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "seq_len": 32,
-                   "batch_size": 8, "steps": 30, "seed": 0},
-    "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
-                    "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
-    "cache": {"batch_size": 8},
-    "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"],
-                   "data_dir": str(REPO / "data/eval")},
-    "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1, "warmup": 0},
-    "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
-                   "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
-    "variants": {
-        "base": {"steps": []},
-        "keep_most": {"method": "frequency_prune", "min_fraction": 0.02},
-        "keep_some": {"method": "frequency_prune", "min_fraction": 0.15},
-        "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4},
-        "merged": {"method": "hc_merge", "merges_per_layer": 2, "merge": "learned", "learn_steps": 20},
-        "pruned_low_rank": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
-                                      {"method": "svd_experts", "rank": 8, "share_basis": True}]},
-        "reap4": {"method": "reap_prune", "keep": 4},
-        "skip_rescale": {"steps": [{"method": "dynamic_skip", "beta": "auto", "target_active": 1.5},
-                                   {"method": "output_rescale"}]},
-    },
-}
-
-
-def write_config(path: Path, config: dict) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(configfile), "--cores", "2", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-
-
-def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
-    """(rule, variant-or-empty) for every job a dry run plans, read from its job list."""
-    jobs, current = [], None
-    for line in dry_run_output.splitlines():
-        match = re.match(r"^(?:local)?rule (\w+):$", line.strip())
-        if match:
-            if current:
-                jobs.append(current)
-            current = (match.group(1), "")
-            continue
-        match = re.match(r"^wildcards: (.*)$", line.strip())
-        if match and current:
-            variant = re.search(r"variant=([^,\s]+)", match.group(1))
-            current = (current[0], variant.group(1) if variant else match.group(1))
-    if current:
-        jobs.append(current)
-    return jobs
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

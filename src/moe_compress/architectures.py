@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
-from moe_compress.templates.moe_compress_layers import is_low_rank, is_skip_router
+from moe_compress.remote_code.moe_compress_layers import is_low_rank, is_skip_router
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,11 @@ class MoEArchitecture:
 
     # --- navigation -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return _get_path(model, self.layers)
+        return model.get_submodule(self.layers)
+
+    def set_decoder_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        parent, _, name = self.layers.rpartition(".")
+        setattr(model.get_submodule(parent), name, layers)
 
     def is_moe_layer(self, layer: nn.Module) -> bool:
         block = getattr(layer, self.moe_block, None)
@@ -88,8 +92,6 @@ class MoEArchitecture:
         return int(getattr(experts, self.expert_tensors[0]).shape[0])
 
     # --- structural edits ---------------------------------------------------------------------
-    def renormalizes(self, config) -> bool:
-        return bool(getattr(config, self.renormalize)) if isinstance(self.renormalize, str) else self.renormalize
 
     def select_experts(self, block: nn.Module, keep: torch.Tensor) -> dict:
         """Keep only experts ``keep`` (sorted indices) in ``block``: experts and router rows together.
@@ -164,11 +166,6 @@ class MoEArchitecture:
         for attr, value in settings.items():
             setattr(router, attr, value)
 
-    def dynamic_skip_settings(self, model: nn.Module) -> dict[int, dict]:
-        """{layer: {"beta", "renormalize"}} for routers with dynamic expert skipping."""
-        return {index: skip for index, block in self.moe_blocks(model).items()
-                if (skip := self.block_dynamic_skip(block)) is not None}
-
     def block_dynamic_skip(self, block: nn.Module) -> dict | None:
         router = self.router_of(block)
         return {"beta": router.skip_beta, "renormalize": router.skip_renormalize} if is_skip_router(router) else None
@@ -219,11 +216,6 @@ class MoEArchitecture:
         self.set_expert_count(block, new_count)
         return {} if members is None else self._adapt_groups(modules["router"], members, old_count)
 
-    def low_rank_specs(self, model: nn.Module) -> dict[int, dict]:
-        """{layer: {matrix: {"rank", "shared"}}} for MoE blocks whose experts are stored as factors."""
-        return {index: specs for index, block in self.moe_blocks(model).items()
-                if (specs := self.block_low_rank_specs(block)) is not None}
-
     def block_low_rank_specs(self, block: nn.Module) -> dict | None:
         experts = self.experts_of(block)
         return experts.low_rank_specs if is_low_rank(experts) else None
@@ -260,12 +252,6 @@ def _select_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Rows ``keep`` of ``tensor`` (dim 0), the index moved to the tensor's device (index_select needs both on one)."""
     return tensor.index_select(0, keep.to(tensor.device)).clone()
 
-
-def _get_path(root: nn.Module, dotted: str):
-    obj = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 ARCHITECTURES: dict[str, MoEArchitecture] = {

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +20,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moe_compress.atomic import atomic_path
 from moe_compress.errors import DataError
-from moe_compress.io import atomic_path
 
 log = logging.getLogger(__name__)
-
 
 
 def _open_text(path: Path) -> io.TextIOBase:
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     # strict decoding: a non-UTF-8 corpus is an error, not silently mangled text
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+
+
+def jsonl_records(path: str | Path, text_field: str, name: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(line, parsed record) for each non-empty line of a JSON-lines file (gzip if it ends in .gz); a
+    record without ``text_field`` is an error naming the file (or ``name``) and the line."""
+    with _open_text(Path(path)) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_field not in record:
+                raise DataError(f"{name or path}:{line_no}: record has no field {text_field!r} (calibration.text_field)")
+            yield line.rstrip("\n"), record
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
@@ -48,15 +61,7 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
             docs = table.column(text_field).to_pylist()
         elif name.endswith(".jsonl"):
-            docs = []
-            with _open_text(path) as handle:
-                for line_no, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise DataError(f"{path}:{line_no}: record has no field {text_field!r}")
-                    docs.append(record[text_field])
+            docs = [record[text_field] for _, record in jsonl_records(path, text_field)]
         elif name.endswith(".json"):
             with _open_text(path) as handle:
                 records = json.load(handle)

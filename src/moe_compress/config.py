@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from moe_compress.errors import ConfigError
+from moe_compress.methods.registry import ModelShape, shape_problem, variant_problems
 
 BASE_VARIANT = "base"
 
@@ -25,8 +26,13 @@ def load_schema() -> dict:
 
 def step_defaults(method: str) -> dict:
     """The default value of each option of ``method`` (what validate_config fills in)."""
-    schema = load_schema()
-    return {key: spec["default"] for key, spec in schema["$defs"][method]["properties"].items() if "default" in spec}
+    return {key: spec["default"] for key, spec in method_schema(load_schema(), method)["properties"].items()
+            if "default" in spec}
+
+
+def method_schema(schema: dict, method: str) -> dict:
+    """The entry of ``method`` in the schema: its options, their types and defaults."""
+    return schema["$defs"]["methods"][method]
 
 
 class _DuplicateKey(Exception):
@@ -127,39 +133,29 @@ def normalise_variants(variants) -> dict:
     return normalised
 
 
-# steps that change the experts' weight tensors; they need dense experts, so they cannot follow svd_experts
-EXPERT_EDITING_METHODS = ("frequency_prune", "reap_prune", "hc_merge", "svd_experts")
-# one-of option groups: a step names exactly one option of each group
-EXCLUSIVE_OPTIONS = {"svd_experts": ("rank", "energy"), "reap_prune": ("keep", "min_fraction"),
-                     "drop_layers": ("count", "layers")}
+def _step_errors(config: dict, schema: dict) -> list[str]:
+    """Each step against its method's schema entry (the schema's ``step`` only requires a method name)."""
+    known = schema["$defs"]["methods"]
+    for name, variant in config["variants"].items():
+        for index, step in enumerate(variant["steps"]):
+            path = ["variants", name, "steps", index]
+            if step["method"] not in known:
+                return [f"config key '{_key_path([*path, 'method'])}': {step['method']!r} is not one of {sorted(known)}"]
+            validator = jsonschema.Draft202012Validator(known[step["method"]])
+            errors = sorted(validator.iter_errors(step), key=lambda e: _key_path(e.absolute_path))
+            if errors:
+                error = max(errors, key=lambda e: len(e.absolute_path))
+                error.path.extendleft(reversed(path))
+                return [_describe(error, schema)]
+    return []
 
 
 def _check_steps(variants: dict) -> None:
+    """The rules between a variant's steps and between a step's options, from each method's record."""
     for name, variant in variants.items():
-        factored_at = None
-        for index, step in enumerate(variant["steps"]):
-            where = f"variants.{name}.steps[{index}]"
-            if factored_at is not None and step["method"] in EXPERT_EDITING_METHODS:
-                raise ConfigError(f"config key '{where}.method': {step['method']} cannot follow svd_experts "
-                                  f"(steps[{factored_at}]); put pruning and merging before the low-rank step")
-            if step["method"] == "svd_experts":
-                factored_at = index
-            options = EXCLUSIVE_OPTIONS.get(step["method"])
-            if options and sum(option in step for option in options) != 1:
-                raise ConfigError(f"config key '{where}': {step['method']} needs exactly one of {' or '.join(options)}")
-            if step["method"] == "dtype" and index != len(variant["steps"]) - 1:
-                raise ConfigError(f"config key '{where}.method': dtype must be the last step of variant {name!r}")
-            if step["method"] == "dynamic_skip" and step["beta"] == "auto" and step.get("target_active") is None:
-                raise ConfigError(f"config key '{where}.target_active': required with beta: auto")
-            if step["method"] == "frequency_prune":
-                thresholds = [key for key in ("min_count", "min_fraction", "keep") if key in step]
-                if "keep" in step and not step.get("uniform"):
-                    raise ConfigError(f"config key '{where}.keep': only valid with uniform: true")
-                if len(thresholds) != 1:
-                    raise ConfigError(
-                        f"config key '{where}': frequency_prune needs exactly one of min_count, min_fraction "
-                        f"or (with uniform: true) keep; got {thresholds or 'none'}"
-                    )
+        for index, problem in variant_problems(variant["steps"]):
+            option = f".{problem.option}" if problem.option else ""
+            raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message}")
 
 
 def _check_variant_names(variants: dict) -> None:
@@ -176,29 +172,14 @@ def _check_variant_names(variants: dict) -> None:
 def check_variants_against_model(variants: dict, num_experts: int, top_k: int, num_layers: int) -> None:
     """What only the model can tell: a step asking for more experts or layers than the model has fails here,
     when the workflow is parsed, not hours later in its job."""
+    shape = ModelShape(num_experts=num_experts, top_k=top_k, num_layers=num_layers)
     for name, variant in variants.items():
         for index, step in enumerate(variant["steps"]):
-            where = f"config key 'variants.{name}.steps[{index}]"
-            method = step["method"]
-            if method == "active_experts" and step["k"] > num_experts:
-                raise ConfigError(f"{where}.k': {step['k']} is more than the model's {num_experts} experts per layer")
-            if method == "frequency_prune" and step.get("top_k") is not None and step["top_k"] > top_k:
-                raise ConfigError(f"{where}.top_k': {step['top_k']} is more than the model's top-k ({top_k})")
-            if method in ("frequency_prune", "reap_prune") and step.get("keep") is not None and step["keep"] > num_experts:
-                raise ConfigError(f"{where}.keep': {step['keep']} is more than the model's {num_experts} experts per layer")
-            if method == "hc_merge" and num_experts - step["merges_per_layer"] < top_k:
-                raise ConfigError(f"{where}.merges_per_layer': {step['merges_per_layer']} leaves "
-                                  f"{num_experts - step['merges_per_layer']} of the model's {num_experts} experts, "
-                                  f"fewer than the {top_k} each token is routed to")
-            if method == "dynamic_skip" and step.get("target_active") is not None and step["target_active"] > top_k:
-                raise ConfigError(f"{where}.target_active': {step['target_active']} is more than the model's top-k ({top_k})")
-            if method == "drop_layers":
-                if step.get("count") is not None and step["count"] >= num_layers:
-                    raise ConfigError(f"{where}.count': dropping {step['count']} of the model's {num_layers} layers "
-                                      f"leaves none")
-                outside = [layer for layer in step.get("layers") or [] if layer >= num_layers]
-                if outside:
-                    raise ConfigError(f"{where}.layers': {outside} are not layers of the model (0..{num_layers - 1})")
+            problem = shape_problem(step, shape)
+            if problem:
+                option = f".{problem.option}" if problem.option else ""
+                raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message} "
+                                  f"(the model: {num_experts} experts per layer, top-{top_k}, {num_layers} layers)")
 
 
 def _check_evaluation(config: dict) -> None:
@@ -211,7 +192,7 @@ def _check_evaluation(config: dict) -> None:
     if evaluation["tasks"] and listed and BASE_VARIANT not in listed and BASE_VARIANT in config["variants"]:
         raise ConfigError(f"config key 'evaluation.variants': must include '{BASE_VARIANT}' (PerfNorm is relative to it)")
     if evaluation["source"] == "bundled":
-        from moe_compress.evaluate.benchmarks import bundled_tasks
+        from moe_compress.evaluate.lm_eval import bundled_tasks
 
         missing = [task for task in evaluation["tasks"] if task not in bundled_tasks()]
         if missing:
@@ -234,10 +215,13 @@ def validate_config(raw: dict) -> dict:
         # The deepest error is the most specific; 'if/then' wrappers add a less useful parent error.
         error = max(errors, key=lambda e: len(e.absolute_path))
         raise ConfigError(_describe(error, schema))
+    step_errors = _step_errors(config, schema)
+    if step_errors:
+        raise ConfigError(step_errors[0])
     _fill_defaults(config, schema, schema)
     for variant in config["variants"].values():
         for step in variant["steps"]:  # each method's own defaults, so params show every value used
-            _fill_defaults(step, schema["$defs"][step["method"]], schema)
+            _fill_defaults(step, method_schema(schema, step["method"]), schema)
     _check_variant_names(config["variants"])
     _check_steps(config["variants"])
     _check_evaluation(config)

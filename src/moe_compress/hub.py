@@ -9,13 +9,13 @@ throughout, so a run never reaches for the network unless the config asks for it
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 from pathlib import Path
 
+from moe_compress.atomic import atomic_directory, atomic_path
+from moe_compress.calibration import jsonl_records
 from moe_compress.errors import DataError, ModelError
-from moe_compress.io import atomic_directory, atomic_path
 
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 C4_REPO = "allenai/c4"
@@ -123,17 +123,11 @@ def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_fie
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise _not_cached(f"the C4 shard {shard!r}", "calibration.hub_file", err) from err
     kept = []
-    with gzip.open(shard_path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise DataError(f"{shard}:{line_no}: record has no field {text_field!r} (calibration.text_field)")
-            if record[text_field].strip():
-                kept.append(line.rstrip("\n"))
-            if len(kept) == num_docs:
-                break
+    for line, record in jsonl_records(shard_path, text_field, name=shard):
+        if record[text_field].strip():
+            kept.append(line)
+        if len(kept) == num_docs:
+            break
     if len(kept) < num_docs:
         raise DataError(f"calibration.hub_docs={num_docs}, but the C4 shard {shard!r} has only {len(kept)} documents")
     with atomic_path(out_path) as tmp:

@@ -24,17 +24,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe_compress.architectures import adapter_for
-from moe_compress.capture import inputs_file, read_moe_input
+from moe_compress.atomic import atomic_directory, atomic_path, write_json
+from moe_compress.cache import CacheReader
 from moe_compress.errors import ConfigError, ModelError
-from moe_compress.io import atomic_directory, atomic_path, write_json
 from moe_compress.methods import CompressionContext, apply_steps, merge_layer_reports, whole_model_reason
 from moe_compress.modelio import (
-    COMPRESSION_RECORD,
     DTYPES,
     apply_checkpoint_layout,
     block_facts,
-    environment_versions,
     load_tokenizer,
+    write_checkpoint_record,
 )
 from moe_compress.streaming import INDEX_FILE, LayerStream, build_skeleton, load_into
 
@@ -63,7 +62,7 @@ def layer_state(stream: LayerStream, index: int) -> dict[str, torch.Tensor]:
 
 
 def compress_layer(model_dir: str | Path, layer: int, steps: list[dict], stats: pd.DataFrame | None,
-                   inputs_dir: str | Path, heldout_fraction: float, dtype: str = "float32", device: str = "cpu",
+                   cache: str | Path, heldout_fraction: float, dtype: str = "float32", device: str = "cpu",
                    trust_remote_code: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Apply ``steps`` to MoE layer ``layer`` alone; return its tensors (hub layout) and its facts and reports."""
     for index, step in enumerate(steps):
@@ -76,11 +75,8 @@ def compress_layer(model_dir: str | Path, layer: int, steps: list[dict], stats: 
     if layer not in moe_layers:
         raise ModelError(f"layer {layer} is not an MoE layer of {model_dir} (MoE layers: {moe_layers})")
     stream.load_layer(layer)
-    input_file = Path(inputs_dir) / Path(inputs_file(layer)).name
-    if not input_file.is_file():
-        raise ModelError(f"layer {layer}: no cached MoE inputs ({input_file})")
     context = CompressionContext.for_model(stream.model, stats=stats, heldout_fraction=heldout_fraction,
-                                           moe_inputs={layer: read_moe_input(input_file, stream.device)},
+                                           moe_inputs={layer: CacheReader(cache).moe_input(layer, stream.device)},
                                            layers={layer})
     reports = apply_steps(stream.model, steps, context)
     block = stream.adapter.moe_blocks(stream.model)[layer]
@@ -125,13 +121,10 @@ def _outer_state(stream: LayerStream) -> dict[str, torch.Tensor]:
 
 
 def assemble_checkpoint(model_dir: str | Path, parts: dict[int, str | Path], out_dir: str | Path, record: dict,
-                        dtype: str = "float32", trust_remote_code: bool = False,
-                        extra_files=None) -> dict:
+                        dtype: str = "float32", trust_remote_code: bool = False) -> dict:
     """Write the checkpoint of ``model_dir`` with its MoE layers replaced by ``parts`` ({layer: part
-    file}), one decoder layer per safetensors shard, never more than one layer in memory.
-
-    ``extra_files(reports) -> {name: text}`` adds files computed from the merged step reports. Returns
-    the completed ``compression.json`` record (the same fields one whole-model job writes)."""
+    file}), one decoder layer per safetensors shard, never more than one layer in memory. Returns the
+    completed ``compression.json`` record (the same fields one whole-model job writes)."""
     stream = LayerStream(model_dir, dtype, "cpu", trust_remote_code)
     adapter, model = stream.adapter, stream.model
     moe_layers = moe_layer_indices(model)
@@ -171,13 +164,8 @@ def assemble_checkpoint(model_dir: str | Path, parts: dict[int, str | Path], out
         if model.can_generate():
             _generation_config(model_dir, model).save_pretrained(tmp)
         load_tokenizer(model_dir).save_pretrained(tmp)
-        files = {**remote_code, **(extra_files(reports) if extra_files else {})}
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        record = {**record, "step_reports": reports, **layout, "num_layers": num_layers, "parameters": parameters,
-                  "versions": environment_versions()}
-        write_json(record, tmp / COMPRESSION_RECORD)
-    return record
+        return write_checkpoint_record(tmp, {**record, "step_reports": reports}, layout, remote_code, num_layers,
+                                       parameters)
 
 
 def _generation_config(model_dir: str | Path, model: nn.Module):

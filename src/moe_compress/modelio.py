@@ -9,12 +9,13 @@ import platform
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
 from moe_compress.architectures import adapter_for
+from moe_compress.atomic import atomic_directory, write_json
 from moe_compress.errors import ModelError
-from moe_compress.io import atomic_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,6 @@ def count_parameters(model: nn.Module) -> int:
     return parameters + buffers
 
 
-def experts_per_layer(model: nn.Module) -> dict[int, int]:
-    adapter = adapter_for(model.config)
-    return {index: adapter.block_num_experts(block) for index, block in adapter.moe_blocks(model).items()}
 
 
 def environment_versions() -> dict:
@@ -136,7 +134,7 @@ def _render_remote_code(model_class: type) -> str:
     stock = model_class
     while stock.__module__.startswith("transformers_modules") or stock.__name__ == REMOTE_CODE_CLASS:
         stock = stock.__bases__[0]
-    template = resources.files("moe_compress.templates").joinpath(REMOTE_CODE_FILE).read_text()
+    template = resources.files("moe_compress.remote_code").joinpath(REMOTE_CODE_FILE).read_text()
     return template.replace("__BASE_MODULE__", stock.__module__).replace("__BASE_CLASS__", stock.__name__)
 
 
@@ -179,9 +177,9 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         config.moe_compress_dynamic_skip = {str(index): skip for index, skip in dynamic_skip.items()}
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
-        templates = resources.files("moe_compress.templates")
+        code_files = resources.files("moe_compress.remote_code")
         remote_code = {REMOTE_CODE_FILE: _render_remote_code(model_class),
-                       LAYERS_FILE: templates.joinpath(LAYERS_FILE).read_text()}
+                       LAYERS_FILE: code_files.joinpath(LAYERS_FILE).read_text()}
     record = {
         "model_type": config.model_type,
         "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
@@ -195,22 +193,68 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     return record, remote_code
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict,
-                    extra_files: dict[str, str] | None = None) -> dict:
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> dict:
     """Save ``model`` + ``tokenizer`` + ``compression.json`` atomically; return the completed record.
     The checkpoint is stock or carries its own modeling file: see ``apply_checkpoint_layout``."""
     adapter = adapter_for(model.config)
     facts = {index: block_facts(adapter, block) for index, block in adapter.moe_blocks(model).items()}
     layout, remote_code = apply_checkpoint_layout(model.config, adapter, facts, type(model))
-    record = {**record, **layout, "num_layers": len(adapter.decoder_layers(model)),
-              "parameters": count_parameters(model), "versions": environment_versions()}
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for name, text in {**remote_code, **(extra_files or {})}.items():
-            (tmp / name).write_text(text)
-        write_json(record, tmp / COMPRESSION_RECORD)
+        return write_checkpoint_record(tmp, record, layout, remote_code, len(adapter.decoder_layers(model)),
+                                       count_parameters(model))
+
+
+def write_checkpoint_record(directory: Path, record: dict, layout: dict, remote_code: dict[str, str], num_layers: int,
+                            parameters: int) -> dict:
+    """Complete ``record`` (the layout, the size, the library versions), write it as ``compression.json``
+    beside the remote-code files and the tables of its step reports; return it. Every checkpoint writer
+    ends here."""
+    record = {**record, **layout, "num_layers": num_layers, "parameters": parameters,
+              "versions": environment_versions()}
+    files = {**remote_code, **step_report_tables(record.get("step_reports", []))}
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    write_json(record, directory / COMPRESSION_RECORD)
     return record
+
+
+def clusters_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per merged expert: its layer, the original experts it stands for, and their coefficients."""
+    rows = []
+    for report in reports:
+        for layer, clusters in report.get("clusters", {}).items():
+            coefficients = report["layers"][layer]["coefficients"]
+            for index, (members, weights) in enumerate(zip(clusters, coefficients)):
+                rows.append({"step": report["step"], "layer": int(layer), "merged_expert": index,
+                             "original_experts": " ".join(map(str, members)),
+                             "coefficients": " ".join(f"{w:.4f}" for w in weights)})
+    return pd.DataFrame(rows, columns=["step", "layer", "merged_expert", "original_experts", "coefficients"])
+
+
+def low_rank_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error."""
+    columns = ["rank", "shared", "energy_kept", "weight_error", "parameters_before", "parameters_after"]
+    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
+            for report in reports if report["method"] == "svd_experts"
+            for layer, matrices in report["layers"].items() for name, facts in matrices.items()]
+    return pd.DataFrame(rows, columns=["step", "layer", "matrix", *columns])
+
+
+def step_report_tables(reports: list[dict]) -> dict[str, str]:
+    """The readable per-layer CSVs a checkpoint carries beside compression.json (only non-empty ones)."""
+    tables = {"reconstruction_error.csv": reconstruction_table(reports), "merge_clusters.csv": clusters_table(reports),
+              "low_rank.csv": low_rank_table(reports)}
+    return {name: table.to_csv(index=False) for name, table in tables.items()
+            if name == "reconstruction_error.csv" or not table.empty}
+
+
+def reconstruction_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per (step, layer): the MoE block's relative reconstruction error after that step."""
+    rows = [{"step": report["step"], "method": report["method"], "layer": int(layer), "relative_error": error}
+            for report in reports for layer, error in report.get("reconstruction_error", {}).items()]
+    return pd.DataFrame(rows, columns=["step", "method", "layer", "relative_error"])
 
 
 def hub_dir_name(repo_id: str) -> str:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moe_compress.io import atomic_path  # noqa: E402
+from moe_compress.atomic import atomic_path  # noqa: E402
 
 
 def method_family(method: str) -> str:

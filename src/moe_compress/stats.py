@@ -24,14 +24,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
-from moe_compress.capture import LayerRouting
-from moe_compress.errors import ModelError
+from moe_compress.cache import LayerRouting
+from moe_compress.errors import DataError
+from moe_compress.moe_block import run_expert
+from moe_compress.streaming import decoder_layers_of
 
 
 def rank_column(rank: int) -> str:
@@ -90,7 +92,7 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         available = sum(c.startswith("selected_rank_") for c in table.columns)
-        raise ValueError(f"top_k={k} exceeds the model's top-k ({available}) recorded in the statistics")
+        raise DataError(f"top_k={k} is more than the model's top-k ({available}) recorded in the statistics")
     return table[columns].sum(axis=1)
 
 
@@ -98,8 +100,6 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
 def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool) -> dict[str, np.ndarray]:
     """{"reap_saliency", "reap_saliency_applied"} of every expert of ``block`` on ``hidden`` [tokens,
     hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``)."""
-    from moe_compress.methods.merging import run_expert
-
     logits, weights, indices = adapter.router_of(block)(hidden)
     reap_weights = torch.softmax(logits.double(), dim=-1).gather(1, indices)
     if reap_renormalize:
@@ -116,35 +116,21 @@ def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool)
     return {"reap_saliency": reap, "reap_saliency_applied": applied}
 
 
-def saliency_frame(adapter, config, layer: int, block, hidden: torch.Tensor) -> pd.DataFrame:
-    return pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
-                         **layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config))})
+def expert_saliency(model_or_layers, moe_inputs: Mapping[int, torch.Tensor]) -> pd.DataFrame:
+    """One row per (layer, expert): the REAP saliency columns on the cached MoE-block inputs.
 
-
-def expert_saliency(model, moe_inputs: dict[int, torch.Tensor]) -> pd.DataFrame:
-    """One row per (layer, expert): the REAP saliency columns on the cached MoE-block inputs."""
-    from moe_compress.architectures import adapter_for
-
-    adapter = adapter_for(model.config)
-    frames = [saliency_frame(adapter, model.config, layer, block, moe_inputs[layer])
-              for layer, block in adapter.moe_blocks(model).items() if layer in moe_inputs]
-    return pd.concat(frames, ignore_index=True)
-
-
-def streamed_expert_saliency(stream, inputs_dir: str | Path) -> pd.DataFrame:
-    """``expert_saliency`` with one decoder layer (``stream``: a streaming.LayerStream) and that layer's
-    cached inputs in memory at a time."""
-    from moe_compress.capture import moe_input_files, read_moe_input
-
+    ``model_or_layers``: a model in memory or ``DecoderLayers`` (a ``LayerStream`` loads each decoder
+    layer when its turn comes); ``moe_inputs``: {layer: [tokens, hidden]}, e.g. ``CacheReader.moe_inputs``,
+    which reads each layer's inputs when it is looked up. One layer and its inputs at a time."""
+    layers = decoder_layers_of(model_or_layers)
+    adapter, config = layers.adapter, layers.model.config
     frames = []
-    for layer, path in moe_input_files(inputs_dir).items():
-        module = stream.load_layer(layer)
-        if not stream.adapter.is_moe_layer(module):
-            raise ModelError(f"layer {layer} has cached MoE inputs but is not an MoE layer of {stream.tensors.model_dir}")
-        block = getattr(module, stream.adapter.moe_block)
-        hidden = read_moe_input(path, stream.device).to(next(block.parameters()).dtype)
-        frames.append(saliency_frame(stream.adapter, stream.model.config, layer, block, hidden))
-        stream.free_layer(layer)
+    for layer in sorted(moe_inputs):
+        block = layers.moe_block(layer)
+        hidden = moe_inputs[layer].to(layers.device, next(block.parameters()).dtype)
+        frames.append(pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
+                                    **layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config))}))
+        layers.free_layer(layer)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -153,5 +139,5 @@ def with_saliency(frequency: pd.DataFrame, saliency: pd.DataFrame) -> pd.DataFra
     table = frequency.merge(saliency, on=["layer", "expert"], how="left", validate="one_to_one")
     if table["reap_saliency"].isna().any():
         missing = table.loc[table["reap_saliency"].isna(), "layer"].unique().tolist()
-        raise ValueError(f"no cached MoE-block inputs for layers {missing}; rebuild results/cache")
+        raise DataError(f"no cached MoE-block inputs for layers {missing}; rebuild results/cache")
     return table

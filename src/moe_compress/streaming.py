@@ -132,8 +132,90 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-class LayerStream:
-    """Runs a checkpoint's decoder layer by layer over a fixed set of token batches."""
+class DecoderLayers:
+    """A model's decoder layers as the cache pass and the statistics consume them: one layer at a time
+    (``load_layer`` ... ``free_layer``), with the embeddings and the arguments the decoder passes each
+    layer. ``LoadedModel`` serves a model in memory, ``LayerStream`` a checkpoint read layer by layer;
+    the code that consumes MoE blocks is the same for both."""
+
+    model: nn.Module
+    adapter: MoEArchitecture
+    device: torch.device
+    layers: nn.ModuleList
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def load_layer(self, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    def free_layer(self, index: int) -> None:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def moe_block(self, index: int) -> nn.Module:
+        """The MoE block of decoder layer ``index`` (loaded)."""
+        layer = self.load_layer(index)
+        if not self.adapter.is_moe_layer(layer):
+            raise ModelError(f"decoder layer {index} is not an MoE layer")
+        return getattr(layer, self.adapter.moe_block)
+
+    @torch.no_grad()
+    def layer_arguments(self, input_ids: torch.Tensor) -> list[dict]:
+        """The keyword arguments each decoder layer gets for a batch of this shape (no padding, positions
+        from 0), from one pass of the decoder with recorders in place of the layers."""
+        calls: list[dict] = []
+        originals = list(self.layers)
+        recorders = nn.ModuleList(_Recorder(layer, calls) for layer in originals)
+        self.adapter.set_decoder_layers(self.model, recorders)
+        try:
+            self.decoder(inputs_embeds=torch.zeros(*input_ids.shape, self.model.config.hidden_size,
+                                                   dtype=next(self.model.parameters()).dtype, device=self.device),
+                         use_cache=False)
+        except Exception as err:
+            # a streamed decoder's final norm is still on meta, so the pass may fail after its last layer; what
+            # matters is that every layer was called
+            if len(calls) != len(originals):
+                raise ModelError(f"layer streaming could not record the decoder's layer arguments: {err}") from err
+        finally:
+            self.adapter.set_decoder_layers(self.model, self.layers)
+        if len(calls) != len(originals):
+            raise ModelError(f"the decoder called {len(calls)} of its {len(originals)} layers")
+        return calls
+
+
+
+
+class LoadedModel(DecoderLayers):
+    """The decoder layers of a model already in memory: loading and freeing are no-ops."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.adapter = adapter_for(model.config)
+        self.device = next(model.parameters()).device
+        self.layers = self.adapter.decoder_layers(model)
+
+    def load_layer(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def free_layer(self, index: int) -> None:
+        pass
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(input_ids.to(self.device))
+
+
+def decoder_layers_of(model_or_layers) -> DecoderLayers:
+    """``model_or_layers`` as ``DecoderLayers`` (a model in memory is wrapped in ``LoadedModel``)."""
+    return model_or_layers if isinstance(model_or_layers, DecoderLayers) else LoadedModel(model_or_layers)
+
+
+class LayerStream(DecoderLayers):
+    """A checkpoint's decoder layers, each read from its safetensors when loaded and returned to the meta
+    device when freed."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
                  trust_remote_code: bool = False):
@@ -141,7 +223,6 @@ class LayerStream:
         self.adapter: MoEArchitecture = adapter_for(self.model.config)
         self.device = resolve_device(str(device))
         self.tensors = CheckpointTensors(model_dir)
-        self.decoder = self.model.get_decoder()
         self.layers = self.adapter.decoder_layers(self.model)
         self._prefix = self.adapter.layers + "."
 
@@ -170,43 +251,12 @@ class LayerStream:
             load_into(self.model, self.tensors.read(self.tensors.names_under(f"{path}.")), self.device)
         return embeddings(input_ids.to(self.device))
 
-    @torch.no_grad()
-    def layer_arguments(self, input_ids: torch.Tensor) -> list[dict]:
-        """The keyword arguments each decoder layer gets for a batch of this shape (no padding, positions
-        from 0), from one pass of the decoder with recorders in place of the layers."""
-        calls: list[dict] = []
-        originals = list(self.layers)
-        recorders = nn.ModuleList(_Recorder(layer, calls) for layer in originals)
-        parent = _parent_of(self.model, self.adapter.layers)
-        setattr(parent, self.adapter.layers.rsplit(".", 1)[-1], recorders)
-        try:
-            self.decoder(inputs_embeds=torch.zeros(*input_ids.shape, self.model.config.hidden_size,
-                                                   dtype=next(self.model.parameters()).dtype, device=self.device),
-                         use_cache=False)
-        except Exception as err:
-            # the decoder's final norm is still on meta, so the pass may fail after its last layer; what
-            # matters is that every layer was called
-            if len(calls) != len(originals):
-                raise ModelError(f"layer streaming could not record the decoder's layer arguments: {err}") from err
-        finally:
-            setattr(parent, self.adapter.layers.rsplit(".", 1)[-1], self.layers)
-        if len(calls) != len(originals):
-            raise ModelError(f"the decoder called {len(calls)} of its {len(originals)} layers")
-        return calls
-
-
 def _return_freed_memory() -> None:
     """Hand the freed layer's memory back to the system: glibc keeps freed heap chunks (the checkpoint's
-    per-expert tensors are small enough to live there), and without a trim the process grows by about 35 MB
-    per layer streamed (measured on a 24-layer, 5 GB model: 1.56 GB peak)."""
+    per-expert tensors are small enough to live there), so without a trim the process grows with every
+    layer streamed."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
 
-
-def _parent_of(model: nn.Module, dotted: str) -> nn.Module:
-    parent = model
-    for part in dotted.split(".")[:-1]:
-        parent = getattr(parent, part)
-    return parent

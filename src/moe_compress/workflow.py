@@ -14,18 +14,28 @@ from moe_compress.hub import hub_offline
 
 
 def start_job(snakemake) -> logging.Logger:
-    """Send this job's logging (ours and the libraries') to its ``log:`` file; set torch's thread count."""
-    handlers = [logging.StreamHandler(sys.stderr)]
+    """Send everything this job writes to stderr into its ``log:`` file: logging (ours and the
+    libraries'), warnings, progress bars, and what native code and child processes write to file
+    descriptor 2. Set torch's thread count."""
     if snakemake.log:
-        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+        redirect_stderr(snakemake.log[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        handlers=handlers, force=True)
+                        handlers=[logging.StreamHandler(sys.stderr)], force=True)
+    logging.captureWarnings(True)
     torch.set_num_threads(max(1, int(snakemake.threads)))
     logger = logging.getLogger(f"moe_compress.rule.{snakemake.rule}")
     logger.info("rule %s, wildcards %s, threads %s", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
     logger.info("hub %s, HF_HOME=%s", "offline" if hub_offline() else "online", os.environ.get("HF_HOME"))
     sys.excepthook = _log_failure(logger)
     return logger
+
+
+def redirect_stderr(path: str) -> None:
+    """Point file descriptor 2 and ``sys.stderr`` at ``path`` (line-buffered, so a killed job's log ends
+    where it stopped)."""
+    log_file = open(path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the job)
+    os.dup2(log_file.fileno(), sys.__stderr__.fileno() if sys.__stderr__ else 2)
+    sys.stderr = log_file
 
 
 def _log_failure(logger: logging.Logger):

@@ -1,7 +1,6 @@
 """Write a variant's checkpoint from its layer parts, one decoder layer at a time."""
 
 from moe_compress.layerwise import assemble_checkpoint
-from moe_compress.report import checkpoint_tables
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
@@ -10,6 +9,6 @@ parts = dict(zip(params.layers, snakemake.input.parts, strict=True))
 record = assemble_checkpoint(snakemake.input.model, parts, snakemake.output[0],
                              {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
                               "steps": json_param(snakemake, "steps"), "seeds": json_param(snakemake, "seeds")},
-                             params.dtype, params.trust_remote_code, extra_files=checkpoint_tables)
+                             params.dtype, params.trust_remote_code)
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

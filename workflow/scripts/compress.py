@@ -3,11 +3,10 @@
 import pandas as pd
 import torch
 
+from moe_compress.cache import read_moe_inputs
 from moe_compress.calibration import read_samples
-from moe_compress.capture import read_moe_inputs
 from moe_compress.methods import CompressionContext, apply_steps, whole_model_reason
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
-from moe_compress.report import checkpoint_tables
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
@@ -18,13 +17,12 @@ if reasons:  # why compress.per_layer_jobs, if set, leaves this variant in one j
     log.info("one job for the whole model: %s", "; ".join(reasons))
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats),
-                                       moe_inputs=read_moe_inputs(snakemake.input.cache, device=model.device),
+                                       moe_inputs=read_moe_inputs(snakemake.input.manifest, device=model.device),
                                        heldout_fraction=params.heldout_fraction,
                                        calibration_ids=torch.from_numpy(read_samples(snakemake.input.calibration)))
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
-                          "steps": steps, "seeds": json_param(snakemake, "seeds"), "step_reports": reports},
-                         extra_files=checkpoint_tables(reports))
+                          "steps": steps, "seeds": json_param(snakemake, "seeds"), "step_reports": reports})
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])

@@ -9,7 +9,7 @@ log = start_job(snakemake)
 params = snakemake.params
 layer = int(snakemake.wildcards.layer)
 tensors, facts = compress_layer(snakemake.input.model, layer, json_param(snakemake, "steps"),
-                                pd.read_parquet(snakemake.input.stats), snakemake.input.cache,
+                                pd.read_parquet(snakemake.input.stats), snakemake.input.manifest,
                                 params.heldout_fraction, params.dtype, params.device, params.trust_remote_code)
 write_layer_part(snakemake.output[0], tensors, facts)
 log.info("variant %s layer %d: %d experts, %d tensors", snakemake.wildcards.variant, layer,

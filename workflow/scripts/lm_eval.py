@@ -2,8 +2,8 @@
 
 import tempfile
 
-from moe_compress.evaluate.benchmarks import run_benchmark, tidy_results
-from moe_compress.io import atomic_path, write_json
+from moe_compress.atomic import atomic_path, write_json
+from moe_compress.evaluate.lm_eval import run_benchmark, tidy_results
 from moe_compress.workflow import start_job
 
 log = start_job(snakemake)

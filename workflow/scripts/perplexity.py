@@ -2,9 +2,9 @@
 
 import pandas as pd
 
+from moe_compress.atomic import atomic_path
 from moe_compress.calibration import read_samples
 from moe_compress.evaluate.perplexity import perplexity
-from moe_compress.io import atomic_path
 from moe_compress.modelio import load_model
 from moe_compress.workflow import start_job
 

@@ -1,6 +1,6 @@
 """Token windows for perplexity: held-out C4 documents, or the WikiText-2 test split."""
 
-from moe_compress.calibration import (TokenSamples, load_corpus, read_text, tokenize_contiguous, write_samples)
+from moe_compress.calibration import TokenSamples, load_corpus, read_text, tokenize_contiguous, write_samples
 from moe_compress.modelio import load_tokenizer
 from moe_compress.workflow import json_param, start_job
 

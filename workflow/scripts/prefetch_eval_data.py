@@ -2,8 +2,8 @@
 
 import os
 
-from moe_compress.evaluate.benchmarks import prefetch
-from moe_compress.io import write_json
+from moe_compress.atomic import write_json
+from moe_compress.evaluate.lm_eval import prefetch
 from moe_compress.workflow import start_job
 
 log = start_job(snakemake)

@@ -3,10 +3,10 @@
 import pandas as pd
 import torch
 
+from moe_compress.atomic import atomic_path
 from moe_compress.calibration import read_samples
 from moe_compress.errors import DataError
 from moe_compress.evaluate.speed import measure_speed
-from moe_compress.io import atomic_path
 from moe_compress.modelio import load_model
 from moe_compress.workflow import start_job
 

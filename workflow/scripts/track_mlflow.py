@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from moe_compress.io import write_json
+from moe_compress.atomic import write_json
 from moe_compress.tracking import log_variants
 from moe_compress.workflow import json_param, start_job
 

@@ -1,1 +1,1 @@
-"""Evaluation of checkpoints: perplexity (and, later, benchmarks and speed)."""
+"""Evaluation of checkpoints: perplexity (``perplexity``), lm-eval tasks (``lm_eval``) and speed (``speed``)."""

@@ -6,8 +6,7 @@ another process) does not decide the figure. Decoding is greedy with a fixed num
 (``min_new_tokens = max_new_tokens``), so every variant generates the same amount of work.
 
 The time per token is taken inside ``generate``, between the first and the last new token: decode
-steps only. (Subtracting a separately timed prefill from the whole ``generate`` made it a difference of
-two noisy timings, which came out as zero when the prefill run happened to be the slower one.)
+steps only, one clock, not the difference of two separately timed runs.
 """
 
 from __future__ import annotations

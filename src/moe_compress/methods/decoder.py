@@ -13,7 +13,8 @@ import logging
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError, ModelError
+from moe_compress.errors import ModelError
+from moe_compress.methods.registry import DECODER_LAYERS, DTYPE, Method, Problem, exactly_one_of
 from moe_compress.modelio import DTYPES
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,7 @@ def remove_layers(model, drop: list[int]) -> dict[int, int]:
         for module in layer.modules():  # attention (and anything else) indexes the KV cache by layer
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
-    parent_path, _, name = adapter.layers.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, new_layers)
+    adapter.set_decoder_layers(model, new_layers)
     _rewrite_layer_config(model.config, kept, old_count, [adapter.is_moe_layer(layer) for layer in new_layers])
     return mapping
 
@@ -94,11 +93,8 @@ def _rewrite_layer_config(config, kept: list[int], old_count: int, is_moe: list[
 def drop_layers(model, step: dict, context) -> dict:
     num_layers = len(adapter_for(model.config).decoder_layers(model))
     similarities = None
-    if "layers" in step:
+    if step.get("layers") is not None:
         drop = sorted(set(step["layers"]))
-        bad = [index for index in drop if not 0 <= index < num_layers]
-        if bad:
-            raise ConfigError(f"drop_layers.layers: {bad} out of range; the model has layers 0..{num_layers - 1}")
     else:
         if step["count"] == 0:
             drop = []
@@ -107,8 +103,6 @@ def drop_layers(model, step: dict, context) -> dict:
                 raise ModelError("drop_layers with count needs the calibration tokens")
             similarities = layer_similarities(model, context.calibration_ids)
             drop = sorted(torch.argsort(similarities, descending=True, stable=True)[:step["count"]].tolist())
-    if len(drop) >= num_layers:
-        raise ConfigError(f"drop_layers would remove all {num_layers} decoder layers")
     mapping = remove_layers(model, drop) if drop else {index: index for index in range(num_layers)}
     # the cached per-layer data follows the layers to their new index; dropped layers' data goes
     for name in ("moe_inputs", "reference_outputs", "original_expert_ids"):
@@ -136,3 +130,25 @@ def cast_dtype(model, step: dict, context) -> dict:
     # outputs stay in full precision: the error then includes the rounding)
     context.moe_inputs = {layer: value.to(dtype) for layer, value in context.moe_inputs.items()}
     return {"from": previous, "to": step["dtype"]}
+
+
+def _drop_shape(step: dict, shape) -> Problem | None:
+    if step.get("count") is not None and step["count"] >= shape.num_layers:
+        return Problem("count", f"dropping {step['count']} of the {shape.num_layers} decoder layers leaves none")
+    layers = set(step.get("layers") or [])
+    outside = sorted(layer for layer in layers if layer >= shape.num_layers)
+    if outside:
+        return Problem("layers", f"{outside} are not decoder layers (0..{shape.num_layers - 1})")
+    if len(layers) >= shape.num_layers:
+        return Problem("layers", f"dropping all {shape.num_layers} decoder layers leaves none")
+    return None
+
+
+METHODS = (
+    # measures layer similarity with full forward passes and renumbers the layers
+    Method("drop_layers", drop_layers, frozenset({DECODER_LAYERS}),
+           check_options=lambda step: exactly_one_of(step, "count", "layers"), check_shape=_drop_shape,
+           whole_model=lambda step: "drop_layers works on the whole model"),
+    Method("dtype", cast_dtype, frozenset({DTYPE}), last=True,
+           whole_model=lambda step: "dtype works on the whole model (it also casts the embeddings and the head)"),
+)

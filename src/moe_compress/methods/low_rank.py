@@ -22,8 +22,9 @@ import logging
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError
-from moe_compress.templates.moe_compress_layers import convert_to_low_rank, is_low_rank
+from moe_compress.errors import ModelError
+from moe_compress.methods.registry import EXPERT_FACTORS, Method, exactly_one_of
+from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, is_low_rank
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def svd_experts(model, step: dict, context) -> dict:
     for layer, block in context.each_block(model):
         experts = adapter.experts_of(block)
         if is_low_rank(experts):
-            raise ConfigError(f"svd_experts: layer {layer} is already low-rank (two svd_experts steps in one variant)")
+            raise ModelError(f"svd_experts: layer {layer} is already low-rank (a checkpoint this pipeline factored)")
         transposed = getattr(experts, "is_transposed", False)
         factors, specs, layer_report = {}, {}, {}
         # the hidden-size side: the input of the first projection, the output of the second
@@ -105,3 +106,7 @@ def svd_experts(model, step: dict, context) -> dict:
         log.info("layer %d: %s", layer, {name: (r["rank"], round(r["weight_error"], 4))
                                          for name, r in layer_report.items()})
     return report
+
+
+METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}),
+                  check_options=lambda step: exactly_one_of(step, "rank", "energy")),)

@@ -30,28 +30,13 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ConfigError
 from moe_compress.methods.low_rank import kept_rank
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem
+from moe_compress.moe_block import block_output, block_output_with, relative_error, run_expert, selection_counts
 
 log = logging.getLogger(__name__)
 
 
 # --- measurements ------------------------------------------------------------------------------
-
-
-def route(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k weights, top-k indices) of the block's current router on ``hidden`` [tokens, hidden]."""
-    _, weights, indices = adapter.router_of(block)(hidden)
-    return weights, indices
-
-
-def run_expert(adapter, block, hidden: torch.Tensor, expert: int) -> torch.Tensor:
-    """Expert ``expert``'s output on every row of ``hidden``, through the architecture's own experts code."""
-    indices = torch.full((hidden.shape[0], 1), expert, dtype=torch.long, device=hidden.device)
-    weights = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-    return adapter.experts_of(block)(hidden, indices, weights)
-
-
-def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(indices.reshape(-1), minlength=num_experts)
 
 
 def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "routed_sum") -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,15 +61,8 @@ def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "rout
     return centroids, counts
 
 
-def block_output(block, hidden: torch.Tensor) -> torch.Tensor:
-    """The MoE block's output for ``hidden`` [tokens, hidden] (some blocks also return router scores)."""
-    output = block(hidden.unsqueeze(0))
-    output = output[0] if isinstance(output, tuple) else output
-    return output.reshape(hidden.shape)
 
 
-def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    return float((reference - approximation).float().norm() / reference.float().norm().clamp_min(1e-20))
 
 
 # --- grouping ----------------------------------------------------------------------------------
@@ -267,10 +245,6 @@ def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_
                                                "learn_steps_run": iteration}
 
 
-def block_output_with(block, hidden, overrides: dict) -> torch.Tensor:
-    output = torch.func.functional_call(block, overrides, (hidden.unsqueeze(0),))
-    output = output[0] if isinstance(output, tuple) else output
-    return output.reshape(hidden.shape)
 
 
 def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor, step: dict, fit: torch.Tensor,
@@ -314,10 +288,6 @@ def hc_merge(model, step: dict, context) -> dict:
         fit, heldout = context.split_inputs(layer)
         num_experts = adapter.block_num_experts(block)
         merges = step["merges_per_layer"]
-        top_k = adapter.router_of(block).top_k
-        if num_experts - merges < top_k:
-            raise ConfigError(f"hc_merge.merges_per_layer={merges} leaves layer {layer} with {num_experts - merges} "
-                              f"experts, fewer than the {top_k} active per token")
         with torch.no_grad():
             centroids, counts = expert_centroids(adapter, block, fit, step["centroid"])
         if step["grouping"] == "kmeans":
@@ -336,3 +306,14 @@ def hc_merge(model, step: dict, context) -> dict:
         context.original_expert_ids[layer] = torch.tensor(first_members, device="cpu")
         log.info("layer %d: %d -> %d experts (%s merge)", layer, num_experts, len(clusters), step["merge"])
     return report
+
+
+def _merge_shape(step: dict, shape) -> Problem | None:
+    left = shape.num_experts - step["merges_per_layer"]
+    if left < shape.top_k:
+        return Problem("merges_per_layer", f"{step['merges_per_layer']} leaves {left} of the {shape.num_experts} "
+                                           f"experts, fewer than the {shape.top_k} each token is routed to")
+    return None
+
+
+METHODS = (Method("hc_merge", hc_merge, frozenset({EXPERT_COUNT}), check_shape=_merge_shape),)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError, ModelError
+from moe_compress.errors import ModelError
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 from moe_compress.stats import selected_within_top
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,27 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     return adaptations
 
 
-def prune_and_report(model, keep_per_layer: dict[int, torch.Tensor], floored: list[int], context) -> dict:
-    """Prune to ``keep_per_layer`` and describe it (``floored``: layers raised to their top-k)."""
+def keep_highest(scores: np.ndarray, n: int, top_k: int) -> tuple[torch.Tensor, bool]:
+    """The slots (sorted) of the ``n`` highest ``scores``, ``n`` raised to the layer's current ``top_k``
+    (a layer keeps at least as many experts as it routes each token to), ties broken by slot index so the
+    choice is deterministic. Returns (slots, whether n was raised)."""
+    floored = n < top_k
+    order = np.argsort(-scores, kind="stable")
+    return torch.from_numpy(np.sort(order[:min(max(n, top_k), len(scores))])), floored
+
+
+def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int], context) -> dict:
+    """Keep, per layer, the ``counts[layer]`` experts with the highest ``scores[layer]`` (one score per
+    current slot) and describe it: what the architecture adapted, how many were kept, their original
+    ids, and the layers raised to their top-k."""
+    adapter = adapter_for(model.config)
+    blocks = context.moe_blocks(model)
+    keep_per_layer, floored = {}, []
+    for layer, layer_scores in scores.items():
+        top_k = adapter.router_settings(blocks[layer])["top_k"]  # the layer's own, which may differ per layer
+        keep_per_layer[layer], raised = keep_highest(layer_scores, counts[layer], top_k)
+        if raised:
+            floored.append(layer)
     if floored:
         log.warning("layers %s kept fewer experts than they route each token to; raised to that number", floored)
     adaptations = prune_experts(model, keep_per_layer, context)
@@ -48,15 +68,6 @@ def prune_and_report(model, keep_per_layer: dict[int, torch.Tensor], floored: li
     }
 
 
-def keep_highest(scores: np.ndarray, n: int, top_k: int) -> tuple[torch.Tensor, bool]:
-    """The slots (sorted) of the ``n`` highest ``scores``, ``n`` raised to the layer's current ``top_k``
-    (a layer keeps at least as many experts as it routes each token to), ties broken by slot index so the
-    choice is deterministic. Returns (slots, whether n was raised)."""
-    floored = n < top_k
-    order = np.argsort(-scores, kind="stable")
-    return torch.from_numpy(np.sort(order[:min(max(n, top_k), len(scores))])), floored
-
-
 def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np.ndarray:
     """``column`` of the statistics table for the experts a layer holds now (by their original ids)."""
     rows = stats[stats["layer"] == layer].set_index("expert")
@@ -65,19 +76,24 @@ def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np
     return rows.loc[original_ids.numpy(), column].to_numpy()
 
 
+def check_keep(step: dict, shape) -> Problem | None:
+    """``keep`` may not exceed the experts a layer has."""
+    if step.get("keep") is not None and step["keep"] > shape.num_experts:
+        return Problem("keep", f"{step['keep']} is more than the {shape.num_experts} experts per layer")
+    return None
+
+
+# --- frequency_prune ---------------------------------------------------------------------------
+
+
 def frequency_prune(model, step: dict, context) -> dict:
     """Keep experts selected within the router's top-``top_k`` at least ``min_count`` times (or for a
     ``min_fraction`` of tokens); with ``uniform``, keep the same number of most-used experts per layer
     (``keep``, or the rounded mean of what the threshold keeps)."""
     if context.stats is None:
         raise ModelError("frequency_prune needs the expert statistics table")
-    adapter = adapter_for(model.config)
-    model_top_k = adapter.top_k(model.config)
-    top_k = step.get("top_k", model_top_k)
-    if top_k > model_top_k:
-        raise ConfigError(f"frequency_prune.top_k={top_k} exceeds the model's top-k ({model_top_k})")
+    top_k = step.get("top_k", adapter_for(model.config).top_k(model.config))
     stats = context.stats.assign(selected_within=selected_within_top(context.stats, top_k))
-    blocks = context.moe_blocks(model)
     usage, thresholds_kept = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
         counts = stats_rows(stats, layer, "selected_within", original_ids)
@@ -87,14 +103,33 @@ def frequency_prune(model, step: dict, context) -> dict:
         thresholds_kept[layer] = int((counts >= min_count).sum())
     if step.get("uniform"):
         per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
-    keep_per_layer, floored = {}, []
-    for layer, counts in usage.items():
-        n = per_layer if step.get("uniform") else thresholds_kept[layer]
-        keep_per_layer[layer], raised = keep_highest(counts, n, adapter.router_settings(blocks[layer])["top_k"])
-        if raised:
-            floored.append(layer)
-    return prune_and_report(model, keep_per_layer, floored, context)
+        thresholds_kept = dict.fromkeys(thresholds_kept, per_layer)
+    return prune_to_highest(model, usage, thresholds_kept, context)
 
+
+def _frequency_options(step: dict) -> Problem | None:
+    if "keep" in step and not step.get("uniform"):
+        return Problem("keep", "only valid with uniform: true")
+    thresholds = [key for key in ("min_count", "min_fraction", "keep") if key in step]
+    if len(thresholds) != 1:
+        return Problem(None, f"frequency_prune needs exactly one of min_count, min_fraction or (with uniform: true) "
+                             f"keep; got {thresholds or 'none'}")
+    return None
+
+
+def _frequency_shape(step: dict, shape) -> Problem | None:
+    if step.get("top_k") is not None and step["top_k"] > shape.top_k:
+        return Problem("top_k", f"{step['top_k']} is more than the {shape.top_k} experts each token is routed to")
+    return check_keep(step, shape)
+
+
+def _frequency_whole_model(step: dict) -> str | None:
+    if step.get("uniform") and not step.get("keep"):
+        return "frequency_prune with uniform and no keep sets one count from the mean over all layers"
+    return None
+
+
+# --- reap_prune --------------------------------------------------------------------------------
 
 # REAP's own weight (softmax over all experts, renormalised over the top-k where the config says
 # norm_topk_prob), or the weight the block applies
@@ -108,13 +143,17 @@ def reap_prune(model, step: dict, context) -> dict:
     if context.stats is None or column not in context.stats.columns:
         raise ModelError(f"reap_prune needs the {column} column of the expert statistics table "
                          "(results/stats/expert_frequency.parquet from this version of the pipeline)")
-    adapter = adapter_for(model.config)
-    blocks = context.moe_blocks(model)
-    keep_per_layer, floored = {}, []
+    saliency, counts = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
-        saliency = stats_rows(context.stats, layer, column, original_ids)
-        n = step["keep"] if "keep" in step else int((saliency >= step["min_fraction"] * saliency.sum()).sum())
-        keep_per_layer[layer], raised = keep_highest(saliency, n, adapter.router_settings(blocks[layer])["top_k"])
-        if raised:
-            floored.append(layer)
-    return prune_and_report(model, keep_per_layer, floored, context)
+        saliency[layer] = stats_rows(context.stats, layer, column, original_ids)
+        counts[layer] = (step["keep"] if "keep" in step
+                         else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
+    return prune_to_highest(model, saliency, counts, context)
+
+
+METHODS = (
+    Method("frequency_prune", frequency_prune, frozenset({EXPERT_COUNT}), check_options=_frequency_options,
+           check_shape=_frequency_shape, whole_model=_frequency_whole_model),
+    Method("reap_prune", reap_prune, frozenset({EXPERT_COUNT}),
+           check_options=lambda step: exactly_one_of(step, "keep", "min_fraction"), check_shape=check_keep),
+)

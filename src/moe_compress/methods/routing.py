@@ -21,9 +21,9 @@ import logging
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError
-from moe_compress.methods.merging import block_output, relative_error, route
-from moe_compress.templates.moe_compress_layers import convert_to_dynamic_skip, is_skip_router
+from moe_compress.methods.registry import EXPERT_SCALE, ROUTING, Method, Problem
+from moe_compress.moe_block import block_output, relative_error, route
+from moe_compress.remote_code.moe_compress_layers import convert_to_dynamic_skip, is_skip_router
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ def active_experts(model, step: dict, context) -> dict:
     report = {"previous_top_k": {}}
     for layer, block in context.each_block(model):
         router = adapter.router_of(block)
-        num_experts = adapter.block_num_experts(block)
-        if k > num_experts:
-            raise ConfigError(f"active_experts.k={k} is more than the {num_experts} experts of layer {layer}")
         report["previous_top_k"][str(layer)] = router.top_k
         router.top_k = k
     return report
@@ -83,9 +80,6 @@ def dynamic_skip(model, step: dict, context) -> dict:
         context.require_inputs("dynamic_skip with beta: auto")
     for layer, block in context.each_block(model):
         router = adapter.router_of(block)
-        if step["target_active"] is not None and step["target_active"] > router.top_k:
-            raise ConfigError(f"dynamic_skip.target_active={step['target_active']} is more than the {router.top_k} "
-                              f"experts layer {layer} routes each token to")
         if beta == "auto":
             with torch.no_grad():
                 weights, _ = route(adapter, block, context.split_inputs(layer)[0])
@@ -145,3 +139,30 @@ def output_rescale(model, step: dict, context) -> dict:
         log.info("layer %d: scale mean %.4f, held-out error %.4f -> %.4f%s", layer, float(scale.mean()),
                  heldout_before, heldout_after, "" if kept else " (not applied)")
     return report
+
+
+def _active_shape(step: dict, shape) -> Problem | None:
+    if step["k"] > shape.num_experts:
+        return Problem("k", f"{step['k']} is more than the {shape.num_experts} experts per layer")
+    return None
+
+
+def _skip_options(step: dict) -> Problem | None:
+    if step["beta"] == "auto" and step.get("target_active") is None:
+        return Problem("target_active", "required with beta: auto")
+    return None
+
+
+def _skip_shape(step: dict, shape) -> Problem | None:
+    if step.get("target_active") is not None and step["target_active"] > shape.top_k:
+        return Problem("target_active", f"{step['target_active']} is more than the {shape.top_k} experts each token "
+                                        f"is routed to")
+    return None
+
+
+METHODS = (
+    Method("active_experts", active_experts, frozenset({ROUTING}), check_shape=_active_shape),
+    Method("renormalize", renormalize, frozenset({ROUTING})),
+    Method("dynamic_skip", dynamic_skip, frozenset({ROUTING}), check_options=_skip_options, check_shape=_skip_shape),
+    Method("output_rescale", output_rescale, frozenset({EXPERT_SCALE})),
+)

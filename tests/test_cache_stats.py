@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moe_compress.architectures import adapter_for
-from moe_compress.capture import read_router_cache, run_capture, write_cache, inputs_file
+from moe_compress.cache import LayerRouting, build_cache, inputs_file, read_router_cache
 from moe_compress.stats import expert_frequency, selected_within_top
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.numeric
 
@@ -13,8 +13,7 @@ pytestmark = pytest.mark.numeric
 def test_router_cache_matches_direct_forward(tmp_path, tiny_model, token_batch, device):
     tiny_model.to(device)
     batch_size = 4
-    captured = run_capture(tiny_model, token_batch, batch_size=batch_size)
-    manifest = write_cache(captured, tmp_path / "cache", {})
+    manifest = build_cache(tiny_model, token_batch, batch_size, tmp_path / "cache")
     routing = read_router_cache(tmp_path / "cache")
     assert sorted(routing) == [0, 2] and sorted(manifest["layers"]) == ["0", "2"]  # layer 1 is dense
     batches = token_batch.split(batch_size)
@@ -40,7 +39,7 @@ def test_router_cache_matches_direct_forward(tmp_path, tiny_model, token_batch, 
 
 
 def test_frequency_counts_equal_brute_force(tmp_path, tiny_model, token_batch):
-    write_cache(run_capture(tiny_model, token_batch, batch_size=6), tmp_path / "cache", {})
+    build_cache(tiny_model, token_batch, 6, tmp_path / "cache")
     routing = read_router_cache(tmp_path / "cache")
     table = expert_frequency(routing)
     for layer, layer_routing in routing.items():
@@ -59,7 +58,6 @@ def test_frequency_counts_equal_brute_force(tmp_path, tiny_model, token_batch):
 
 
 def test_hand_made_counts():
-    from moe_compress.capture import LayerRouting
 
     indices = np.array([[0, 1], [0, 2], [1, 0], [2, 1]])
     weights = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=np.float32)

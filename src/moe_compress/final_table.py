@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from moe_compress.atomic import atomic_path
 from moe_compress.config import BASE_VARIANT, step_defaults
-from moe_compress.io import atomic_path
 
 
 def describe_steps(steps: list[dict]) -> str:
@@ -22,43 +21,6 @@ def describe_steps(steps: list[dict]) -> str:
                          if key != "method" and (key not in defaults or defaults[key] != value))
         parts.append(f"{step['method']}({args})")
     return " -> ".join(parts)
-
-
-def clusters_table(reports: list[dict]) -> pd.DataFrame:
-    """One row per merged expert: its layer, the original experts it stands for, and their coefficients."""
-    rows = []
-    for report in reports:
-        for layer, clusters in report.get("clusters", {}).items():
-            coefficients = report["layers"][layer]["coefficients"]
-            for index, (members, weights) in enumerate(zip(clusters, coefficients)):
-                rows.append({"step": report["step"], "layer": int(layer), "merged_expert": index,
-                             "original_experts": " ".join(map(str, members)),
-                             "coefficients": " ".join(f"{w:.4f}" for w in weights)})
-    return pd.DataFrame(rows, columns=["step", "layer", "merged_expert", "original_experts", "coefficients"])
-
-
-def low_rank_table(reports: list[dict]) -> pd.DataFrame:
-    """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error."""
-    columns = ["rank", "shared", "energy_kept", "weight_error", "parameters_before", "parameters_after"]
-    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
-            for report in reports if report["method"] == "svd_experts"
-            for layer, matrices in report["layers"].items() for name, facts in matrices.items()]
-    return pd.DataFrame(rows, columns=["step", "layer", "matrix", *columns])
-
-
-def checkpoint_tables(reports: list[dict]) -> dict[str, str]:
-    """The readable per-layer CSVs a checkpoint carries beside compression.json (only non-empty ones)."""
-    tables = {"reconstruction_error.csv": reconstruction_table(reports), "merge_clusters.csv": clusters_table(reports),
-              "low_rank.csv": low_rank_table(reports)}
-    return {name: table.to_csv(index=False) for name, table in tables.items()
-            if name == "reconstruction_error.csv" or not table.empty}
-
-
-def reconstruction_table(reports: list[dict]) -> pd.DataFrame:
-    """One row per (step, layer): the MoE block's relative reconstruction error after that step."""
-    rows = [{"step": report["step"], "method": report["method"], "layer": int(layer), "relative_error": error}
-            for report in reports for layer, error in report.get("reconstruction_error", {}).items()]
-    return pd.DataFrame(rows, columns=["step", "method", "layer", "relative_error"])
 
 
 def mean_reconstruction_error(record: dict) -> float:
@@ -115,19 +77,20 @@ def score(perf_normalised, speed_normalised):
 
 def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame],
                 speeds: dict[str, pd.DataFrame] | None = None,
-                benchmarks: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
-                perf_metric: str = "benchmarks") -> pd.DataFrame:
+                task_results: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
+                perf_metric: str = "lm_eval") -> pd.DataFrame:
     """One row per variant: size, experts, routing, reconstruction error, perplexities, the primary
-    metric of each benchmark and their mean, speed, and PerfNorm / SpeedNorm / Score against ``base``."""
-    from moe_compress.evaluate.benchmarks import primary_score
+    metric of each lm-eval task (``task_results[variant][task]``) and their mean, speed, and
+    PerfNorm / SpeedNorm / Score against ``base``."""
+    from moe_compress.evaluate.lm_eval import primary_score
 
-    speeds, benchmarks = speeds or {}, benchmarks or {}
+    speeds, task_results = speeds or {}, task_results or {}
     rows = []
     for name in variants:
         row = variant_row(name, variants[name], records[name], perplexities[name])
         for task in tasks:
-            if task in benchmarks.get(name, {}):
-                row[f"acc_{task}"] = primary_score(benchmarks[name][task], task)
+            if task in task_results.get(name, {}):
+                row[f"acc_{task}"] = primary_score(task_results[name][task], task)
         if name in speeds:
             speed = speeds[name].iloc[0]
             row.update({"prefill_tok_s": speed["prefill_tokens_per_s"], "t_token_ms": speed["t_token_ms"],
@@ -137,9 +100,9 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     accuracy_columns = [f"acc_{task}" for task in tasks if f"acc_{task}" in table.columns]
     if accuracy_columns:
         table["acc_mean"] = table[accuracy_columns].mean(axis=1, skipna=False)
-    use_benchmarks = perf_metric == "benchmarks" and bool(accuracy_columns)
-    table["perf"] = table["acc_mean"] if use_benchmarks else 1.0 / table["ppl_c4_heldout"]
-    table["perf_source"] = "acc_mean" if use_benchmarks else "1/ppl_c4_heldout"
+    use_tasks = perf_metric == "lm_eval" and bool(accuracy_columns)
+    table["perf"] = table["acc_mean"] if use_tasks else 1.0 / table["ppl_c4_heldout"]
+    table["perf_source"] = "acc_mean" if use_tasks else "1/ppl_c4_heldout"
     reference = table[table["variant"] == BASE_VARIANT]
     if not reference.empty:
         base = reference.iloc[0]
@@ -172,6 +135,3 @@ def write_final_table(table: pd.DataFrame, csv_path: str | Path, md_path: str | 
     with atomic_path(md_path) as tmp:
         tmp.write_text(to_markdown(table))
 
-
-def read_record(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -10,10 +10,10 @@ Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
 """
 
 import torch
-from torch import nn
 from __BASE_MODULE__ import __BASE_CLASS__ as _StockForCausalLM
+from torch import nn
 
-from .moe_compress_layers import convert_to_low_rank, convert_to_dynamic_skip, empty_factors
+from .moe_compress_layers import convert_to_dynamic_skip, convert_to_low_rank, empty_factors
 
 
 def _get_path(root, dotted):

@@ -53,7 +53,7 @@ NO_TRAINING_SPLIT = {"training_split": None}
 def _mirrors() -> dict[str, list[TaskMirror]]:
     mmlu = [TaskMirror(f"mmlu_{subject}", f"mmlu/default/mmlu_{subject}.yaml", "csv",
                        {"test": f"mmlu/test/{subject}_test.csv", "dev": f"mmlu/dev/{subject}_dev.csv"},
-                       column_names=tuple(MMLU_COLUMNS), process_docs="moe_compress.evaluate.benchmarks.mmlu_docs")
+                       column_names=tuple(MMLU_COLUMNS), process_docs="moe_compress.evaluate.lm_eval.mmlu_docs")
             for subject in MMLU_SUBJECTS]
     kmmlu = [TaskMirror(f"kmmlu_{name}", f"kmmlu/default/kmmlu_{name}.yaml", "csv",
                         {"test": f"kmmlu/{stem}-test.csv", "dev": f"kmmlu/{stem}-dev.csv"})

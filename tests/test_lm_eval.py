@@ -8,12 +8,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from moe_compress.errors import DataError
-from moe_compress.evaluate.benchmarks import (CSV_COLUMNS, official_tasks_dir, primary_score, run_benchmark,
-                                              tidy_results, write_offline_tasks)
+from moe_compress.evaluate.lm_eval import (
+    CSV_COLUMNS,
+    official_tasks_dir,
+    primary_score,
+    run_benchmark,
+    tidy_results,
+    write_offline_tasks,
+)
 from moe_compress.evaluate.speed import measure_speed
-from moe_compress.report import final_table, perf_norm, score, speed_norm
+from moe_compress.final_table import final_table, perf_norm, score, speed_norm
 
 DATA = REPO / "data/eval"
 
@@ -44,6 +50,7 @@ def rendered(task, doc):
     return task.fewshot_context(doc, 0), task.doc_to_choice(doc), task.doc_to_target(doc)
 
 
+@pytest.mark.slow  # loads lm-eval's task registry
 def test_mmlu_mirror_renders_the_official_prompt(tmp_path):
     ours = mirror_task(tmp_path, "mmlu", "mmlu_management")
     doc = next(iter(ours.test_docs()))
@@ -62,6 +69,7 @@ def test_mmlu_mirror_renders_the_official_prompt(tmp_path):
     assert choices == ["A", "B", "C", "D"] and target == "ABCD".index(upstream["answer"])
 
 
+@pytest.mark.slow  # loads lm-eval's task registry
 def test_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
     ours = mirror_task(tmp_path, "hellaswag")
     raw = json.loads((DATA / "hellaswag_val_subset1000.jsonl").read_text().splitlines()[0])
@@ -137,12 +145,12 @@ def test_final_table_has_one_row_per_variant_and_no_nan_where_inputs_exist():
     speeds = {name: pd.DataFrame([{"prefill_tokens_per_s": 100.0, "t_token_ms": t, "peak_memory_mb": 50.0}])
               for name, t in (("base", 40.0), ("small", 30.0))}
     accuracy = {("base", "mmlu"): 0.5, ("base", "hellaswag"): 0.4, ("small", "mmlu"): 0.45, ("small", "hellaswag"): 0.36}
-    benchmarks = {}
+    task_results = {}
     for (name, task), value in accuracy.items():
         metric = "acc_norm" if task == "hellaswag" else "acc"
-        benchmarks.setdefault(name, {})[task] = pd.DataFrame(
+        task_results.setdefault(name, {})[task] = pd.DataFrame(
             [{"task": task, "metric": metric, "value": value, "stderr": 0.01, "n": 10, "num_fewshot": 0}])
-    table = final_table(variants, records, ppl, speeds, benchmarks, ["mmlu", "hellaswag"])
+    table = final_table(variants, records, ppl, speeds, task_results, ["mmlu", "hellaswag"])
     assert table["variant"].tolist() == ["base", "small"]
     assert not table.drop(columns=["layers"]).isna().any().any()
     small = table.set_index("variant").loc["small"]

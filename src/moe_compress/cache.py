@@ -1,0 +1,289 @@
+"""The router cache: one forward pass over the calibration tokens that records, for every MoE layer,
+what the router saw and decided and what the MoE block received.
+
+Layout of a cache directory:
+- ``router_logits.parquet``: one row per (layer, token). Columns ``layer`` (int16), ``token`` (int32,
+  = sample * seq_len + position), ``logits`` (fixed-size list of float32, one per expert),
+  ``topk_indices`` (fixed-size list of int16) and ``topk_weights`` (fixed-size list of float32, the
+  weights the block applied), in rank order: the router's first choice first, by its own choice score
+  (``MoEArchitecture.rank_order``), whatever order its top-k kernel returned them in.
+- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
+- ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, and
+  every file with its CRC-32 (the checksum gzip and zip use against accidental corruption, cheaper than
+  a cryptographic hash on a cache written on every calibration pass). Readers open the cache through
+  its manifest (``CacheReader``) and check each file they read against it, so a corrupted cache is
+  never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from moe_compress.atomic import atomic_directory, write_json
+from moe_compress.errors import DataError, ModelError, check_finite
+from moe_compress.streaming import DecoderLayers, decoder_layers_of
+
+log = logging.getLogger(__name__)
+
+ROUTER_FILE = "router_logits.parquet"
+INPUTS_DIR = "moe_inputs"
+MANIFEST = "manifest.json"
+
+
+def inputs_file(layer: int) -> str:
+    return f"{INPUTS_DIR}/layer_{layer:03d}.safetensors"
+
+
+@dataclass
+class LayerCapture:
+    logits: list[torch.Tensor]
+    topk_weights: list[torch.Tensor]
+    topk_indices: list[torch.Tensor]
+    hidden_states: list[torch.Tensor]
+
+
+def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtype: torch.dtype) -> list:
+    """Hooks on one MoE block: its input, and what its router returned (logits, top-k weights, indices)."""
+
+    def save_input(module, args):
+        hidden = args[0]
+        capture.hidden_states.append(hidden.reshape(-1, hidden.shape[-1]).to("cpu", hidden_dtype))
+
+    def save_routing(module, args, output):
+        logits, weights, indices = output
+        weights, indices = adapter.rank_order(module, logits, weights, indices)
+        capture.logits.append(logits.float().cpu())
+        capture.topk_weights.append(weights.float().cpu())
+        capture.topk_indices.append(indices.to(torch.int16).cpu())
+
+    return [block.register_forward_pre_hook(save_input), adapter.router_of(block).register_forward_hook(save_routing)]
+
+
+@torch.no_grad()
+def capture_layers(layers: DecoderLayers, input_ids: torch.Tensor, batch_size: int,
+                   hidden_dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, LayerCapture]]:
+    """Push ``input_ids`` [samples, seq_len] through the decoder one layer at a time; yield (layer,
+    capture) for each MoE layer as soon as it has seen every calibration token. All tokens go through
+    layer i before layer i + 1, so only one layer is loaded at a time; the hidden states of all
+    calibration tokens are held on the CPU."""
+    adapter = layers.adapter
+    batches = [input_ids[start : start + batch_size] for start in range(0, len(input_ids), batch_size)]
+    hidden = [layers.embed(batch).cpu() for batch in batches]
+    arguments = {}  # the layers' keyword arguments depend only on the batch shape
+    for batch in batches:
+        if batch.shape not in arguments:
+            arguments[batch.shape] = layers.layer_arguments(batch)
+    for index in range(len(layers.layers)):
+        layer = layers.load_layer(index)
+        capture, handles = None, []
+        if adapter.is_moe_layer(layer):
+            capture = LayerCapture([], [], [], [])
+            handles = _capture_hooks(adapter, getattr(layer, adapter.moe_block), capture, hidden_dtype)
+        try:
+            for position, batch in enumerate(batches):
+                output = layer(hidden[position].to(layers.device), **arguments[batch.shape][index])
+                output = output[0] if isinstance(output, tuple) else output
+                hidden[position] = output.cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+        layers.free_layer(index)
+        log.info("layer %d of %d done%s", index + 1, len(layers.layers), " (MoE: cached)" if capture else "")
+        if capture is not None:
+            yield index, capture
+
+
+def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_dir: str | Path,
+                meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32) -> dict:
+    """Write the cache of ``model_or_layers`` (a model in memory or ``DecoderLayers``, e.g. a
+    ``LayerStream``) on ``input_ids`` to ``out_dir``, one MoE layer at a time; return the manifest.
+    The directory appears only complete: it is written under a temporary name and moved into place."""
+    layers = decoder_layers_of(model_or_layers)
+    with atomic_directory(out_dir) as tmp:
+        writer = CacheWriter(tmp)
+        try:
+            for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype):
+                writer.add_layer(index, capture)
+        finally:
+            writer.close()
+        return writer.write_manifest(meta or {})
+
+
+class CacheWriter:
+    """Writes the files of a cache into ``directory`` one MoE layer at a time, so the pass never holds
+    more than one layer's capture; ``write_manifest`` completes it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        (directory / INPUTS_DIR).mkdir()
+        self._router = None
+        self._layers = {}
+        self._hidden_size = None
+
+    def add_layer(self, layer: int, capture: LayerCapture) -> None:
+        logits = torch.cat(capture.logits)
+        weights = torch.cat(capture.topk_weights)
+        indices = torch.cat(capture.topk_indices)
+        hidden = torch.cat(capture.hidden_states)
+        check_finite(logits, f"router logits of layer {layer}")
+        check_finite(hidden, f"MoE-block input hidden states of layer {layer}")
+        tokens, num_experts = logits.shape
+        top_k = indices.shape[1]
+        table = pa.table(
+            {
+                "layer": pa.array(np.full(tokens, layer, np.int16)),
+                "token": pa.array(np.arange(tokens, dtype=np.int32)),
+                "logits": pa.FixedSizeListArray.from_arrays(logits.numpy().ravel(), num_experts),
+                "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), top_k),
+                "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), top_k),
+            }
+        )
+        if self._router is None:
+            self._router = pq.ParquetWriter(self.directory / ROUTER_FILE, table.schema)
+        elif table.schema != self._router.schema:
+            raise ModelError(f"layer {layer}: {num_experts} experts / top-{top_k}, but the cache's first layer has "
+                             f"{self._router.schema}; the router cache needs the same expert count in every layer")
+        self._router.write_table(table)
+        data = safetensors_bytes({"hidden_states": hidden.contiguous()}, metadata={"layer": str(layer)})
+        (self.directory / inputs_file(layer)).write_bytes(data)
+        self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens,
+                                    "file": inputs_file(layer), "crc32": _checksum(data)}
+        self._hidden_size = int(hidden.shape[1])
+
+    def close(self) -> None:
+        if self._router is not None:
+            self._router.close()
+
+    def write_manifest(self, meta: dict) -> dict:
+        if self._router is None:
+            raise ModelError("the model has no MoE layers to capture")
+        manifest = {**meta, "layers": self._layers, "hidden_size": self._hidden_size, "router_file": ROUTER_FILE,
+                    "router_crc32": _file_checksum(self.directory / ROUTER_FILE)}
+        write_json(manifest, self.directory / MANIFEST)
+        return manifest
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    logits: np.ndarray  # float32 [tokens, experts]
+    topk_indices: np.ndarray  # int64 [tokens, k]
+    topk_weights: np.ndarray  # float32 [tokens, k]
+
+
+def _fixed_list(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+
+
+class CacheCorruptError(DataError):
+    """A cache file does not match the checksum its manifest recorded."""
+
+
+def _checksum(data: bytes) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+def _file_checksum(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+class CacheReader:
+    """A cache directory read through its manifest (``path``: the directory or its ``manifest.json``).
+    Every file is checked against the CRC-32 the manifest recorded before it is used."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.manifest_path = path / MANIFEST if path.is_dir() or not path.suffix else path
+        self.directory = self.manifest_path.parent
+        if not self.manifest_path.is_file():
+            raise DataError(f"{self.manifest_path} is missing: the cache in {self.directory} is incomplete or was "
+                            f"invalidated; run the workflow again to rebuild it")
+        self.manifest = json.loads(self.manifest_path.read_text())
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(layer) for layer in self.manifest["layers"])
+
+    def _verified(self, path: Path, expected: str, data: bytes | None = None) -> None:
+        """Stop if ``path`` is not the file the cache job wrote. The manifest is removed with it, so the next
+        run of the workflow sees the cache job's output missing and rebuilds the cache instead of using it."""
+        actual = _checksum(data) if data is not None else _file_checksum(path)
+        if actual != expected:
+            self.manifest_path.unlink(missing_ok=True)
+            raise CacheCorruptError(f"{path} is corrupt (CRC-32 {actual}, the cache job recorded {expected}); "
+                                    f"{self.manifest_path} was removed, so running the workflow again rebuilds the cache")
+
+    def routing(self) -> dict[int, LayerRouting]:
+        """The router cache as per-layer arrays, tokens in order."""
+        path = self.directory / self.manifest["router_file"]
+        self._verified(path, self.manifest["router_crc32"])
+        table = pq.read_table(path)
+        layers = table.column("layer").to_numpy()
+        routing = {}
+        for layer in np.unique(layers):
+            part = table.filter(pa.compute.equal(table.column("layer"), pa.scalar(layer, pa.int16())))
+            part = part.sort_by("token")
+            routing[int(layer)] = LayerRouting(
+                logits=_fixed_list(part.column("logits")),
+                topk_indices=_fixed_list(part.column("topk_indices")).astype(np.int64),
+                topk_weights=_fixed_list(part.column("topk_weights")),
+            )
+        return routing
+
+    def moe_input(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One layer's cached MoE-block inputs [tokens, hidden]."""
+        entry = self.manifest["layers"].get(str(layer))
+        if entry is None:
+            raise DataError(f"layer {layer} is not in the cache {self.manifest_path} (layers: {self.layers})")
+        path = self.directory / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path} is missing from the cache {self.directory}; run the workflow again to rebuild it")
+        data = path.read_bytes()
+        self._verified(path, entry["crc32"], data)
+        return load_safetensors(data)["hidden_states"].to(device)
+
+    def moe_inputs(self, device: str | torch.device = "cpu") -> Mapping[int, torch.Tensor]:
+        """Every layer's cached MoE-block inputs, read when a layer is looked up: iterating over the
+        layers holds one layer's inputs at a time."""
+        return _CachedInputs(self, device)
+
+
+class _CachedInputs(Mapping):
+    def __init__(self, reader: CacheReader, device):
+        self.reader, self.device = reader, device
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.reader.moe_input(layer, self.device)
+
+    def __iter__(self):
+        return iter(self.reader.layers)
+
+    def __len__(self) -> int:
+        return len(self.reader.layers)
+
+
+def read_router_cache(path: str | Path) -> dict[int, LayerRouting]:
+    """The router cache of the cache at ``path`` (its directory or manifest)."""
+    return CacheReader(path).routing()
+
+
+def read_moe_inputs(path: str | Path, device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+    """Every layer's cached MoE-block inputs, {layer: [tokens, hidden]}, all in memory."""
+    return dict(CacheReader(path).moe_inputs(device))

@@ -1,0 +1,130 @@
+"""One record per compression method, read by the config check, the planner and the runner.
+
+A method module declares ``METHODS``: a tuple of ``Method`` records. Every module of this package is
+searched, so adding a method means adding its module (and its schema entry under
+``$defs.methods`` of ``config.schema.json``, the one source of its option names, types and defaults).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable
+
+# What a step may change. Steps that change the expert count or factor the experts need dense
+# experts, so they cannot follow a step that factored them.
+EXPERT_COUNT = "expert_count"  # experts removed or merged (with their router rows)
+EXPERT_FACTORS = "expert_factors"  # expert matrices stored as low-rank factors
+EXPERT_SCALE = "expert_scale"  # expert output projections rescaled
+ROUTING = "routing"  # router settings: top-k, renormalisation, skipping
+DECODER_LAYERS = "decoder_layers"  # whole decoder layers removed
+DTYPE = "dtype"  # every weight cast
+NEEDS_DENSE_EXPERTS = {EXPERT_COUNT, EXPERT_FACTORS}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a step is checked against: the model's shape when the workflow is parsed, and each MoE
+    layer's current shape (after the variant's earlier steps) when the step runs."""
+
+    num_experts: int
+    top_k: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A step that cannot work: the option at fault and why, phrased for both of the places it is
+    reported (the config check and the running step)."""
+
+    option: str | None
+    message: str
+
+
+def _no_problem(step: dict, shape: ModelShape | None = None) -> Problem | None:
+    return None
+
+
+def _layer_by_layer(step: dict) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method.
+
+    - ``apply(model, step, context) -> report``: edits the in-memory model; returns what the step did
+      (JSON-able, in ``compression.json``);
+    - ``edits``: what the method changes (the constants above);
+    - ``check_options(step)``: rules between its options that the schema does not express;
+    - ``check_shape(step, shape)``: what only the model can tell (e.g. more experts asked for than the
+      layer has), run when the workflow is parsed and again for each layer when the step runs;
+    - ``whole_model(step)``: why the step cannot run one MoE layer at a time (None: it can);
+    - ``last``: must be the last step of a variant.
+    """
+
+    name: str
+    apply: Callable[..., dict]
+    edits: frozenset[str]
+    check_options: Callable[[dict], Problem | None] = _no_problem
+    check_shape: Callable[[dict, ModelShape], Problem | None] = _no_problem
+    whole_model: Callable[[dict], str | None] = _layer_by_layer
+    last: bool = False
+
+
+def exactly_one_of(step: dict, *options: str) -> Problem | None:
+    """A problem unless ``step`` sets exactly one of ``options``."""
+    given = [option for option in options if step.get(option) is not None]
+    if len(given) != 1:
+        return Problem(None, f"{step['method']} needs exactly one of {' or '.join(options)}; got "
+                             f"{' and '.join(given) or 'none'}")
+    return None
+
+
+@cache
+def methods() -> dict[str, Method]:
+    """Every method record of the package, by name."""
+    import moe_compress.methods as package
+
+    found: dict[str, Method] = {}
+    for module_info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        for record in getattr(module, "METHODS", ()):
+            if record.name in found:
+                raise RuntimeError(f"method {record.name!r} is declared twice ({module.__name__})")
+            found[record.name] = record
+    return found
+
+
+def method(name: str) -> Method:
+    return methods()[name]
+
+
+def whole_model_reason(step: dict) -> str | None:
+    """Why ``step`` cannot run one MoE layer at a time (None: it can, each layer on its own)."""
+    return method(step["method"]).whole_model(step)
+
+
+def variant_problems(steps: list[dict]) -> list[tuple[int, Problem]]:
+    """(step index, problem) for every step that cannot work in this order or with these options."""
+    problems = []
+    factored_at = None
+    for index, step in enumerate(steps):
+        record = method(step["method"])
+        if factored_at is not None and record.edits & NEEDS_DENSE_EXPERTS:
+            problems.append((index, Problem("method", f"{record.name} cannot follow the low-rank step "
+                                                      f"steps[{factored_at}]; put pruning and merging before it")))
+        if EXPERT_FACTORS in record.edits:
+            factored_at = index
+        if record.last and index != len(steps) - 1:
+            problems.append((index, Problem("method", f"{record.name} must be the last step of a variant")))
+        problem = record.check_options(step)
+        if problem:
+            problems.append((index, problem))
+    return problems
+
+
+def shape_problem(step: dict, shape: ModelShape) -> Problem | None:
+    return method(step["method"]).check_shape(step, shape)

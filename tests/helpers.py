@@ -1,0 +1,266 @@
+"""What tests share: tiny random MoE models of each architecture (built from their config class in seconds),
+a tokenizer, logits, validated steps, synthetic MoE inputs, the hub cache layout, and the workflow runner.
+No hub, no shared data. Fixtures built on these are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+from moe_compress.architectures import adapter_for
+from moe_compress.config import validate_config
+from moe_compress.demo import train_tokenizer
+from moe_compress.methods import CompressionContext
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-experts models route each token to a few experts.",
+    "Pruning rarely used experts makes the model smaller.",
+    "Calibration data decides which experts are rarely used.",
+] * 8
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    return train_tokenizer(TEXTS, vocab_size)
+
+
+_COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
+    """A tiny config of each architecture, with the real architecture's options switched on (``overrides``:
+    further config fields, e.g. DeepSeek-V3's ``n_group``)."""
+    config = _tiny_config(model_type, num_experts, top_k)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _tiny_config(model_type: str, num_experts: int, top_k: int):
+    if model_type == "qwen3_moe":  # a dense layer in the middle (mlp_only_layers)
+        return Qwen3MoeConfig(**_COMMON, head_dim=8, moe_intermediate_size=16, num_experts=num_experts,
+                              num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=[1])
+    if model_type == "qwen2_moe":  # shared expert + its sigmoid gate, no top-k renormalisation
+        return Qwen2MoeConfig(**_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                              num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[1])
+    if model_type == "mixtral":
+        return MixtralConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k)
+    if model_type == "olmoe":
+        return OlmoeConfig(**_COMMON, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                           eos_token_id=0, pad_token_id=0)
+    if model_type == "deepseek_v3":  # groups, sigmoid + correction bias, scaling, dense first layer, shared expert
+        return DeepseekV3Config(**_COMMON, moe_intermediate_size=16, n_routed_experts=num_experts,
+                                num_experts_per_tok=top_k, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                                qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True)
+    if model_type == "gpt_oss":  # router bias, transposed/interleaved gate_up with biases, attention sinks
+        return GptOssConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k,
+                            sliding_window=8)
+    raise ValueError(model_type)
+
+
+ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+
+NO_CUDA = "CUDA is not available on this machine (make test-gpu runs these on a GPU node)"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+# the devices every method and statistics test runs on: the CPU always, CUDA where present
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, requires_cuda])]
+
+
+def assert_same_model(reloaded, model, ids: torch.Tensor) -> None:
+    """A reloaded checkpoint is the in-memory model: every saved tensor bitwise equal, and the same logits.
+
+    The logits are compared within the dtype's tolerance, not bitwise: the loaded tensors sit at other
+    memory alignments (safetensors maps the file), and CPU GEMM kernels pick their code path by
+    alignment and vector width, so the last bits of a sum may differ though the weights are equal."""
+    ours, theirs = model.state_dict(), reloaded.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype and torch.equal(theirs[name].cpu(), tensor.cpu()), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids.to(reloaded.device)).logits,
+                                   model(input_ids=ids.to(model.device)).logits)
+
+
+def tiny_model_of(model_type: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kwargs)).eval()
+    # random init leaves routers (and biases) at zero: give them real preferences, so tokens spread
+    # unevenly over experts and pruning has something to choose
+    adapter = adapter_for(model.config)
+    with torch.no_grad():
+        for block in adapter.moe_blocks(model).values():
+            for name in adapter.router_tensors:
+                getattr(adapter.router_of(block), name).normal_(0, 0.5)
+            for name in adapter.expert_tensors:
+                tensor = getattr(adapter.experts_of(block), name)
+                if name.endswith("bias"):
+                    tensor.normal_(0, 0.02)
+    return model
+
+
+def tiny_qwen3_moe(seed: int = 0, **kwargs):
+    return tiny_model_of("qwen3_moe", seed, **kwargs)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": text, "url": "x"}) + "\n" for text in texts))
+    return path
+
+
+C4_SAMPLE = REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"
+C4_SHARD = "en/c4-train.00000-of-01024.json.gz"
+
+
+def put_in_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path], repo_type: str = "model") -> Path:
+    """Lay ``files`` ({path in the repo: local file}) out as the hub client caches a download under
+    ``hf_home`` (blobs, a snapshot of links, refs/main), so the offline client finds them, as on a
+    host where someone ran the download earlier. Returns the snapshot folder."""
+    import shutil
+
+    repo_dir = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo_dir / "snapshots" / commit
+    for index, (name, source) in enumerate(sorted(files.items())):
+        blob = repo_dir / "blobs" / f"{index:040x}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, blob)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def put_model_in_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
+    return put_in_hub_cache(hf_home, repo_id, {path.name: path for path in model_dir.iterdir() if path.is_file()})
+
+
+def put_c4_in_hub_cache(hf_home: Path) -> Path:
+    """The bundled C4 sample (the first 1,000 documents of this very shard) as the cached shard."""
+    return put_in_hub_cache(hf_home, "allenai/c4", {C4_SHARD: C4_SAMPLE}, repo_type="dataset")
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids.to(model.device)).logits
+
+
+def validated_steps(*raw_steps: dict) -> list[dict]:
+    """Steps as the validated config passes them to a job: every default filled."""
+    raw = {"model": {"path": "demo"}, "calibration": {}, "variants": {"v": {"steps": list(raw_steps)}}}
+    return validate_config(raw)["variants"]["v"]["steps"]
+
+
+def validated_step(method: str, **options) -> dict:
+    return validated_steps({"method": method, **options})[0]
+
+
+def saved_tensor_count(path: Path) -> int:
+    """Elements stored in a checkpoint's safetensors files."""
+    total = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            total += sum(handle.get_tensor(key).numel() for key in handle.keys())
+    return total
+
+
+def synthetic_inputs(tokens: int = 256, hidden: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(tokens, hidden, generator=generator)
+    inputs[:, 0] = inputs[:, 0].abs() + 3.0  # every token has a positive first coordinate
+    return inputs
+
+
+def context_with_inputs(model, tokens: int = 192, device="cpu") -> CompressionContext:
+    """A compression context with synthetic cached inputs for every MoE layer, a quarter held out."""
+    adapter = adapter_for(model.config)
+    inputs = {layer: synthetic_inputs(tokens, model.config.hidden_size, seed=layer).to(device)
+              for layer in adapter.moe_blocks(model)}
+    return CompressionContext.for_model(model, moe_inputs=inputs, heldout_fraction=0.25)
+
+
+# --- the workflow, through real snakemake runs ------------------------------------------------------------
+
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+TINY = {
+    "model": {"path": "demo", "dtype": "float32", "device": "cpu"},
+    "demo_model": {"num_layers": 2, "hidden_size": 32, "num_experts": 8, "top_k": 2, "moe_intermediate_size": 32,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "seq_len": 32,
+                   "batch_size": 8, "steps": 30, "seed": 0},
+    "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
+                    "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
+    "cache": {"batch_size": 8},
+    "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"],
+                   "data_dir": str(REPO / "data/eval")},
+    "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1, "warmup": 0},
+    "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
+                   "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
+    "variants": {
+        "base": {"steps": []},
+        "keep_most": {"method": "frequency_prune", "min_fraction": 0.02},
+        "keep_some": {"method": "frequency_prune", "min_fraction": 0.15},
+        "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4},
+        "merged": {"method": "hc_merge", "merges_per_layer": 2, "merge": "learned", "learn_steps": 20},
+        "pruned_low_rank": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
+                                      {"method": "svd_experts", "rank": 8, "share_basis": True}]},
+        "reap4": {"method": "reap_prune", "keep": 4},
+        "skip_rescale": {"steps": [{"method": "dynamic_skip", "beta": "auto", "target_active": 1.5},
+                                   {"method": "output_rescale"}]},
+    },
+}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(configfile), "--cores", "2", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
+    """(rule, variant-or-empty) for every job a dry run plans, read from its job list."""
+    jobs, current = [], None
+    for line in dry_run_output.splitlines():
+        match = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if match:
+            if current:
+                jobs.append(current)
+            current = (match.group(1), "")
+            continue
+        match = re.match(r"^wildcards: (.*)$", line.strip())
+        if match and current:
+            variant = re.search(r"variant=([^,\s]+)", match.group(1))
+            current = (current[0], variant.group(1) if variant else match.group(1))
+    if current:
+        jobs.append(current)
+    return jobs

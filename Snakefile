@@ -6,7 +6,7 @@
 configfile: "config/config.yaml"
 
 
-report: "report/workflow.rst"
+report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
@@ -22,6 +22,6 @@ include: "rules/report.smk"
 rule all:
     default_target: True
     input:
-        "results/final_table.csv",
-        "results/plots/quality_vs_parameters.png",
-        ["results/tracking/mlflow_runs.json"] if config["tracking"]["mlflow_uri"] else [],
+        rules.final_table.output.csv,
+        rules.plots.output.quality,
+        [rules.track_mlflow.output.runs] if config["tracking"]["mlflow_uri"] else [],

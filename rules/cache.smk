@@ -6,7 +6,7 @@
 rule cache_router_activations:
     input:
         model=MODEL_DIR,
-        calibration="results/calibration/calibration.parquet",
+        calibration=rules.sample_calibration.output.samples,
     output:
         router="results/cache/router_logits.parquet",
         manifest="results/cache/manifest.json",

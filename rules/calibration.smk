@@ -6,7 +6,7 @@
 # source: hub -> the C4 documents are fetched once, on the submit host, into HF_HOME
 rule fetch_calibration_corpus:
     output:
-        "results/calibration/hub_corpus.jsonl.gz",
+        corpus=HUB_CALIBRATION_CORPUS,
     params:
         shard=config["calibration"]["hub_file"],
         num_docs=config["calibration"]["hub_docs"],
@@ -30,7 +30,7 @@ rule sample_calibration:
         model=MODEL_DIR,
         corpus=CALIBRATION_CORPUS,
     output:
-        "results/calibration/calibration.parquet",
+        samples="results/calibration/calibration.parquet",
     params:
         calibration=calibration_settings("text_field", "heldout_docs", "num_samples", "seq_len", "seed"),
         # recorded as the samples' source (with a local corpus: the input file itself)
@@ -51,7 +51,7 @@ rule perplexity_windows:
         corpus=CALIBRATION_CORPUS,
         wikitext2=config["perplexity"]["wikitext2_path"],
     output:
-        "results/calibration/ppl_{dataset}.parquet",
+        windows="results/calibration/ppl_{dataset}.parquet",
     params:
         # the held-out C4 windows depend on how the corpus is split; WikiText-2's on nothing of it
         calibration=lambda wildcards: (

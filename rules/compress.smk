@@ -1,18 +1,22 @@
 # One checkpoint per variant: the variant's ordered steps applied to the model. The steps are the
 # params of every job that applies them, so editing one variant reruns only that variant's jobs.
 
+# written by compress or, for a per-layer variant, assemble_checkpoint (the wildcard constraints pick one);
+# later rules read it as rules.compress.output.checkpoint
+CHECKPOINT_DIR = "results/checkpoints/{variant}"
+
 
 # compress.per_layer_jobs: false (or a variant with a whole-model step): one job loads the model,
 # applies the steps and saves the checkpoint.
 rule compress:
     input:
         model=MODEL_DIR,
-        stats="results/stats/expert_frequency.parquet",
-        cache="results/cache/moe_inputs",
-        manifest="results/cache/manifest.json",
-        calibration="results/calibration/calibration.parquet",
+        stats=rules.expert_stats.output.parquet,
+        cache=rules.cache_router_activations.output.inputs,
+        manifest=rules.cache_router_activations.output.manifest,
+        calibration=rules.sample_calibration.output.samples,
     output:
-        directory("results/checkpoints/{variant}"),
+        checkpoint=directory(CHECKPOINT_DIR),
     wildcard_constraints:
         variant=exact_names(WHOLE_MODEL_VARIANTS),
     params:
@@ -38,11 +42,11 @@ rule compress:
 rule compress_layer:
     input:
         model=MODEL_DIR,
-        stats="results/stats/expert_frequency.parquet",
-        cache="results/cache/moe_inputs",
-        manifest="results/cache/manifest.json",
+        stats=rules.expert_stats.output.parquet,
+        cache=rules.cache_router_activations.output.inputs,
+        manifest=rules.cache_router_activations.output.manifest,
     output:
-        "results/layers/{variant}/layer_{layer}.safetensors",
+        part="results/layers/{variant}/layer_{layer}.safetensors",
     wildcard_constraints:
         variant=exact_names(LAYERWISE_VARIANTS),
     params:
@@ -67,15 +71,15 @@ rule assemble_checkpoint:
     input:
         model=MODEL_DIR,
         parts=lambda wildcards: expand(
-            "results/layers/{variant}/layer_{layer}.safetensors", variant=wildcards.variant, layer=MOE_LAYERS
+            rules.compress_layer.output.part, variant=wildcards.variant, layer=moe_layers(wildcards)
         ),
     output:
-        directory("results/checkpoints/{variant}"),
+        checkpoint=directory(CHECKPOINT_DIR),
     wildcard_constraints:
         variant=exact_names(LAYERWISE_VARIANTS),
     params:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
-        layers=MOE_LAYERS,
+        layers=moe_layers,
         seeds=as_json(SEEDS),
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],

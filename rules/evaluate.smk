@@ -4,10 +4,10 @@
 
 rule perplexity:
     input:
-        checkpoint="results/checkpoints/{variant}",
-        windows=expand("results/calibration/ppl_{dataset}.parquet", dataset=PPL_DATASETS),
+        checkpoint=rules.compress.output.checkpoint,
+        windows=expand(rules.perplexity_windows.output.windows, dataset=PPL_DATASETS),
     output:
-        "results/eval/{variant}/perplexity.csv",
+        csv="results/eval/{variant}/perplexity.csv",
     params:
         datasets=PPL_DATASETS,
         batch_size=config["perplexity"]["batch_size"],
@@ -28,7 +28,7 @@ rule perplexity:
 # evaluation jobs then read it with the hub switched off (compute nodes often have no internet)
 rule prefetch_eval_data:
     output:
-        "results/eval_data/prefetched.json",
+        prefetched="results/eval_data/prefetched.json",
     params:
         tasks=EVAL_TASKS,
     conda:
@@ -47,9 +47,9 @@ localrules:
 
 rule lm_eval:
     input:
-        checkpoint="results/checkpoints/{variant}",
+        checkpoint=rules.compress.output.checkpoint,
         prefetched=(
-            ["results/eval_data/prefetched.json"] if config["evaluation"]["source"] == "hub" else []
+            [rules.prefetch_eval_data.output.prefetched] if config["evaluation"]["source"] == "hub" else []
         ),
     output:
         csv="results/eval/{variant}/lm_eval/{task}.csv",
@@ -78,10 +78,10 @@ rule lm_eval:
 
 rule speed:
     input:
-        checkpoint="results/checkpoints/{variant}",
-        prompts="results/calibration/ppl_c4_heldout.parquet",
+        checkpoint=rules.compress.output.checkpoint,
+        prompts=rules.perplexity_windows.output.windows.format(dataset="c4_heldout"),
     output:
-        "results/eval/{variant}/speed.csv",
+        csv="results/eval/{variant}/speed.csv",
     params:
         num_prompts=config["speed"]["num_prompts"],
         prompt_tokens=config["speed"]["prompt_tokens"],

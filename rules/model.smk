@@ -6,7 +6,7 @@ rule build_demo_model:
     input:
         corpus=CALIBRATION_CORPUS,
     output:
-        directory("results/models/demo"),
+        model=directory(DEMO_MODEL_DIR),
     params:
         demo=as_json(config["demo_model"]),
         text_field=config["calibration"]["text_field"],
@@ -24,7 +24,7 @@ rule build_demo_model:
 
 rule fetch_model:
     output:
-        directory("results/models/hub/{repo_id}"),
+        model=directory(HUB_MODEL_DIR),
     params:
         repo_id=lambda wildcards: hub_repo_id(wildcards.repo_id),
     conda:

@@ -3,17 +3,18 @@
 
 rule final_table:
     input:
-        records=expand("results/checkpoints/{variant}", variant=VARIANTS),
-        perplexity=expand("results/eval/{variant}/perplexity.csv", variant=VARIANTS),
-        speed=expand("results/eval/{variant}/speed.csv", variant=VARIANTS),
-        benchmarks=expand("results/eval/{variant}/lm_eval/{task}.csv", variant=EVAL_VARIANTS, task=EVAL_TASKS),
+        records=expand(rules.compress.output.checkpoint, variant=VARIANTS),
+        perplexity=expand(rules.perplexity.output.csv, variant=VARIANTS),
+        speed=expand(rules.speed.output.csv, variant=VARIANTS),
+        lm_eval=expand(rules.lm_eval.output.csv, variant=EVAL_VARIANTS, task=EVAL_TASKS),
     output:
-        csv=report("results/final_table.csv", caption="../report/final_table.rst", category="Results"),
+        csv=report("results/final_table.csv", caption="../workflow/report/final_table.rst", category="Results"),
         md="results/final_table.md",
     params:
         # a list of [name, steps] pairs: the table keeps the config's variant order
         variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
-        benchmarked=as_json([[variant, task] for variant in EVAL_VARIANTS for task in EVAL_TASKS]),
+        # the (variant, task) of each lm_eval input, in order
+        lm_eval_runs=as_json([[variant, task] for variant in EVAL_VARIANTS for task in EVAL_TASKS]),
         perf_metric=config["score"]["perf_metric"],
     conda:
         "../envs/core.yaml"
@@ -27,13 +28,13 @@ rule final_table:
 
 rule plots:
     input:
-        table="results/final_table.csv",
-        records=expand("results/checkpoints/{variant}", variant=VARIANTS),
+        table=rules.final_table.output.csv,
+        records=expand(rules.compress.output.checkpoint, variant=VARIANTS),
     output:
-        quality=report("results/plots/quality_vs_parameters.png", caption="../report/quality.rst", category="Plots"),
-        experts=report("results/plots/experts_per_layer.png", caption="../report/experts.rst", category="Plots"),
+        quality=report("results/plots/quality_vs_parameters.png", caption="../workflow/report/quality.rst", category="Plots"),
+        experts=report("results/plots/experts_per_layer.png", caption="../workflow/report/experts.rst", category="Plots"),
         reconstruction=report(
-            "results/plots/reconstruction_error.png", caption="../report/reconstruction.rst", category="Plots"
+            "results/plots/reconstruction_error.png", caption="../workflow/report/reconstruction.rst", category="Plots"
         ),
     params:
         variants=list(VARIANTS),
@@ -50,9 +51,9 @@ rule plots:
 # optional: one MLflow run per variant (tracking.mlflow_uri); in `rule all` only when configured
 rule track_mlflow:
     input:
-        "results/final_table.csv",
+        table=rules.final_table.output.csv,
     output:
-        "results/tracking/mlflow_runs.json",
+        runs="results/tracking/mlflow_runs.json",
     params:
         uri=config["tracking"]["mlflow_uri"],
         experiment=config["tracking"]["experiment"],

@@ -6,11 +6,12 @@
 rule expert_stats:
     input:
         model=MODEL_DIR,
-        router="results/cache/router_logits.parquet",
-        cache="results/cache/moe_inputs",
+        router=rules.cache_router_activations.output.router,
+        # the MoE-block inputs, opened through the manifest; an input too, so a rebuilt folder reruns this job
+        cache=rules.cache_router_activations.output.inputs,
         # the checksums every reader verifies; a reader that finds a corrupt file removes it, so the
         # cache is rebuilt (it is an input of compress and compress_layer too)
-        manifest="results/cache/manifest.json",
+        manifest=rules.cache_router_activations.output.manifest,
     output:
         parquet="results/stats/expert_frequency.parquet",
         csv="results/stats/expert_frequency.csv",

@@ -1,0 +1,24 @@
+"""``random_prune``: keep ``keep`` experts per layer chosen uniformly at random, the control that
+expert-pruning criteria are compared against. Each layer draws from its own generator, seeded by
+(``seed``, layer index), so a per-layer job keeps the experts a whole-model job keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_compress.methods.pruning import check_keep, prune_to_highest
+from moe_compress.methods.registry import EXPERT_COUNT, Method
+
+
+def random_scores(seed: int, layer: int, num_experts: int) -> np.ndarray:
+    """One uniform random score per expert slot: the ``keep`` highest are a uniform random subset."""
+    return np.random.default_rng([seed, layer]).random(num_experts)
+
+
+def random_prune(model, step: dict, context) -> dict:
+    scores = {layer: random_scores(step["seed"], layer, len(original_ids))
+              for layer, original_ids in context.original_expert_ids.items()}
+    return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context)
+
+
+METHODS = (Method("random_prune", random_prune, frozenset({EXPERT_COUNT}), check_shape=check_keep),)

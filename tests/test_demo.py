@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe_compress import demo
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import DataError
+from moe_compress.evaluate.perplexity import next_token_loss
 
-TINY = dict(
+TINY = demo.DemoSettings(
     num_layers=2,
     hidden_size=32,
     num_experts=8,
@@ -29,8 +31,8 @@ TINY = dict(
     steps=5,
     heldout_docs=10,
     learning_rate=3e-3,
-    threads=1,
 )
+THREADS = 1
 
 WORDS = "the a cat dog bird sat ran flew on under over mat tree house red small big quickly slowly and".split()
 
@@ -52,7 +54,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(corpus, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("demo") / "model"
-    metrics = demo.build_demo_model(corpus, out_dir, **TINY)
+    metrics = demo.build_demo_model(corpus, out_dir, TINY, threads=THREADS)
     return out_dir, metrics
 
 
@@ -63,10 +65,10 @@ def test_output_loads_offline_and_gives_finite_logits(built, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     assert model.config.model_type == "qwen3_moe"
-    assert model.config.num_experts == TINY["num_experts"] and model.config.num_experts_per_tok == TINY["top_k"]
+    assert model.config.num_experts == TINY.num_experts and model.config.num_experts_per_tok == TINY.top_k
     assert model.config.output_router_logits is False
     # per-layer jobs are planned before the model exists, from its settings alone
-    assert sorted(adapter_for(model.config).moe_blocks(model)) == demo.demo_moe_layers(TINY["num_layers"])
+    assert sorted(adapter_for(model.config).moe_blocks(model)) == demo.demo_moe_layers(TINY.num_layers)
     assert tokenizer.eos_token == demo.EOS_TOKEN
     assert tokenizer.eos_token_id == model.config.eos_token_id
     text = "The small cat sat on the mat, quickly! Ünïcödé too."
@@ -85,28 +87,73 @@ def test_metrics_file_has_the_keys(built):
     for key in ("steps", "seconds", "final_train_loss", "heldout_perplexity", "unigram_heldout_perplexity",
                 "expert_selection_frequency", "hyperparameters"):
         assert key in saved
-    assert saved["steps"] == TINY["steps"]
+    assert saved["steps"] == TINY.steps
     assert math.isfinite(saved["heldout_perplexity"]) and math.isfinite(saved["unigram_heldout_perplexity"])
-    for name, value in TINY.items():
-        assert saved["hyperparameters"][name] == value
     frequency = np.array(saved["expert_selection_frequency"])
-    assert frequency.shape == (TINY["num_layers"], TINY["num_experts"])
+    assert frequency.shape == (TINY.num_layers, TINY.num_experts)
     # each token picks top_k experts in every layer
-    np.testing.assert_allclose(frequency.sum(axis=1), TINY["top_k"])
+    np.testing.assert_allclose(frequency.sum(axis=1), TINY.top_k)
+
+
+def test_metrics_record_every_setting(built, corpus):
+    out_dir, _ = built
+    recorded = json.loads((out_dir / demo.METRICS_FILE).read_text())["hyperparameters"]
+    settings = json.loads(json.dumps(dataclasses.asdict(TINY)))
+    assert {name: recorded[name] for name in settings} == settings
+    assert recorded.keys() - settings.keys() == {"corpus_path", "threads", "warmup_steps"}
+    assert recorded["corpus_path"] == str(corpus)
+    assert recorded["threads"] == THREADS
+    assert recorded["warmup_steps"] == TINY.warmup_steps == 1
+    # the keys that readers of training_metrics.json know
+    assert set(recorded) == {
+        "corpus_path", "text_field", "heldout_docs", "seed", "num_layers", "hidden_size", "num_experts", "top_k",
+        "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size", "seq_len",
+        "batch_size", "steps", "learning_rate", "router_aux_loss_coef", "threads", "warmup_steps",
+        "min_lr_fraction", "weight_decay", "adam_betas", "grad_clip", "tie_word_embeddings",
+    }
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("top_k", 0), ("top_k", 9), ("num_key_value_heads", 3), ("hidden_size", 30), ("vocab_size", 256),
+     ("seq_len", 1), ("steps", 0), ("batch_size", 0)],
+)
+def test_settings_reject_a_bad_value_naming_it(setting, value):
+    with pytest.raises(DataError, match=f"{setting}={value}"):
+        dataclasses.replace(TINY, **{setting: value})
+
+
+def test_settings_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TINY.steps = 10
+
+
+def test_next_token_loss_matches_the_definition():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator)
+    ids = torch.randint(0, 7, (2, 5), generator=generator)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    # position t predicts token t+1
+    expected = -torch.stack([log_probs[b, t, ids[b, t + 1]] for b in range(2) for t in range(4)])
+    torch.testing.assert_close(next_token_loss(logits, ids, reduction="none"), expected)
+    torch.testing.assert_close(next_token_loss(logits, ids), expected.mean())
+    torch.testing.assert_close(next_token_loss(logits, ids, reduction="sum"), expected.sum())
+    # half-precision logits are scored in float32
+    assert next_token_loss(logits.bfloat16(), ids).dtype == torch.float32
 
 
 def test_same_seed_is_bitwise_identical(corpus, tmp_path):
     for name in ("a", "b"):
-        demo.build_demo_model(corpus, tmp_path / name, **TINY)
+        demo.build_demo_model(corpus, tmp_path / name, TINY, threads=THREADS)
     for filename in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (tmp_path / "a" / filename).read_bytes() == (tmp_path / "b" / filename).read_bytes(), filename
-    demo.build_demo_model(corpus, tmp_path / "c", **{**TINY, "seed": 1})
+    demo.build_demo_model(corpus, tmp_path / "c", dataclasses.replace(TINY, seed=1), threads=THREADS)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
 def test_heldout_documents_are_never_trained_on(corpus, tmp_path, monkeypatch):
     docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
-    heldout = docs[-TINY["heldout_docs"] :]
+    heldout = docs[-TINY.heldout_docs :]
     seen = {}
     real_train_tokenizer, real_batches = demo.train_tokenizer, demo._batches
 
@@ -121,17 +168,18 @@ def test_heldout_documents_are_never_trained_on(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "train_tokenizer", spy_train_tokenizer)
     monkeypatch.setattr(demo, "_batches", spy_batches)
-    demo.build_demo_model(corpus, tmp_path / "model", **TINY)
+    demo.build_demo_model(corpus, tmp_path / "model", TINY, threads=THREADS)
 
-    assert seen["tokenizer_texts"] == docs[: -TINY["heldout_docs"]]
+    assert seen["tokenizer_texts"] == docs[: -TINY.heldout_docs]
     assert not set(heldout) & set(seen["tokenizer_texts"])
     # the model trains on exactly the training documents' tokens
-    expected = demo.token_stream(seen["tokenizer"], docs[: -TINY["heldout_docs"]])
+    expected = demo.token_stream(seen["tokenizer"], docs[: -TINY.heldout_docs])
     np.testing.assert_array_equal(seen["training_stream"], expected)
 
 
 def test_training_loss_decreases(corpus, tmp_path):
-    metrics = demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "steps": 80, "batch_size": 8})
+    settings = dataclasses.replace(TINY, steps=80, batch_size=8)
+    metrics = demo.build_demo_model(corpus, tmp_path / "model", settings, threads=THREADS)
     curve = metrics["train_loss_curve"]
     assert len(curve) == 80
     assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0
@@ -150,8 +198,11 @@ def test_unigram_perplexity_matches_the_definition():
 
 def test_too_small_corpus_is_a_data_error(tmp_path):
     corpus = _write_corpus(tmp_path / "small.jsonl", num_docs=12)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     with pytest.raises(DataError, match="too few"):
-        demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "batch_size": 64})
+        demo.build_demo_model(corpus, tmp_path / "model", dataclasses.replace(TINY, batch_size=64), threads=THREADS)
     with pytest.raises(DataError, match="heldout_docs"):
-        demo.build_demo_model(corpus, tmp_path / "model", **{**TINY, "heldout_docs": 12})
+        demo.build_demo_model(corpus, tmp_path / "model", dataclasses.replace(TINY, heldout_docs=12), threads=THREADS)
     assert not (tmp_path / "model").exists()
+    # a failed build leaves torch's settings as it found them
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)

@@ -1,16 +1,13 @@
 """Train the embedded demo MoE and its tokenizer on the bundled C4 sample."""
 
-from moe_compress.demo import build_demo_model
+from moe_compress.demo import DemoSettings, build_demo_model
 from moe_compress.workflow import json_param, start_job
 
 log = start_job(snakemake)
-metrics = build_demo_model(
-    snakemake.input.corpus,
-    snakemake.output[0],
+settings = DemoSettings(
     text_field=snakemake.params.text_field,
     heldout_docs=snakemake.params.heldout_docs,
-    threads=snakemake.threads,
-    log=log,
     **json_param(snakemake, "demo"),
 )
+metrics = build_demo_model(snakemake.input.corpus, snakemake.output[0], settings, threads=snakemake.threads, log=log)
 log.info("demo model: %s", {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})

@@ -9,6 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy of ``logits`` [batch, seq, vocab] on ``input_ids`` [batch, seq]: position t predicts
+    token t+1 (the last position has no target). The loss is taken in float32 whatever the model's dtype.
+
+    The one definition of the language-modelling loss: demo training and every perplexity use it.
+    """
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction=reduction
+    )
+
+
 @torch.no_grad()
 def perplexity(model, windows: np.ndarray, batch_size: int) -> dict:
     """``windows`` int64 [n, seq_len]; every window is scored independently (no context carried over)."""
@@ -16,10 +27,8 @@ def perplexity(model, windows: np.ndarray, batch_size: int) -> dict:
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids = torch.from_numpy(windows[start : start + batch_size]).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += targets.numel()
+        logits = model(input_ids=ids, use_cache=False).logits
+        total_nll += float(next_token_loss(logits, ids, reduction="sum"))
+        total_tokens += ids[:, 1:].numel()
     mean_nll = total_nll / total_tokens
     return {"tokens": total_tokens, "nll": mean_nll, "perplexity": math.exp(mean_nll)}

@@ -1,6 +1,7 @@
 # moe-compress: model + config -> calibration cache -> expert statistics -> compressed checkpoints
-# -> evaluation -> results/final_table.csv. One rule file per stage in rules/; the logic lives in
-# the moe_compress package (src/), the scripts in workflow/scripts/ only translate the snakemake object.
+# -> evaluation -> results/final_table.csv. One rule file per stage in rules/ (common.smk: the plan,
+# from moe_compress.plan); each rule's script in workflow/scripts/ has the rule's name and only
+# translates the snakemake object; the logic is the moe_compress package. Map: docs/code-organisation.md
 
 
 configfile: "config/config.yaml"

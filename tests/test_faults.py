@@ -69,7 +69,7 @@ def test_a_step_beyond_the_model_fails_the_workflow_before_any_job(tmp_path):
     config["variants"]["top9"] = {"method": "active_experts", "k": 9}  # the tiny demo has 8 experts
     result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", "results/final_table.csv")
     assert result.returncode != 0
-    assert "config key 'variants.top9.steps[0].k': 9 is more than the model's 8 experts" in result.stdout + result.stderr
+    assert "config key 'variants.top9.steps[0].k': 9 is more than the 8 experts per layer" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -55,7 +55,7 @@ def cluster():
 
 
 def tiny_config(workdir: Path, **changes) -> Path:
-    """The tiny demo DAG without benchmarks, its C4 taken from the hub (a cache under workdir/hf_home
+    """The tiny demo DAG without lm-eval tasks, its C4 taken from the hub (a cache under workdir/hf_home
     holding the shard, so the local download rule finds it without a network)."""
     config = copy.deepcopy(TINY)
     config["evaluation"] = {"tasks": []}

@@ -125,7 +125,7 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     jobs = planned_jobs(result.stdout + result.stderr)
     assert sorted(jobs) == sorted([("compress", "keep_some"), ("perplexity", "keep_some"), ("speed", "keep_some"),
                                    ("final_table", "")]), jobs
-    # a benchmarked variant also reruns its benchmarks, and nothing else does
+    # a variant evaluated with lm-eval also reruns its lm_eval jobs, and nothing else does
     changed["variants"]["uniform4"]["keep"] = 5
     result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
     jobs = planned_jobs(result.stdout + result.stderr)
@@ -190,7 +190,7 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_hub_benchmarks_prefetch_on_the_submit_host_first(tmp_path):
+def test_hub_lm_eval_data_is_prefetched_on_the_submit_host_first(tmp_path):
     config = copy.deepcopy(TINY)
     config["evaluation"] = {"tasks": ["click", "mmlu"], "source": "hub", "variants": ["base"]}
     result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", "results/final_table.csv")
@@ -228,7 +228,7 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         config["model"]["path"] = "tiny-org/tiny-qwen3-moe"
         config["hf_home"] = str(hf_home)
         config["calibration"] = {**config["calibration"], "source": "hub", "hub_docs": 400}
-    config["evaluation"] = {"tasks": []}  # benchmarks run in the tiny demo DAG; here the architectures matter
+    config["evaluation"] = {"tasks": []}  # lm-eval runs in the tiny demo DAG; here the architectures matter
     # per-layer jobs planned from the hub model's config.json, with a dense layer (1) copied by the assembly
     config["compress"] = {"per_layer_jobs": from_hub}
     config["variants"] = {"base": {"steps": []},

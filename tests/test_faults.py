@@ -293,3 +293,72 @@ def test_killed_and_corrupted_runs_recover_to_what_a_cold_run_gives(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rule cache_router_activations:" in result.stdout + result.stderr
     assert outputs_of(killed) == reference
+
+
+def processes_running(marker: str) -> list[int]:
+    """The pids whose command line contains ``marker`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_job_stops_when_its_snakemake_is_killed(tmp_path):
+    job_log = tmp_path / "job.log"
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import logging, sys, time\n"
+        "from moe_compress.atomic import atomic_path\n"
+        "from moe_compress.workflow import stop_with_parent\n"
+        f"logging.basicConfig(filename={str(job_log)!r}, level=logging.INFO)\n"
+        "stop_with_parent(logging.getLogger('job'), interval_s=0.1)\n"
+        f"with atomic_path({str(tmp_path / 'out.csv')!r}) as tmp:\n"
+        "    print('writing', flush=True); time.sleep(60)\n")
+    # a stand-in for Snakemake: starts the job, reports its pid, waits on it
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys\n"
+        f"job = subprocess.Popen([sys.executable, {str(job)!r}], stdout=subprocess.PIPE, text=True)\n"
+        "print(job.pid, job.stdout.readline().strip(), flush=True); job.wait()\n")], stdout=subprocess.PIPE, text=True)
+    pid, state = parent.stdout.readline().split()
+    assert state == "writing"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the job ran on after its parent was killed"
+    assert "has exited: stopping this job" in job_log.read_text()
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.slow  # Snakemake runs
+def test_the_readme_recovery_after_kill_9_of_snakemake_alone(tmp_path):
+    """kill -9 of the Snakemake process only (a closed terminal, an OOM kill): its running job stops by
+    itself; then the README's sequence, `--unlock` and a rerun with `--rerun-incomplete`, finishes the run."""
+    configfile = write_config(tmp_path / "config.yaml", {**copy.deepcopy(TINY), "evaluation": {"tasks": []},
+                                                         "variants": {"base": {"steps": []}}})
+    target = "results/stats/expert_frequency.parquet"
+    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+               "--configfile", str(configfile), "--cores", "2", target]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = str(tmp_path / ".snakemake/scripts")
+    deadline = time.monotonic() + 300
+    while not processes_running(marker):
+        assert run.poll() is None and time.monotonic() < deadline, "Snakemake ended before it started a job"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)  # Snakemake alone, not its process group
+    run.wait()
+    deadline = time.monotonic() + 20
+    while processes_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_running(marker), "a job of the killed Snakemake is still running"
+    assert snakemake(tmp_path, configfile, "--unlock").returncode == 0
+    result = snakemake(tmp_path, configfile, "--rerun-incomplete", target)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / target).is_file()

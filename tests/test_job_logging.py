@@ -10,8 +10,9 @@ SCRIPT = """
 import types
 from moe_compress.errors import DataError
 from moe_compress.workflow import start_job
+from snakemake.iocontainers import Namedlist
 
-job = types.SimpleNamespace(log=[{log!r}], threads=1, rule="sample_calibration", wildcards={{}})
+job = types.SimpleNamespace(log=[{log!r}], threads=1, rule="sample_calibration", wildcards={{}}, input=Namedlist())
 start_job(job)
 {failure}
 """

@@ -5,18 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
 from moe_compress.errors import MoeCompressError
 from moe_compress.hub import hub_offline
+from moe_compress.integrity import verify_output, write_record
+
+# every output of a rule lies under this folder (relative to where snakemake runs); nothing else does
+RESULTS_DIR = "results"
 
 
-def start_job(snakemake) -> logging.Logger:
+def start_job(snakemake, partial_reads: Mapping[str, Iterable[str]] | None = None) -> logging.Logger:
     """Send everything this job writes to stderr into its ``log:`` file: logging (ours and the
     libraries'), warnings, progress bars, and what native code and child processes write to file
-    descriptor 2. Set torch's thread count."""
+    descriptor 2. Set torch's thread count. Check every input that another job wrote against its
+    checksum record (``partial_reads``: input name -> the files this job reads of that directory, where
+    it reads only some; the rest are checked by size)."""
     if snakemake.log:
         redirect_stderr(snakemake.log[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -27,7 +38,50 @@ def start_job(snakemake) -> logging.Logger:
     logger.info("rule %s, wildcards %s, threads %s", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
     logger.info("hub %s, HF_HOME=%s", "offline" if hub_offline() else "online", os.environ.get("HF_HOME"))
     sys.excepthook = _log_failure(logger)
+    stop_with_parent(logger)
+    verify_inputs(snakemake, partial_reads or {})
     return logger
+
+
+def stop_with_parent(logger: logging.Logger, interval_s: float = 1.0) -> None:
+    """Stop this job when the Snakemake that started it is gone (kill -9, a closed terminal): a job running
+    on unseen would finish an output the next run must treat as incomplete, or write it while the next
+    run writes it too. The orphan is adopted by another process, so its parent's pid changes."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        logger.error("Snakemake (pid %d) has exited: stopping this job; its outputs are not written", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-snakemake", daemon=True).start()
+
+
+def is_workflow_output(path: str | os.PathLike) -> bool:
+    results = os.path.abspath(RESULTS_DIR)
+    return os.path.commonpath([os.path.abspath(path), results]) == results
+
+
+def verify_inputs(snakemake, partial_reads: Mapping[str, Iterable[str]]) -> None:
+    """Each input under results/ against the record its job wrote (a damaged one is removed and named)."""
+    named = {path: name for name, paths in snakemake.input.items() for path in _as_list(paths)}
+    for path in dict.fromkeys(snakemake.input):
+        if is_workflow_output(path):
+            read = partial_reads.get(named.get(path))
+            verify_output(path, None if read is None else list(read))
+
+
+def finish_job(snakemake) -> None:
+    """Record the checksums of every output, now that all are complete (the last line of each script)."""
+    for path in snakemake.output:
+        write_record(path)
+    logging.getLogger(f"moe_compress.rule.{snakemake.rule}").info("checksums recorded for %d outputs",
+                                                                  len(snakemake.output))
+
+
+def _as_list(paths) -> list[str]:
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
 
 
 def redirect_stderr(path: str) -> None:

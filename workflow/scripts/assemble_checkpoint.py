@@ -1,7 +1,7 @@
 """Write a variant's checkpoint from its layer parts, one decoder layer at a time."""
 
 from moe_compress.layerwise import assemble_checkpoint
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake)
 params = snakemake.params
@@ -12,3 +12,4 @@ record = assemble_checkpoint(snakemake.input.model, parts, snakemake.output[0],
                              params.dtype, params.trust_remote_code)
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])
+finish_job(snakemake)

@@ -1,7 +1,7 @@
 """Train the embedded demo MoE and its tokenizer on the bundled C4 sample."""
 
 from moe_compress.demo import DemoSettings, build_demo_model
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake)
 settings = DemoSettings(
@@ -11,3 +11,4 @@ settings = DemoSettings(
 )
 metrics = build_demo_model(snakemake.input.corpus, snakemake.output[0], settings, threads=snakemake.threads, log=log)
 log.info("demo model: %s", {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
+finish_job(snakemake)

@@ -8,7 +8,7 @@ from moe_compress.cache import build_cache
 from moe_compress.calibration import read_samples
 from moe_compress.modelio import DTYPES, load_model
 from moe_compress.streaming import LayerStream
-from moe_compress.workflow import start_job
+from moe_compress.workflow import finish_job, start_job
 
 log = start_job(snakemake)
 params = snakemake.params
@@ -22,3 +22,4 @@ else:
 manifest = build_cache(layers, input_ids, params.batch_size, Path(snakemake.output.manifest).parent, meta,
                        DTYPES[params.hidden_dtype])
 log.info("cached %d MoE layers, %d tokens each", len(manifest["layers"]), input_ids.numel())
+finish_job(snakemake)

@@ -7,9 +7,9 @@ from moe_compress.cache import read_moe_inputs
 from moe_compress.calibration import read_samples
 from moe_compress.methods import CompressionContext, apply_steps, whole_model_reason
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"cache": []})
 params = snakemake.params
 steps = json_param(snakemake, "steps")
 reasons = [reason for step in steps if (reason := whole_model_reason(step))]
@@ -26,3 +26,4 @@ record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake
                           "steps": steps, "seeds": json_param(snakemake, "seeds"), "step_reports": reports})
 log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])
+finish_job(snakemake)

@@ -3,9 +3,9 @@
 import pandas as pd
 
 from moe_compress.layerwise import compress_layer, write_layer_part
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"model": [], "cache": []})
 params = snakemake.params
 layer = int(snakemake.wildcards.layer)
 tensors, facts = compress_layer(snakemake.input.model, layer, json_param(snakemake, "steps"),
@@ -14,3 +14,4 @@ tensors, facts = compress_layer(snakemake.input.model, layer, json_param(snakema
 write_layer_part(snakemake.output[0], tensors, facts)
 log.info("variant %s layer %d: %d experts, %d tensors", snakemake.wildcards.variant, layer,
          facts["facts"]["experts"], len(tensors))
+finish_job(snakemake)

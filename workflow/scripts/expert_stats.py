@@ -5,9 +5,9 @@ from moe_compress.cache import CacheReader
 from moe_compress.modelio import load_model
 from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
 from moe_compress.streaming import LayerStream, LoadedModel
-from moe_compress.workflow import start_job
+from moe_compress.workflow import finish_job, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"cache": []})
 params = snakemake.params
 cache = CacheReader(snakemake.input.manifest)
 if params.layer_streaming:  # one decoder layer and its cached inputs in memory at a time
@@ -22,3 +22,4 @@ with atomic_path(snakemake.output.parquet) as tmp:
 with atomic_path(snakemake.output.csv) as tmp:
     table.to_csv(tmp, index=False)
 log.info("statistics for %d layers x %d experts", table["layer"].nunique(), table.groupby("layer").size().max())
+finish_job(snakemake)

@@ -6,9 +6,9 @@ import pandas as pd
 
 from moe_compress.final_table import final_table, write_final_table
 from moe_compress.modelio import read_compression_record
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"records": ["compression.json"]})
 variants = dict(json_param(snakemake, "variants"))  # config order, same as the inputs
 records = {name: read_compression_record(path) for name, path in zip(variants, snakemake.input.records)}
 perplexities = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.perplexity)}
@@ -21,3 +21,4 @@ tasks = list(dict.fromkeys(task for _, task in runs))
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric)
 write_final_table(table, snakemake.output.csv, snakemake.output.md)
 log.info("final table: %d variants -> %s", len(table), Path(snakemake.output.csv))
+finish_job(snakemake)

@@ -4,7 +4,7 @@ import tempfile
 
 from moe_compress.atomic import atomic_path, write_json
 from moe_compress.evaluate.lm_eval import run_benchmark, tidy_results
-from moe_compress.workflow import start_job
+from moe_compress.workflow import finish_job, start_job
 
 log = start_job(snakemake)
 params = snakemake.params
@@ -20,3 +20,4 @@ with atomic_path(snakemake.output.csv) as tmp:
     table.to_csv(tmp, index=False)
 for row in table[table["task"] == task].itertuples():
     log.info("%s %s = %.4f (+- %.4f, n=%s)", row.task, row.metric, row.value, row.stderr, row.n)
+finish_job(snakemake)

@@ -2,7 +2,7 @@
 
 from moe_compress.calibration import TokenSamples, load_corpus, read_text, tokenize_contiguous, write_samples
 from moe_compress.modelio import load_tokenizer
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake)
 tokenizer = load_tokenizer(snakemake.input.model)
@@ -18,3 +18,4 @@ else:
 ids = tokenize_contiguous(tokenizer, text, seq_len, max_windows)
 write_samples(TokenSamples(ids, source=source), snakemake.output[0])
 log.info("%s: %d windows x %d tokens", snakemake.wildcards.dataset, *ids.shape)
+finish_job(snakemake)

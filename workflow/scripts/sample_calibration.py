@@ -2,7 +2,7 @@
 
 from moe_compress.calibration import TokenSamples, load_corpus, tokenize_into_samples, write_samples
 from moe_compress.modelio import load_tokenizer
-from moe_compress.workflow import json_param, start_job
+from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake)
 settings = json_param(snakemake, "calibration")
@@ -13,3 +13,4 @@ hub_file = snakemake.params.hub_file
 source = f"hub:allenai/c4/{hub_file}" if hub_file else str(snakemake.input.corpus)
 write_samples(TokenSamples(ids, source=source), snakemake.output[0])
 log.info("%d calibration samples x %d tokens from %d candidate documents", *ids.shape, len(pool))
+finish_job(snakemake)

@@ -8,7 +8,7 @@ from moe_compress.calibration import read_samples
 from moe_compress.errors import DataError
 from moe_compress.evaluate.speed import measure_speed
 from moe_compress.modelio import load_model
-from moe_compress.workflow import start_job
+from moe_compress.workflow import finish_job, start_job
 
 log = start_job(snakemake)
 params = snakemake.params
@@ -23,3 +23,4 @@ result = measure_speed(model, windows[: params.num_prompts, : params.prompt_toke
 log.info("%s", result)
 with atomic_path(snakemake.output[0]) as tmp:
     pd.DataFrame([result]).to_csv(tmp, index=False)
+finish_job(snakemake)

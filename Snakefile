@@ -4,6 +4,12 @@
 # translates the snakemake object; the logic is the moe_compress package. Map: docs/code-organisation.md
 
 
+# Snakemake's own reader names neither the file nor the line of a YAML error: read the file strictly first
+from moe_compress.config import check_config_files
+
+check_config_files(["config/config.yaml"])
+
+
 configfile: "config/config.yaml"
 
 

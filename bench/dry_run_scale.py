@@ -49,6 +49,9 @@ def main() -> None:
         (model_dir / "config.json").write_text(json.dumps({
             "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": args.layers,
             "hidden_size": 2048, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}))
+        # planning checks that weights and a tokenizer are there, never reads them
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+        (model_dir / "tokenizer.json").write_text("{}")
         base_config = {"model": {"path": str(model_dir)},
                        "calibration": {"path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz")},
                        "perplexity": {"wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},

@@ -47,3 +47,17 @@ def tiny_model_dir(tmp_path, tiny_model, tokenizer) -> Path:
 def token_batch():
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 300, (6, 24), generator=generator)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache under tmp_path/hf_home, with the hub client switched off."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the client read these at import; point them at this cache for the test
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hf_home

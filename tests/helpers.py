@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,6 +30,7 @@ from transformers import (
 from moe_compress.architectures import adapter_for
 from moe_compress.config import validate_config
 from moe_compress.demo import train_tokenizer
+from moe_compress.evaluate.speed import measure_speed
 from moe_compress.methods import CompressionContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +219,7 @@ TINY = {
     "cache": {"batch_size": 8},
     "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"],
                    "data_dir": str(REPO / "data/eval")},
-    "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 1, "warmup": 0},
+    "speed": {"num_prompts": 2, "prompt_tokens": 16, "decode_tokens": 4, "repeats": 3, "warmup": 0},
     "perplexity": {"seq_len": 32, "batch_size": 8, "max_windows": 8,
                    "wikitext2_path": str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")},
     "variants": {
@@ -264,3 +266,14 @@ def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
     if current:
         jobs.append(current)
     return jobs
+
+
+def measure_speed_with_hook(model, hook, repeats: int, warmup: int) -> dict:
+    """measure_speed on two random 8-token prompts, 4 new tokens, with ``hook`` run before every forward of
+    the model's decoder (``hook(module, args, kwargs)``: a sleep there makes chosen steps slower)."""
+    handle = model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return measure_speed(model, np.random.default_rng(0).integers(0, 300, size=(2, 8)), decode_tokens=4,
+                             repeats=repeats, warmup=warmup)
+    finally:
+        handle.remove()

@@ -24,20 +24,6 @@ from moe_compress.hub import (
 )
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty hub cache under tmp_path/hf_home, with the hub client switched off."""
-    import huggingface_hub.constants as constants
-
-    hf_home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(hf_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # the client read these at import; point them at this cache for the test
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return hf_home
-
-
 def test_hf_home_comes_from_the_config_then_the_environment_then_the_default(tmp_path):
     assert resolve_hf_home(str(tmp_path / "cfg"), {"HF_HOME": "/elsewhere"}) == str(tmp_path / "cfg")
     assert resolve_hf_home(None, {"HF_HOME": str(tmp_path / "env")}) == str(tmp_path / "env")

@@ -151,6 +151,7 @@ def test_per_layer_jobs_write_the_same_checkpoints(tiny_run, tmp_path):
     config = copy.deepcopy(TINY)
     config["compress"] = {"per_layer_jobs": True}
     config["evaluation"] = {**TINY["evaluation"], "variants": ["merged"]}
+    config["score"] = {"reference": "merged"}  # no unmodified base among these variants
     layerwise = ["keep_some", "merged", "pruned_low_rank", "skip_rescale"]
     config["variants"] = {**{name: TINY["variants"][name] for name in layerwise},
                           "shallower": {"method": "drop_layers", "count": 1}}

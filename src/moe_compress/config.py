@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +19,20 @@ from moe_compress.errors import ConfigError
 from moe_compress.methods.registry import ModelShape, shape_problem, variant_problems
 
 BASE_VARIANT = "base"
+
+
+def _is_strict_integer(checker, instance) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# JSON Schema counts 32.0 as an integer; a job then fails on it (a slice, a range), so only real integers pass.
+SchemaValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "a mapping", "null": "null"}
 
 
 def load_schema() -> dict:
@@ -54,6 +69,19 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """One line: the file, the line and column, and what the parser found there."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return f"{path}: not valid YAML ({' '.join(str(err).split())})"
+    mark = err.problem_mark
+    message = f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {err.problem}"
+    if err.context and err.context_mark is not None and err.context_mark.line != mark.line:
+        message += f" ({err.context} that starts on line {err.context_mark.line + 1})"
+    if "'\\t'" in (err.problem or "") or "tab character" in (err.problem or ""):
+        message += "; YAML indents with spaces only, replace the tab"
+    return message
+
+
 def read_config_file(path: str | Path) -> dict:
     """The config file as a dict; a duplicated key, invalid YAML or a non-mapping is an error naming the file."""
     path = Path(path)
@@ -61,13 +89,23 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        raise ConfigError(_yaml_problem(path, err)) from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys")
     return data
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Read each existing config file strictly: Snakemake's own reader names neither the file nor the line of a
+    YAML error, and keeps the last of two equal keys silently. A path that is no file is left to Snakemake."""
+    for path in paths:
+        if Path(path).is_file():
+            read_config_file(path)
 
 
 def _key_path(path) -> str:
@@ -99,6 +137,9 @@ def _describe(error: jsonschema.ValidationError, root: dict) -> str:
         return f"config key {keys}: unknown key (allowed here: {', '.join(allowed)})"
     if error.validator == "enum":
         return f"config key '{where}': {error.instance!r} is not one of {error.validator_value}"
+    if error.validator == "type":
+        expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"config key '{where}': {error.instance!r} is not {' or '.join(_TYPE_NAMES[name] for name in expected)}"
     return f"config key '{where}': {error.message}"
 
 
@@ -141,7 +182,7 @@ def _step_errors(config: dict, schema: dict) -> list[str]:
             path = ["variants", name, "steps", index]
             if step["method"] not in known:
                 return [f"config key '{_key_path([*path, 'method'])}': {step['method']!r} is not one of {sorted(known)}"]
-            validator = jsonschema.Draft202012Validator(known[step["method"]])
+            validator = SchemaValidator(known[step["method"]])
             errors = sorted(validator.iter_errors(step), key=lambda e: _key_path(e.absolute_path))
             if errors:
                 error = max(errors, key=lambda e: len(e.absolute_path))
@@ -182,6 +223,41 @@ def check_variants_against_model(variants: dict, num_experts: int, top_k: int, n
                                   f"(the model: {num_experts} experts per layer, top-{top_k}, {num_layers} layers)")
 
 
+def check_lengths_against_model(config: dict, max_positions: int, limit_source: str) -> None:
+    """Windows longer than the model's context (``max_positions``, from ``limit_source``) would run without an
+    error and measure a model outside the positions it was trained on."""
+    for key in ("calibration.seq_len", "perplexity.seq_len"):
+        section, name = key.split(".")
+        value = config[section][name]
+        if value > max_positions:
+            raise ConfigError(f"config key '{key}': {value} is more than the model's context of {max_positions} "
+                              f"tokens ({limit_source}); set it to at most {max_positions}")
+    prompt, decode = config["speed"]["prompt_tokens"], config["speed"]["decode_tokens"]
+    if prompt + decode > max_positions:
+        raise ConfigError(f"config keys 'speed.prompt_tokens' + 'speed.decode_tokens': {prompt} + {decode} = "
+                          f"{prompt + decode} tokens is more than the model's context of {max_positions} tokens "
+                          f"({limit_source}); make the two add up to at most {max_positions}")
+
+
+def check_reference(config: dict) -> None:
+    """score.reference is the variant every ratio of the final table is relative to: it must be a variant, and
+    ``base`` must be the uncompressed model. Another variant named there may have steps: the user chose it."""
+    reference, variants = config["score"]["reference"], config["variants"]
+    if reference not in variants:
+        if reference == BASE_VARIANT:
+            raise ConfigError(f"config key 'score.reference': there is no variant '{BASE_VARIANT}' to compare against "
+                              f"(variants: {', '.join(variants)}); add `{BASE_VARIANT}: {{steps: []}}` under variants, "
+                              f"or set score.reference to the variant every ratio is relative to")
+        raise ConfigError(f"config key 'score.reference': {reference!r} is not a variant "
+                          f"(variants: {', '.join(variants)})")
+    steps = variants[reference]["steps"]
+    if steps and reference == BASE_VARIANT:
+        methods = ", ".join(step["method"] for step in steps)
+        raise ConfigError(f"config key 'variants.{BASE_VARIANT}': the reference variant has steps ({methods}), so "
+                          f"every ratio in the final table would be relative to a compressed model; make it "
+                          f"`{BASE_VARIANT}: {{steps: []}}`, or set score.reference to the variant to compare against")
+
+
 def _check_evaluation(config: dict) -> None:
     evaluation = config["evaluation"]
     listed = evaluation["variants"] or []
@@ -189,8 +265,10 @@ def _check_evaluation(config: dict) -> None:
     if unknown:
         raise ConfigError(f"config key 'evaluation.variants': {unknown} are not variants "
                           f"(variants: {', '.join(config['variants'])})")
-    if evaluation["tasks"] and listed and BASE_VARIANT not in listed and BASE_VARIANT in config["variants"]:
-        raise ConfigError(f"config key 'evaluation.variants': must include '{BASE_VARIANT}' (PerfNorm is relative to it)")
+    reference = config["score"]["reference"]
+    if evaluation["tasks"] and listed and reference not in listed and reference in config["variants"]:
+        raise ConfigError(f"config key 'evaluation.variants': must include the reference variant '{reference}' "
+                          f"(score.reference: PerfNorm is relative to it)")
     if evaluation["source"] == "bundled":
         from moe_compress.evaluate.lm_eval import bundled_tasks
 
@@ -209,7 +287,7 @@ def validate_config(raw: dict) -> dict:
     if "variants" in config:
         config["variants"] = normalise_variants(config["variants"])
     schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = SchemaValidator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key_path(e.absolute_path)))
     if errors:
         # The deepest error is the most specific; 'if/then' wrappers add a less useful parent error.

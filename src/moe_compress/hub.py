@@ -16,6 +16,7 @@ from pathlib import Path
 from moe_compress.atomic import atomic_directory, atomic_path
 from moe_compress.calibration import jsonl_records
 from moe_compress.errors import DataError, ModelError
+from moe_compress.modelio import check_model_dir
 
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 C4_REPO = "allenai/c4"
@@ -95,6 +96,8 @@ def fetch_model_snapshot(repo_id: str, out_dir: str | Path) -> Path:
             link = Path(tmp) / path.relative_to(snapshot)
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(path.resolve())
+        # what a local model.path is checked for at parse time, here before any job uses the snapshot
+        check_model_dir(tmp, weights=True, tokenizer=True)
     return snapshot
 
 

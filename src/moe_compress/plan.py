@@ -14,11 +14,17 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from moe_compress.config import check_variants_against_model, read_config_file, validate_config
+from moe_compress.config import (
+    check_config_files,
+    check_lengths_against_model,
+    check_reference,
+    check_variants_against_model,
+    validate_config,
+)
 from moe_compress.errors import ConfigError
 from moe_compress.hub import configure_hub_environment, fetch_model_config, is_hub_id
 from moe_compress.methods import whole_model_reason
-from moe_compress.modelio import hub_dir_name, model_shape
+from moe_compress.modelio import check_model_dir, context_length, hub_dir_name, model_shape
 
 # The paths the planner chooses between; the rules that write them use these same names as outputs.
 DEMO_MODEL_DIR = "results/models/demo"
@@ -88,9 +94,47 @@ class WorkflowPlan:
             return demo_moe_layers(self.config["demo_model"]["num_layers"])
         return skeleton_moe_layers(self.model_config_dir, self.config["model"]["trust_remote_code"])
 
+    @cached_property
+    def model_context(self) -> tuple[int, str] | None:
+        """The model's longest sequence and where that number comes from; None where its config.json does not say."""
+        if self.model_config_dir is None:  # the demo is built with max_position_embeddings = demo_model.seq_len
+            return self.config["demo_model"]["seq_len"], "demo_model.seq_len, the demo model's max_position_embeddings"
+        length = context_length(self.model_config_dir)
+        if length is None:
+            return None
+        return length, f"max_position_embeddings in {self.model_config_dir / 'config.json'}"
+
+    def check_model_files(self) -> None:
+        """A local checkpoint without weights or tokenizer files fails now, not in the job that first reads them.
+        The demo is built by the workflow, and a hub model's files arrive with fetch_model: nothing to check yet."""
+        path = self.config["model"]["path"]
+        if path != "demo" and Path(path).exists():
+            check_model_dir(path, weights=True, tokenizer=True)
+
+    def check_input_files(self) -> None:
+        """A data path that names nothing fails now. Snakemake would not say it: an input no rule makes and
+        no file is, whose dependent outputs exist from an earlier run, is taken as an old source file, and
+        those outputs are kept as they are."""
+        config = self.config
+        files = {"perplexity.wikitext2_path": config["perplexity"]["wikitext2_path"]}
+        if config["calibration"]["source"] == "local":
+            files["calibration.path"] = config["calibration"]["path"]
+        folders = {}
+        if config["evaluation"]["source"] == "bundled" and config["evaluation"]["tasks"]:
+            folders["evaluation.data_dir"] = config["evaluation"]["data_dir"]
+        for key, path in [*files.items(), *folders.items()]:
+            if not (Path(path).is_file() if key in files else Path(path).is_dir()):
+                raise ConfigError(f"config key '{key}': {path} is not {'a file' if key in files else 'a folder'} "
+                                  f"(a relative path starts in the directory Snakemake runs in, {Path.cwd()})")
+
     def check_variants_against_model(self) -> None:
         """A step asking for more experts or layers than the model has fails now, not in its job."""
         check_variants_against_model(self.config["variants"], **self.model_shape)
+
+    def check_lengths_against_model(self) -> None:
+        """Calibration, perplexity and speed sequences longer than the model's context fail now."""
+        if self.model_context is not None:
+            check_lengths_against_model(self.config, *self.model_context)
 
 
 def _model_dir(path: str) -> str:
@@ -109,15 +153,18 @@ def plan_workflow(config: dict, configfiles: Iterable[str | Path] = (), remote_j
 
     ``configfiles`` are read again strictly first: plain YAML silently keeps the last of two equal keys.
     ``environ`` gets HF_HOME and, where the hub must stay off, the offline switches (in every job: a
-    remote job runs with the hub off). On the submit host (``remote_job`` false) the variants are checked
-    against the model's shape; a remote job skips that, the submit host did it before submitting.
+    remote job runs with the hub off). On the submit host (``remote_job`` false) a local model's files are
+    checked, and the variants and sequence lengths against the model's shape and context; a remote job skips
+    that, the submit host did it before submitting.
     Raises ``ConfigError`` naming the offending key."""
-    for path in configfiles:
-        if Path(path).is_file():
-            read_config_file(path)
+    check_config_files(configfiles)
     plan = WorkflowPlan.from_config(validate_config(config))
-    # before the shape check: a hub model's config.json is fetched into (or read from) this HF_HOME
+    check_reference(plan.config)
+    # before the model checks: a hub model's config.json is fetched into (or read from) this HF_HOME
     configure_hub_environment(plan.config, remote_job=remote_job, environ=environ)
     if not remote_job:
+        plan.check_input_files()
+        plan.check_model_files()
         plan.check_variants_against_model()
+        plan.check_lengths_against_model()
     return plan

@@ -1,0 +1,250 @@
+"""What the workflow refuses while Snakemake parses it, before any job: each refusal is one line that names the
+config key or file, the value, and what to do."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import make_tokenizer, put_in_hub_cache, snakemake, write_config
+from moe_compress.config import read_config_file, validate_config
+from moe_compress.errors import ConfigError, ModelError
+from moe_compress.modelio import check_model_dir
+from moe_compress.plan import plan_workflow
+
+# the demo: 8 experts per layer, top-2, 2 layers, a context of 64 tokens (its max_position_embeddings is
+# demo_model.seq_len); every length below fits it
+DEMO = {
+    "model": {"path": "demo"},
+    "demo_model": {"num_layers": 2, "num_experts": 8, "top_k": 2, "seq_len": 64},
+    "calibration": {"seq_len": 64},
+    "perplexity": {"seq_len": 64},
+    "speed": {"prompt_tokens": 32, "decode_tokens": 32},
+    "evaluation": {"tasks": []},
+    "variants": {"base": {"steps": []}, "top1": {"method": "active_experts", "k": 1}},
+}
+
+
+def plan(raw: dict, **changes):
+    """Plan a copy of ``raw`` with top-level ``changes`` as the submit host does; the environment it sets goes
+    to a throwaway dict."""
+    return plan_workflow({**copy.deepcopy(raw), **changes}, environ={})
+
+
+def refusal(raw: dict, error=ConfigError, **changes) -> str:
+    with pytest.raises(error) as caught:
+        plan(raw, **changes)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def edit_config_json(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    for key in [key for key, value in changes.items() if value is None]:
+        del config[key]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+# ---- 1. integers are integers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("calibration", "num_samples", 32.0, "config key 'calibration.num_samples': 32.0 is not an integer"),
+    ("calibration", "num_samples", True, "config key 'calibration.num_samples': True is not an integer"),
+    ("perplexity", "seq_len", 64.0, "config key 'perplexity.seq_len': 64.0 is not an integer"),
+    ("evaluation", "limit", 5.0, "config key 'evaluation.limit': 5.0 is not an integer or null"),
+])
+def test_a_float_where_an_integer_belongs_is_refused(section, key, value, expected):
+    raw = copy.deepcopy(DEMO)
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw)
+    assert str(caught.value) == expected
+
+
+def test_a_float_step_option_is_refused():
+    raw = copy.deepcopy(DEMO)
+    raw["variants"]["pruned"] = {"method": "reap_prune", "keep": 4.0}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw)
+    assert str(caught.value) == "config key 'variants.pruned.steps[0].keep': 4.0 is not an integer"
+
+
+def test_numbers_still_take_integers():
+    raw = copy.deepcopy(DEMO)
+    raw["variants"]["skip"] = {"method": "dynamic_skip", "beta": 0, "target_active": None}
+    raw["compress"] = {"heldout_fraction": 0.5}
+    assert validate_config(raw)["variants"]["skip"]["steps"][0]["beta"] == 0
+
+
+# ---- 2. lengths within the model's context -----------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, key, value", [
+    ({"calibration": {"seq_len": 65}}, "calibration.seq_len", "65"),
+    ({"perplexity": {"seq_len": 128}}, "perplexity.seq_len", "128"),
+])
+def test_a_window_longer_than_the_demo_context_is_refused(changes, key, value):
+    message = refusal(DEMO, **changes)
+    assert message.startswith(f"config key '{key}': {value} is more than the model's context of 64 tokens")
+    assert "demo_model.seq_len" in message and "at most 64" in message
+
+
+def test_speed_prompt_and_decode_tokens_together_must_fit_the_context():
+    message = refusal(DEMO, speed={"prompt_tokens": 48, "decode_tokens": 17})
+    assert message.startswith("config keys 'speed.prompt_tokens' + 'speed.decode_tokens': 48 + 17 = 65 tokens is "
+                              "more than the model's context of 64 tokens")
+    assert plan(DEMO, speed={"prompt_tokens": 48, "decode_tokens": 16})  # exactly the context: fine
+
+
+def test_a_local_model_context_comes_from_its_config_json(tiny_model_dir):
+    edit_config_json(tiny_model_dir, max_position_embeddings=32)
+    message = refusal(DEMO, model={"path": str(tiny_model_dir)})
+    assert message.startswith("config key 'calibration.seq_len': 64 is more than the model's context of 32 tokens")
+    assert f"max_position_embeddings in {tiny_model_dir / 'config.json'}" in message
+    edit_config_json(tiny_model_dir, max_position_embeddings=None)  # a config.json that does not say: no check
+    assert plan(DEMO, model={"path": str(tiny_model_dir)}, calibration={"seq_len": 100000})
+
+
+# ---- 3. the reference variant ------------------------------------------------------------------------------
+
+def test_score_reference_defaults_to_base():
+    assert plan(DEMO).config["score"]["reference"] == "base"
+
+
+def test_without_a_base_variant_the_reference_must_be_named():
+    raw = copy.deepcopy(DEMO)
+    del raw["variants"]["base"]
+    assert validate_config(raw)  # a config for one method's tests needs no reference; the workflow does
+    message = refusal(raw)
+    assert message.startswith("config key 'score.reference': there is no variant 'base' to compare against "
+                              "(variants: top1)")
+    assert "add `base: {steps: []}` under variants, or set score.reference" in message
+    assert plan(raw, score={"reference": "top1"}).config["score"]["reference"] == "top1"
+
+
+def test_a_reference_that_is_no_variant_is_refused():
+    message = refusal(DEMO, score={"reference": "full"})
+    assert message == "config key 'score.reference': 'full' is not a variant (variants: base, top1)"
+
+
+def test_base_with_steps_is_refused_as_the_reference():
+    raw = copy.deepcopy(DEMO)
+    raw["variants"]["base"] = {"method": "active_experts", "k": 1}
+    message = refusal(raw)
+    assert message.startswith("config key 'variants.base': the reference variant has steps (active_experts), so every "
+                              "ratio in the final table would be relative to a compressed model")
+    # a variant with steps is the reference only when score.reference names it
+    raw["variants"]["full"] = {"steps": []}
+    assert plan(raw, score={"reference": "full"})
+    assert plan(DEMO, score={"reference": "top1"})
+
+
+def test_benchmarked_variants_must_include_the_reference():
+    raw = copy.deepcopy(DEMO)
+    raw["variants"]["full"] = {"steps": []}
+    raw["score"] = {"reference": "full"}
+    raw["evaluation"] = {"tasks": ["mmlu"], "variants": ["base", "top1"]}
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw)
+    assert str(caught.value) == ("config key 'evaluation.variants': must include the reference variant 'full' "
+                                 "(score.reference: PerfNorm is relative to it)")
+
+
+# ---- 4. a local model's files ------------------------------------------------------------------------------
+
+def test_a_local_model_without_weights_is_refused_at_planning(tiny_model_dir):
+    (tiny_model_dir / "model.safetensors").unlink()
+    message = refusal(DEMO, ModelError, model={"path": str(tiny_model_dir)})
+    assert message == (f"model path {tiny_model_dir}: no weights (no model.safetensors or "
+                       f"model.safetensors.index.json); copy the model's safetensors files into it")
+
+
+def test_a_sharded_model_missing_a_shard_is_refused_naming_it(tmp_path, tiny_model):
+    path = tmp_path / "sharded"
+    tiny_model.save_pretrained(path, max_shard_size="100KB")
+    make_tokenizer().save_pretrained(path)
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    message = refusal(DEMO, ModelError, model={"path": str(path)})
+    assert message.startswith(f"model path {path}: 1 of the {len(shards)} weight files that "
+                              f"model.safetensors.index.json names are missing ({shards[-1].name})")
+
+
+def test_a_local_model_without_tokenizer_files_is_refused_at_planning(tiny_model_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tiny_model_dir / name).unlink(missing_ok=True)
+    message = refusal(DEMO, ModelError, model={"path": str(tiny_model_dir)})
+    assert message.startswith(f"model path {tiny_model_dir}: no tokenizer files (it needs one of tokenizer.json, "
+                              f"tokenizer.model, vocab.json + merges.txt, vocab.txt, *.tiktoken or tekken.json)")
+
+
+def test_vocab_and_merges_are_a_usable_tokenizer(tiny_model_dir):
+    (tiny_model_dir / "tokenizer.json").unlink()
+    make_tokenizer().backend_tokenizer.model.save(str(tiny_model_dir))  # vocab.json + merges.txt
+    assert check_model_dir(tiny_model_dir, weights=True, tokenizer=True) == tiny_model_dir
+    (tiny_model_dir / "merges.txt").unlink()
+    with pytest.raises(ModelError, match="no tokenizer files"):
+        check_model_dir(tiny_model_dir, tokenizer=True)
+
+
+def test_a_hub_model_is_planned_from_its_config_alone(offline_hub, tiny_model_dir):
+    """Only config.json is on the submit host at planning: weights and tokenizer arrive with fetch_model, but
+    the context is known."""
+    edit_config_json(tiny_model_dir, max_position_embeddings=32)
+    put_in_hub_cache(offline_hub, "tiny-org/config-only", {"config.json": tiny_model_dir / "config.json"})
+    raw = {**copy.deepcopy(DEMO), "hf_home": str(offline_hub)}
+    message = refusal(raw, model={"path": "tiny-org/config-only"})
+    assert message.startswith("config key 'calibration.seq_len': 64 is more than the model's context of 32 tokens")
+    assert plan(raw, model={"path": "tiny-org/config-only"}, calibration={"seq_len": 32}, perplexity={"seq_len": 32},
+                speed={"prompt_tokens": 16, "decode_tokens": 16})
+
+
+# ---- 5. YAML errors name the file, the line and the column -------------------------------------------------
+
+def test_a_tab_in_a_config_file_is_named_with_its_line_and_column(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  path: demo\ncalibration:\n  num_samples: 32\n\tseq_len: 16\n")
+    with pytest.raises(ConfigError) as caught:
+        read_config_file(path)
+    assert str(caught.value) == (f"{path}, line 5, column 1: not valid YAML: found character '\\t' that cannot start "
+                                 f"any token; YAML indents with spaces only, replace the tab")
+
+
+def test_a_yaml_syntax_error_in_a_config_file_is_one_line_at_planning(tmp_path):
+    path = tmp_path / "override.yaml"
+    path.write_text("model:\n  path: demo\ncalibration: {num_samples: 32\nvariants:\n  base: {steps: []}\n")
+    with pytest.raises(ConfigError) as caught:
+        plan_workflow(copy.deepcopy(DEMO), configfiles=[path], environ={})
+    assert str(caught.value) == (f"{path}, line 4, column 9: not valid YAML: expected ',' or '}}', but got ':' "
+                                 f"(while parsing a flow mapping that starts on line 3)")
+
+
+@pytest.mark.slow  # a Snakemake run; needs the Snakefile to check config/config.yaml before `configfile:`
+def test_a_syntax_error_in_the_default_config_file_is_named_by_the_workflow(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("model:\n  path: demo\n\tdevice: cpu\n")
+    result = snakemake(tmp_path, write_config(tmp_path / "override.yaml", DEMO), "-n")
+    assert result.returncode != 0
+    assert ("config/config.yaml, line 3, column 1: not valid YAML: found character '\\t' that cannot start any "
+            "token") in result.stdout + result.stderr
+
+
+# ---- data paths: a typo is named, never silently replaced by the outputs of the old path ----------------
+
+@pytest.mark.parametrize("section, key, value", [
+    ("calibration", "path", "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gzz"),
+    ("perplexity", "wikitext2_path", "data/wikitext2/missing.txt.gz"),
+    ("evaluation", "data_dir", "data/evaluation"),
+])
+def test_a_data_path_that_names_nothing_is_refused_at_planning(section, key, value):
+    changes = {section: {**DEMO.get(section, {}), key: value}}
+    if section == "evaluation":
+        changes[section]["tasks"] = ["winogrande"]
+    message = refusal(DEMO, **changes)
+    assert message.startswith(f"config key '{section}.{key}': {value} is not a ")
+    assert "relative path starts in the directory Snakemake runs in" in message

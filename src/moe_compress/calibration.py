@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,19 @@ import pyarrow.parquet as pq
 
 from moe_compress.atomic import atomic_path
 from moe_compress.errors import DataError
+from moe_compress.modelio import TOKENIZER_CHOICES
 
 log = logging.getLogger(__name__)
+
+# What reading a gzip file raises when it was cut short (EOFError), has damaged bytes (zlib.error, a CRC
+# mismatch) or is no gzip at all (BadGzipFile); none of them names the file.
+GZIP_READ_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+# Natural text's most frequent token (a space, "the", a comma, EOS between documents) is a few percent of
+# all tokens with a real vocabulary, and well under half even with a tiny byte-level one. One id making
+# up more than half the tokens means the tokenizer or the text is broken, and every statistic computed
+# from such samples would be meaningless.
+MAX_TOKEN_SHARE = 0.5
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -32,17 +44,32 @@ def _open_text(path: Path) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
 
 
+def _unreadable_gzip(name: str | Path, err: Exception) -> DataError:
+    return DataError(f"{name}: the gzip file is truncated or corrupt ({err}); download or copy it again")
+
+
+def _invalid_json(name: str | Path, line_no: int, err: json.JSONDecodeError) -> DataError:
+    return DataError(f"{name}:{line_no}: not valid JSON ({err.msg}, column {err.colno})")
+
+
 def jsonl_records(path: str | Path, text_field: str, name: str | None = None) -> Iterator[tuple[str, dict]]:
     """(line, parsed record) for each non-empty line of a JSON-lines file (gzip if it ends in .gz); a
-    record without ``text_field`` is an error naming the file (or ``name``) and the line."""
-    with _open_text(Path(path)) as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise DataError(f"{name or path}:{line_no}: record has no field {text_field!r} (calibration.text_field)")
-            yield line.rstrip("\n"), record
+    record that is not valid JSON or has no ``text_field`` is an error naming the file (or ``name``) and the line."""
+    name = name or path
+    try:
+        with _open_text(Path(path)) as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise _invalid_json(name, line_no, err) from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{name}:{line_no}: record has no field {text_field!r} (calibration.text_field)")
+                yield line.rstrip("\n"), record
+    except GZIP_READ_ERRORS as err:
+        raise _unreadable_gzip(name, err) from err
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
@@ -67,14 +94,20 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
                 records = json.load(handle)
             if isinstance(records, dict) and text_field in records:
                 docs = list(records[text_field])
-            else:
+            elif isinstance(records, list) and all(isinstance(record, dict) and text_field in record
+                                                   for record in records):
                 docs = [record[text_field] for record in records]
+            else:
+                raise DataError(f"{path}: expected a list of records with field {text_field!r}, or an object holding "
+                                f"a {text_field!r} list (calibration.text_field)")
         else:
             raise DataError(f"{path}: unsupported corpus format (use .jsonl, .json, .parquet, or .jsonl.gz/.json.gz)")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err})") from err
+    except json.JSONDecodeError as err:  # a .json file; .jsonl lines are reported by jsonl_records
+        raise _invalid_json(path, err.lineno, err) from None
+    except GZIP_READ_ERRORS as err:
+        raise _unreadable_gzip(path, err) from err
     docs = [doc for doc in docs if isinstance(doc, str) and doc.strip()]
     if not docs:
         raise DataError(f"{path}: no non-empty documents in field {text_field!r}")
@@ -90,33 +123,73 @@ def split_documents(docs: list[str], heldout_docs: int) -> tuple[list[str], list
     return docs[:-heldout_docs], docs[-heldout_docs:]
 
 
-def tokenize_into_samples(tokenizer, docs: list[str], num_samples: int, seq_len: int, seed: int) -> np.ndarray:
+def _describe_tokenizer(tokenizer) -> str:
+    where = f" from {tokenizer.name_or_path}" if getattr(tokenizer, "name_or_path", "") else ""
+    return f"{type(tokenizer).__name__}{where}, vocabulary size {len(tokenizer)}"
+
+
+def _refuse_text_without_tokens(tokenizer, ids: np.ndarray, what: str) -> None:
+    """A tokenizer whose files are missing still loads (transformers builds one with an empty vocabulary)
+    and turns every text into nothing: blame it, not the corpus."""
+    if not np.isin(ids, tokenizer.all_special_ids, invert=True).any():
+        raise DataError(
+            f"the tokenizer ({_describe_tokenizer(tokenizer)}) turns {what} into no tokens (special tokens aside): "
+            f"its files (one of {TOKENIZER_CHOICES}) are likely missing or broken; copy them from the original model"
+        )
+
+
+def _refuse_dominant_token(tokenizer, ids: np.ndarray, source: str) -> None:
+    """Stop when one token id makes up more than MAX_TOKEN_SHARE of ``ids``."""
+    counts = np.bincount(ids.ravel())
+    token_id = int(counts.argmax())
+    share = counts[token_id] / ids.size
+    if share > MAX_TOKEN_SHARE:
+        raise DataError(
+            f"{source}: token {token_id} ({tokenizer.decode([token_id])!r}) is {share:.1%} of the {ids.size} tokens "
+            f"sampled (natural text's most frequent token is a few percent); the text or the tokenizer "
+            f"({_describe_tokenizer(tokenizer)}) is broken: check calibration.text_field and the tokenizer files"
+        )
+
+
+def tokenize_into_samples(tokenizer, docs: list[str], num_samples: int, seq_len: int, seed: int,
+                          source: str = "the corpus") -> np.ndarray:
     """``num_samples`` windows of exactly ``seq_len`` tokens, as int64 [num_samples, seq_len].
 
     Documents are visited in a seeded order and concatenated with the EOS token between them (the
     usual packing for C4 calibration), then cut into consecutive windows. Raises when the text is
-    too short for the request: a silently smaller calibration set would bias every statistic.
+    too short for the request (a silently smaller calibration set would bias every statistic), when
+    the tokenizer turns the documents into nothing, or when one token dominates the samples
+    (``source`` names the corpus in that message).
     """
     order = np.random.default_rng(seed).permutation(len(docs))
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     needed = num_samples * seq_len
     stream: list[int] = []
+    visited = 0
     for index in order:
         stream.extend(tokenizer(docs[index], add_special_tokens=False)["input_ids"])
         stream.extend(separator)
+        visited += 1
         if len(stream) >= needed:
             break
+    stream_ids = np.asarray(stream, dtype=np.int64)
+    _refuse_text_without_tokens(tokenizer, stream_ids, f"{visited} non-empty documents of {source}")
     if len(stream) < needed:
         raise DataError(
             f"the corpus yields {len(stream)} tokens but {num_samples} samples x {seq_len} tokens = {needed} "
             "were requested; lower calibration.num_samples / seq_len or use a larger corpus"
         )
-    return np.asarray(stream[:needed], dtype=np.int64).reshape(num_samples, seq_len)
+    samples = stream_ids[:needed].reshape(num_samples, seq_len)
+    _refuse_dominant_token(tokenizer, samples, source)
+    return samples
 
 
-def tokenize_contiguous(tokenizer, text: str, seq_len: int, max_windows: int | None) -> np.ndarray:
-    """Non-overlapping ``seq_len`` windows over one long text (WikiText-2 style perplexity)."""
+def tokenize_contiguous(tokenizer, text: str, seq_len: int, max_windows: int | None,
+                        source: str = "the text") -> np.ndarray:
+    """Non-overlapping ``seq_len`` windows over one long text (WikiText-2 style perplexity); refused like
+    calibration samples when the tokenizer turns the text into nothing or one token dominates."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _refuse_text_without_tokens(tokenizer, np.asarray(ids, dtype=np.int64), f"{source} ({len(text)} characters)")
     windows = len(ids) // seq_len
     if windows < 1:
         raise DataError(f"the text yields {len(ids)} tokens, fewer than one window of {seq_len}")
@@ -125,7 +198,9 @@ def tokenize_contiguous(tokenizer, text: str, seq_len: int, max_windows: int | N
             log.warning("the text yields %d windows of %d tokens, fewer than perplexity.max_windows=%d; scoring all %d",
                         windows, seq_len, max_windows, windows)
         windows = min(windows, max_windows)
-    return np.asarray(ids[: windows * seq_len], dtype=np.int64).reshape(windows, seq_len)
+    samples = np.asarray(ids[: windows * seq_len], dtype=np.int64).reshape(windows, seq_len)
+    _refuse_dominant_token(tokenizer, samples, source)
+    return samples
 
 
 @dataclass(frozen=True)
@@ -162,6 +237,8 @@ def read_text(path: str | Path) -> str:
             return handle.read()
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err})") from err
+    except GZIP_READ_ERRORS as err:
+        raise _unreadable_gzip(path, err) from err
 
 
 def load_corpus(path: str | Path, settings: dict) -> tuple[list[str], list[str]]:

@@ -24,25 +24,32 @@ from torch import nn
 
 from moe_compress.architectures import MoEArchitecture, adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.modelio import DTYPES, check_model_dir, load_checkpoint_config, needs_remote_code, resolve_device
+from moe_compress.modelio import (
+    DTYPES,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX_FILE,
+    check_model_dir,
+    load_checkpoint_config,
+    needs_remote_code,
+    resolve_device,
+)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = SAFETENSORS_FILE
+INDEX_FILE = SAFETENSORS_INDEX_FILE
 
 
 class CheckpointTensors:
     """Where each tensor of a safetensors checkpoint lives; reads only the tensors asked for."""
 
     def __init__(self, model_dir: str | Path):
-        self.model_dir = Path(model_dir)
+        # the refusal and advice of every loader: pickled weights only, other file names, a shard missing
+        self.model_dir = check_model_dir(model_dir, weights=True)
         index = self.model_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.model_dir / SINGLE_FILE).is_file():
+        else:
             with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as handle:
                 weight_map = dict.fromkeys(handle.keys(), SINGLE_FILE)
-        else:
-            raise ModelError(f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE}; layer streaming reads safetensors only")
         self.weight_map: dict[str, str] = weight_map
 
     def names_under(self, prefix: str) -> list[str]:

@@ -11,11 +11,11 @@ if snakemake.wildcards.dataset == "c4_heldout":
     _pool, heldout = load_corpus(snakemake.input.corpus, json_param(snakemake, "calibration"))
     # held-out documents joined with EOS, scored as contiguous windows
     text = tokenizer.eos_token.join(heldout) if tokenizer.eos_token else "\n\n".join(heldout)
-    source = "c4 held-out documents"
+    source = f"the held-out documents of {snakemake.input.corpus}"
 else:
     text = read_text(snakemake.input.wikitext2)
     source = str(snakemake.input.wikitext2)
-ids = tokenize_contiguous(tokenizer, text, seq_len, max_windows)
+ids = tokenize_contiguous(tokenizer, text, seq_len, max_windows, source=source)
 write_samples(TokenSamples(ids, source=source), snakemake.output[0])
 log.info("%s: %d windows x %d tokens", snakemake.wildcards.dataset, *ids.shape)
 finish_job(snakemake)

@@ -7,10 +7,10 @@ from moe_compress.workflow import finish_job, json_param, start_job
 log = start_job(snakemake)
 settings = json_param(snakemake, "calibration")
 pool, _heldout = load_corpus(snakemake.input.corpus, settings)
-ids = tokenize_into_samples(load_tokenizer(snakemake.input.model), pool, settings["num_samples"], settings["seq_len"],
-                            settings["seed"])
 hub_file = snakemake.params.hub_file
 source = f"hub:allenai/c4/{hub_file}" if hub_file else str(snakemake.input.corpus)
+ids = tokenize_into_samples(load_tokenizer(snakemake.input.model), pool, settings["num_samples"], settings["seq_len"],
+                            settings["seed"], source=source)
 write_samples(TokenSamples(ids, source=source), snakemake.output[0])
 log.info("%d calibration samples x %d tokens from %d candidate documents", *ids.shape, len(pool))
 finish_job(snakemake)

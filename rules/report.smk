@@ -16,6 +16,8 @@ rule final_table:
         # the (variant, task) of each lm_eval input, in order
         lm_eval_runs=as_json([[variant, task] for variant in EVAL_VARIANTS for task in EVAL_TASKS]),
         perf_metric=config["score"]["perf_metric"],
+        # PerfNorm, SpeedNorm, Score and the ratios are relative to this variant
+        reference=config["score"]["reference"],
     conda:
         "../envs/core.yaml"
     log:

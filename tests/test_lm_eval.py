@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, measure_speed_with_hook
 from moe_compress.errors import DataError
 from moe_compress.evaluate.lm_eval import (
     CSV_COLUMNS,
@@ -78,7 +78,7 @@ def test_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
                                 {"training_split": None})
     assert rendered(ours, next(iter(ours.validation_docs()))) == rendered(official, next(iter(official.validation_docs())))
     kmmlu = mirror_task(tmp_path, "kmmlu", "kmmlu_accounting")
-    context, choices, target = rendered(kmmlu, next(iter(kmmlu.test_docs())))
+    context, _, target = rendered(kmmlu, next(iter(kmmlu.test_docs())))
     first = pd.read_csv(DATA / "kmmlu/Accounting-test.csv").iloc[0]
     assert context.endswith(f"{first['question'].strip()}\nA. {first['A']}\nB. {first['B']}\nC. {first['C']}\n"
                             f"D. {first['D']}\n정답：")
@@ -89,7 +89,7 @@ def test_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
 def test_lm_eval_on_a_tiny_model_writes_the_csv_schema(tmp_path, tiny_model_dir):
     results = run_benchmark(tiny_model_dir, "mmlu", source="bundled", data_dir=DATA, work_dir=tmp_path / "tasks",
                             num_fewshot=0, limit=3, batch_size=8)
-    table = tidy_results(results, 0)
+    table = tidy_results(results, 0, checkpoint=tiny_model_dir)
     assert list(table.columns) == CSV_COLUMNS
     assert set(table["task"]) == {"mmlu", "mmlu_abstract_algebra", "mmlu_college_computer_science",
                                   "mmlu_management", "mmlu_marketing"}
@@ -104,6 +104,8 @@ def test_speed_reports_medians_and_memory(tiny_model):
     result = measure_speed(tiny_model, prompts, decode_tokens=4, repeats=2, warmup=1)
     assert result["prompt_tokens"] == 8 and result["batch"] == 2 and result["repeats"] == 2
     assert result["prefill_tokens_per_s"] > 0 and result["t_token_ms"] > 0 and result["peak_memory_mb"] > 0
+    assert 0 < result["t_token_ms_min"] <= result["t_token_ms"] <= result["t_token_ms_max"]
+    assert 0 < result["prefill_tokens_per_s_min"] <= result["prefill_tokens_per_s"] <= result["prefill_tokens_per_s_max"]
 
 
 def test_time_per_token_counts_decode_steps_only(tiny_model):
@@ -115,12 +117,7 @@ def test_time_per_token_counts_decode_steps_only(tiny_model):
         ids = kwargs.get("input_ids", args[0] if args else None)
         time.sleep(0.03 if ids is not None and ids.shape[1] == 1 else 0.2)
 
-    handle = tiny_model.model.register_forward_pre_hook(slow, with_kwargs=True)
-    try:
-        result = measure_speed(tiny_model, np.random.default_rng(0).integers(0, 300, size=(2, 8)),
-                               decode_tokens=4, repeats=1, warmup=0)
-    finally:
-        handle.remove()
+    result = measure_speed_with_hook(tiny_model, slow, repeats=1, warmup=0)
     assert 30 <= result["t_token_ms"] < 150
     with pytest.raises(DataError, match="decode_tokens must be at least 2"):
         measure_speed(tiny_model, np.zeros((1, 4), dtype=np.int64), decode_tokens=1, repeats=1, warmup=0)
@@ -142,7 +139,8 @@ def test_final_table_has_one_row_per_variant_and_no_nan_where_inputs_exist():
                                          "experts_per_layer": {"0": 6}}}
     ppl = {name: pd.DataFrame({"dataset": ["c4_heldout"], "perplexity": [value]})
            for name, value in (("base", 10.0), ("small", 12.0))}
-    speeds = {name: pd.DataFrame([{"prefill_tokens_per_s": 100.0, "t_token_ms": t, "peak_memory_mb": 50.0}])
+    speeds = {name: pd.DataFrame([{"prefill_tokens_per_s": 100.0, "t_token_ms": t, "t_token_ms_min": t - 1,
+                                   "t_token_ms_max": t + 1, "peak_memory_mb": 50.0}])
               for name, t in (("base", 40.0), ("small", 30.0))}
     accuracy = {("base", "mmlu"): 0.5, ("base", "hellaswag"): 0.4, ("small", "mmlu"): 0.45, ("small", "hellaswag"): 0.36}
     task_results = {}
@@ -156,4 +154,5 @@ def test_final_table_has_one_row_per_variant_and_no_nan_where_inputs_exist():
     small = table.set_index("variant").loc["small"]
     assert small["acc_mean"] == pytest.approx(0.405) and small["perf_norm"] == pytest.approx(0.9)
     assert small["speed_norm"] == pytest.approx(0.25) and small["score"] == pytest.approx(0.575)
+    assert not small["speed_noisy"]
     assert not math.isnan(small["ppl_c4_heldout_ratio"])

@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from moe_compress.atomic import atomic_path
 from moe_compress.config import BASE_VARIANT, step_defaults
+from moe_compress.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# per evaluation CSV: the columns the table needs that label a row, and the measured ones (which must be finite;
+# an lm-eval stderr may be missing, so it is not among them)
+EVALUATION_CSVS = {
+    "perplexity": {"labels": ["dataset"], "measured": ["tokens", "nll", "perplexity"]},
+    "lm_eval": {"labels": ["task", "metric"], "measured": ["value"]},
+    "speed": {"labels": [], "measured": ["prefill_tokens_per_s", "prefill_tokens_per_s_min", "prefill_tokens_per_s_max",
+                                         "t_token_ms", "t_token_ms_min", "t_token_ms_max", "peak_memory_mb"]},
+}
+
+
+def read_evaluation_csv(path: str | Path, kind: str) -> pd.DataFrame:
+    """An evaluation job's CSV (``kind``: perplexity, lm_eval or speed), refused with the file and column named
+    when a column is missing or a measured value is not a finite number (a hand-edited or stale file)."""
+    expected = EVALUATION_CSVS[kind]
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{kind} results {path}: the file is empty; rerun the {kind} job") from None
+    missing = [column for column in expected["labels"] + expected["measured"] if column not in table.columns]
+    if missing:
+        raise DataError(f"{kind} results {path}: no column {', '.join(missing)}; rerun the {kind} job "
+                        f"(a file written by an older version lacks it)")
+    if table.empty:
+        raise DataError(f"{kind} results {path}: no rows; rerun the {kind} job")
+    for column in expected["measured"]:
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.argmax(bad))
+            value = table[column].iloc[row]
+            shown = repr(value) if isinstance(value, str) else value  # NaN is read from an empty cell, too
+            raise DataError(f"{kind} results {path}: column {column} holds {shown} (row {row + 1}), "
+                            f"not a finite number; rerun the {kind} job")
+    return table
 
 
 def describe_steps(steps: list[dict]) -> str:
@@ -65,7 +105,7 @@ def perf_norm(perf, perf_base):
 
 
 def speed_norm(t_token, t_token_base):
-    """SpeedNorm = 1 - t_token / t_token_base (positive when faster than the base)."""
+    """SpeedNorm = 1 - t_token / t_token_base (positive when faster than the reference)."""
     return 1 - t_token / t_token_base
 
 
@@ -75,25 +115,49 @@ def score(perf_normalised, speed_normalised):
     return value.clip(lower=0) if hasattr(value, "clip") else max(value, 0.0)
 
 
+def speed_norm_interval(table: pd.DataFrame, base: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The lowest and highest SpeedNorm the timed repeats allow: this variant's slowest run against the
+    reference's fastest, and the other way round."""
+    low = speed_norm(table["t_token_ms_max"], base["t_token_ms_min"])
+    high = speed_norm(table["t_token_ms_min"], base["t_token_ms_max"])
+    return low, high
+
+
+def warn_noisy_speeds(table: pd.DataFrame) -> None:
+    noisy = table[table["speed_noisy"]]
+    if noisy.empty:
+        return
+    listed = ", ".join(f"{row.variant} (SpeedNorm {row.speed_norm:.3g}, repeats allow {row.speed_norm_low:.3g} "
+                       f"to {row.speed_norm_high:.3g})" for row in noisy.itertuples())
+    log.warning("speed_noisy: the spread of the timed speed repeats is wider than |SpeedNorm| for %s; their "
+                "SpeedNorm and Score are not reliable: rerun the speed jobs on an idle machine or raise speed.repeats",
+                listed)
+
+
 def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame],
                 speeds: dict[str, pd.DataFrame] | None = None,
                 task_results: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
-                perf_metric: str = "lm_eval") -> pd.DataFrame:
+                perf_metric: str = "lm_eval", reference: str = BASE_VARIANT) -> pd.DataFrame:
     """One row per variant: size, experts, routing, reconstruction error, perplexities, the primary
     metric of each lm-eval task (``task_results[variant][task]``) and their mean, speed, and
-    PerfNorm / SpeedNorm / Score against ``base``."""
+    PerfNorm / SpeedNorm / Score against the ``reference`` variant, with the SpeedNorm interval the speed
+    repeats allow and ``speed_noisy`` where that interval is wider than |SpeedNorm|."""
     from moe_compress.evaluate.lm_eval import primary_score
 
+    if reference not in variants:
+        raise ConfigError(f"config key 'score.reference': '{reference}' is not a variant "
+                          f"(variants: {', '.join(variants)})")
     speeds, task_results = speeds or {}, task_results or {}
     rows = []
-    for name in variants:
-        row = variant_row(name, variants[name], records[name], perplexities[name])
+    for name, steps in variants.items():
+        row = variant_row(name, steps, records[name], perplexities[name])
         for task in tasks:
             if task in task_results.get(name, {}):
                 row[f"acc_{task}"] = primary_score(task_results[name][task], task)
         if name in speeds:
             speed = speeds[name].iloc[0]
             row.update({"prefill_tok_s": speed["prefill_tokens_per_s"], "t_token_ms": speed["t_token_ms"],
+                        "t_token_ms_min": speed["t_token_ms_min"], "t_token_ms_max": speed["t_token_ms_max"],
                         "peak_memory_mb": speed["peak_memory_mb"]})
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -103,21 +167,29 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     use_tasks = perf_metric == "lm_eval" and bool(accuracy_columns)
     table["perf"] = table["acc_mean"] if use_tasks else 1.0 / table["ppl_c4_heldout"]
     table["perf_source"] = "acc_mean" if use_tasks else "1/ppl_c4_heldout"
-    reference = table[table["variant"] == BASE_VARIANT]
-    if not reference.empty:
-        base = reference.iloc[0]
-        table["experts_kept_ratio"] = table["experts_kept"] / base["experts_kept"]
-        table["params_ratio"] = table["parameters"] / base["parameters"]
-        for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
-            table[f"{column}_ratio"] = table[column] / base[column]
-        table["perf_norm"] = perf_norm(table["perf"], base["perf"])
-        if "t_token_ms" in table.columns:
-            table["speed_norm"] = speed_norm(table["t_token_ms"], base["t_token_ms"])
-            table["score"] = score(table["perf_norm"], table["speed_norm"])
+    is_reference = table["variant"] == reference
+    base = table[is_reference].iloc[0]
+    if not np.isfinite(base["perf"]):
+        raise DataError(f"the reference variant '{reference}' has no {table['perf_source'].iloc[0]}, so PerfNorm "
+                        f"cannot be computed; evaluate it on every task (evaluation.variants)")
+    table["experts_kept_ratio"] = table["experts_kept"] / base["experts_kept"]
+    table["params_ratio"] = table["parameters"] / base["parameters"]
+    for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
+        table[f"{column}_ratio"] = table[column] / base[column]
+    table["perf_norm"] = perf_norm(table["perf"], base["perf"])
+    if "t_token_ms" in table.columns:
+        table["speed_norm"] = speed_norm(table["t_token_ms"], base["t_token_ms"])
+        low, high = speed_norm_interval(table, base)
+        # the reference's SpeedNorm is 0 by definition, whatever its timings
+        table["speed_norm_low"] = low.mask(is_reference, 0.0)
+        table["speed_norm_high"] = high.mask(is_reference, 0.0)
+        table["speed_noisy"] = (table["speed_norm_high"] - table["speed_norm_low"]) > table["speed_norm"].abs()
+        table["score"] = score(table["perf_norm"], table["speed_norm"])
+        warn_noisy_speeds(table)
     return table
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+def to_markdown(table: pd.DataFrame, reference: str = BASE_VARIANT) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
@@ -126,12 +198,19 @@ def to_markdown(table: pd.DataFrame) -> str:
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
+    relative = "PerfNorm, SpeedNorm, Score and the `*_ratio` columns are relative to it"
+    notes = [f"Reference variant: `{reference}` ({relative})."]
+    if "speed_noisy" in table.columns and table["speed_noisy"].any():
+        noisy = ", ".join(f"`{name}`" for name in table.loc[table["speed_noisy"], "variant"])
+        notes.append(f"speed_noisy: the spread of the timed speed repeats is wider than |SpeedNorm| for {noisy}; "
+                     f"their SpeedNorm and Score are not reliable.")
+    return "\n".join([header, rule, *rows]) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
-def write_final_table(table: pd.DataFrame, csv_path: str | Path, md_path: str | Path) -> None:
+def write_final_table(table: pd.DataFrame, csv_path: str | Path, md_path: str | Path,
+                      reference: str = BASE_VARIANT) -> None:
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(md_path) as tmp:
-        tmp.write_text(to_markdown(table))
+        tmp.write_text(to_markdown(table, reference))
 

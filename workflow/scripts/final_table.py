@@ -2,23 +2,24 @@
 
 from pathlib import Path
 
-import pandas as pd
-
-from moe_compress.final_table import final_table, write_final_table
+from moe_compress.final_table import final_table, read_evaluation_csv, write_final_table
 from moe_compress.modelio import read_compression_record
 from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake, partial_reads={"records": ["compression.json"]})
 variants = dict(json_param(snakemake, "variants"))  # config order, same as the inputs
 records = {name: read_compression_record(path) for name, path in zip(variants, snakemake.input.records)}
-perplexities = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.perplexity)}
-speeds = {name: pd.read_csv(path) for name, path in zip(variants, snakemake.input.speed)}
+perplexities = {name: read_evaluation_csv(path, "perplexity")
+                for name, path in zip(variants, snakemake.input.perplexity)}
+speeds = {name: read_evaluation_csv(path, "speed") for name, path in zip(variants, snakemake.input.speed)}
 runs = json_param(snakemake, "lm_eval_runs")
 task_results = {}
 for (variant, task), path in zip(runs, snakemake.input.lm_eval, strict=True):
-    task_results.setdefault(variant, {})[task] = pd.read_csv(path)
+    task_results.setdefault(variant, {})[task] = read_evaluation_csv(path, "lm_eval")
 tasks = list(dict.fromkeys(task for _, task in runs))
-table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric)
-write_final_table(table, snakemake.output.csv, snakemake.output.md)
-log.info("final table: %d variants -> %s", len(table), Path(snakemake.output.csv))
+reference = snakemake.params.reference
+table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
+                    reference)
+write_final_table(table, snakemake.output.csv, snakemake.output.md, reference)
+log.info("final table: %d variants, reference %s -> %s", len(table), reference, Path(snakemake.output.csv))
 finish_job(snakemake)

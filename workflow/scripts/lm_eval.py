@@ -14,7 +14,7 @@ with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as task_dir:
                             work_dir=task_dir, num_fewshot=params.num_fewshot, limit=params.limit,
                             batch_size=params.batch_size, dtype=params.dtype, device=params.device,
                             trust_remote_code=params.trust_remote_code, backend=params.backend, seed=params.seed)
-table = tidy_results(results, params.num_fewshot)
+table = tidy_results(results, params.num_fewshot, checkpoint=snakemake.input.checkpoint)
 write_json(results, snakemake.output.json)
 with atomic_path(snakemake.output.csv) as tmp:
     table.to_csv(tmp, index=False)

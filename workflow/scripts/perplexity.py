@@ -13,7 +13,8 @@ params = snakemake.params
 model = load_model(snakemake.input.checkpoint, params.dtype, params.device)
 rows = []
 for dataset, windows_path in zip(params.datasets, snakemake.input.windows):
-    result = perplexity(model, read_samples(windows_path), params.batch_size)
+    result = perplexity(model, read_samples(windows_path), params.batch_size, checkpoint=snakemake.input.checkpoint,
+                        dataset=dataset)
     rows.append({"dataset": dataset, **result})
     log.info("%s: perplexity %.3f over %d tokens", dataset, result["perplexity"], result["tokens"])
 with atomic_path(snakemake.output[0]) as tmp:

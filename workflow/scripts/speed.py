@@ -19,7 +19,7 @@ if len(windows) < params.num_prompts or windows.shape[1] < params.prompt_tokens:
                     f"speed.num_prompts={params.num_prompts} x speed.prompt_tokens={params.prompt_tokens} asked")
 model = load_model(snakemake.input.checkpoint, params.dtype, params.device)
 result = measure_speed(model, windows[: params.num_prompts, : params.prompt_tokens], params.decode_tokens,
-                       params.repeats, params.warmup)
+                       params.repeats, params.warmup, checkpoint=snakemake.input.checkpoint)
 log.info("%s", result)
 with atomic_path(snakemake.output[0]) as tmp:
     pd.DataFrame([result]).to_csv(tmp, index=False)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -183,8 +184,9 @@ def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: s
     return json.loads(json.dumps(results, default=str))  # plain JSON types (numpy scalars, dtypes)
 
 
-def tidy_results(results: dict, num_fewshot: int) -> pd.DataFrame:
-    """One row per (task or group, metric): value, stderr, number of documents, few-shot count."""
+def tidy_results(results: dict, num_fewshot: int, *, checkpoint: str | Path = "the checkpoint") -> pd.DataFrame:
+    """One row per (task or group, metric): value, stderr, number of documents, few-shot count. A NaN or inf
+    value stops here, naming ``checkpoint``, the task and the metric (a missing stderr is NaN and allowed)."""
     rows = []
     samples = results.get("n-samples", {})
     for name, metrics in {**results.get("results", {}), **results.get("groups", {})}.items():
@@ -201,7 +203,12 @@ def tidy_results(results: dict, num_fewshot: int) -> pd.DataFrame:
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
                          "n": count, "num_fewshot": num_fewshot})
     table = pd.DataFrame(rows, columns=CSV_COLUMNS).drop_duplicates(["task", "metric"])
-    return table.sort_values(["task", "metric"], ignore_index=True)
+    table = table.sort_values(["task", "metric"], ignore_index=True)
+    non_finite = table[~np.isfinite(table["value"].to_numpy(dtype=float))]
+    if not non_finite.empty:
+        listed = ", ".join(f"task {row.task} {row.metric} = {row.value}" for row in non_finite.itertuples())
+        raise ModelError(f"lm-eval on {checkpoint}: non-finite results ({listed}); check the checkpoint's weights")
+    return table
 
 
 def primary_score(table: pd.DataFrame, task: str) -> float:

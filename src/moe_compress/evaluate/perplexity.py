@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from moe_compress.errors import DataError, ModelError
 
 
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -21,8 +24,10 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: st
 
 
 @torch.no_grad()
-def perplexity(model, windows: np.ndarray, batch_size: int) -> dict:
-    """``windows`` int64 [n, seq_len]; every window is scored independently (no context carried over)."""
+def perplexity(model, windows: np.ndarray, batch_size: int, *, checkpoint: str = "the model",
+               dataset: str = "the windows") -> dict:
+    """``windows`` int64 [n, seq_len]; every window is scored independently (no context carried over).
+    ``checkpoint`` and ``dataset`` name the run in errors: a NaN or inf result stops here."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(windows), batch_size):
@@ -30,5 +35,13 @@ def perplexity(model, windows: np.ndarray, batch_size: int) -> dict:
         logits = model(input_ids=ids, use_cache=False).logits
         total_nll += float(next_token_loss(logits, ids, reduction="sum"))
         total_tokens += ids[:, 1:].numel()
+    if total_tokens == 0:
+        raise DataError(f"perplexity of {checkpoint} on {dataset}: no tokens to score (windows {windows.shape})")
     mean_nll = total_nll / total_tokens
-    return {"tokens": total_tokens, "nll": mean_nll, "perplexity": math.exp(mean_nll)}
+    # a finite but huge nll overflows exp: report it as inf, which is refused below
+    value = math.exp(mean_nll) if mean_nll < math.log(sys.float_info.max) else math.inf
+    for metric, number in (("nll", mean_nll), ("perplexity", value)):
+        if not math.isfinite(number):
+            raise ModelError(f"perplexity of {checkpoint} on {dataset}: {metric} is {number}, not a finite number "
+                             f"(NaN or inf in the model's outputs: check the checkpoint's weights and dtype)")
+    return {"tokens": total_tokens, "nll": mean_nll, "perplexity": value}

@@ -2,7 +2,8 @@
 
 A fixed prompt set (held-out C4 windows cut to ``prompt_tokens``) is run ``warmup + repeats`` times;
 the warm-up runs are discarded and the median of the rest is reported, so one slow run (page faults,
-another process) does not decide the figure. Decoding is greedy with a fixed number of new tokens
+another process) does not decide the figure; the fastest and slowest timed runs are reported beside it, so
+the final table can tell a real speed difference from noise. Decoding is greedy with a fixed number of new tokens
 (``min_new_tokens = max_new_tokens``), so every variant generates the same amount of work.
 
 The time per token is taken inside ``generate``, between the first and the last new token: decode
@@ -11,6 +12,7 @@ steps only, one clock, not the difference of two separately timed runs.
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteriaList
 
-from moe_compress.errors import DataError
+from moe_compress.errors import DataError, ModelError
 
 
 def _synchronize(device: torch.device) -> None:
@@ -40,8 +42,10 @@ class _TokenClock:
 
 
 @torch.no_grad()
-def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, warmup: int) -> dict:
-    """``prompts`` int64 [batch, prompt_tokens]. Returns medians over the timed repeats."""
+def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, warmup: int, *,
+                  checkpoint: str = "the model") -> dict:
+    """``prompts`` int64 [batch, prompt_tokens]. Returns the medians over the timed repeats, and their min and
+    max (``*_min``, ``*_max``). ``checkpoint`` names the model in errors."""
     if len(prompts) == 0:
         raise DataError("speed: no prompts")
     if decode_tokens < 2:
@@ -71,19 +75,27 @@ def measure_speed(model, prompts: np.ndarray, decode_tokens: int, repeats: int, 
             prefill_times.append(prefill)
             # decode steps only: from the first new token to the last, one token per prompt each
             decode_times.append((clock.times[-1] - clock.times[0]) / (decode_tokens - 1))
-    prefill_time = statistics.median(prefill_times)
     if device.type == "cuda":
         peak_mb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:  # the process's peak resident set (Linux reports KiB): includes loading the model
         peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-    return {
+    result = {
         "device": str(device),
         "batch": int(ids.shape[0]),
         "prompt_tokens": int(ids.shape[1]),
         "decode_tokens": decode_tokens,
         "repeats": repeats,
-        "prefill_tokens_per_s": ids.numel() / prefill_time,
+        "prefill_tokens_per_s": ids.numel() / statistics.median(prefill_times),
+        # the slowest prefill gives the lowest throughput
+        "prefill_tokens_per_s_min": ids.numel() / max(prefill_times),
+        "prefill_tokens_per_s_max": ids.numel() / min(prefill_times),
         "t_token_ms": 1000 * statistics.median(decode_times),
+        "t_token_ms_min": 1000 * min(decode_times),
+        "t_token_ms_max": 1000 * max(decode_times),
         "peak_memory_mb": peak_mb,
         "memory_kind": memory_kind,
     }
+    for metric, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModelError(f"speed of {checkpoint}: {metric} is {value}, not a finite number")
+    return result

@@ -5,7 +5,9 @@ CRC-32 of every file in it (CRC-32 guards against accidental damage, as gzip and
 GB/s). A job checks each input that is a workflow output against its record before using it. A missing
 record, a missing file, another size or another checksum means the output is not what its job wrote: it
 is removed with its record and the job stops naming the file, so the next run rebuilds it instead of
-failing the same way on every rerun.
+failing the same way on every rerun. An output without a record (written by an older moe-compress, or
+put in place by hand) is complete, as every output is moved into place whole: it is recorded as it is,
+with a warning, and checked from then on.
 
 The record sits beside the output, not inside it: a directory output stays exactly what its job wrote
 (a checkpoint folder is a plain Hugging Face checkpoint), and Snakemake never sees the record.
@@ -14,6 +16,7 @@ The record sits beside the output, not inside it: a directory output stays exact
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -23,6 +26,8 @@ from pathlib import Path
 
 from moe_compress.atomic import write_json
 from moe_compress.errors import DataError
+
+log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".checksums.json"
 CHUNK_BYTES = 16 * 2**20
@@ -94,9 +99,6 @@ def _problem(output: Path, read: Iterable[str] | None) -> str | None:
     """What differs between ``output`` and its record (None: nothing). Every file's presence and size is
     checked; the checksum of the files in ``read`` (all where None)."""
     record_file = record_path(output)
-    if not record_file.is_file():
-        return (f"has no checksum record ({record_file.name}): it was written by an interrupted job, by an "
-                f"older moe-compress or by hand")
     try:
         files = json.loads(record_file.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
@@ -124,6 +126,11 @@ def verify_output(output: str | Path, read: Iterable[str] | None = None) -> None
 
     A damaged output is removed with its record before the error is raised: the next run rebuilds it."""
     output = Path(output)
+    if not record_path(output).is_file():
+        log.warning("%s has no checksum record (written by an older moe-compress, or put there by hand): recording "
+                    "it as it is now", output)
+        write_record(output)
+        return
     problem = _problem(output, None if read is None else set(read))
     if problem:
         invalidate(output)

@@ -39,6 +39,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tekke
 TOKENIZER_FILE_PATTERNS = ("tokenizer.model.*", "*.tiktoken")
 TOKENIZER_FILE_PAIR = ("vocab.json", "merges.txt")
 TOKENIZER_CHOICES = "tokenizer.json, tokenizer.model, vocab.json + merges.txt, vocab.txt, *.tiktoken or tekken.json"
+# what loading a tokenizer reads of a model folder (a job that needs only the tokenizer checks only these)
+TOKENIZER_READS = (*TOKENIZER_FILES, *TOKENIZER_FILE_PAIR, "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "config.json")
 
 
 def check_model_dir(path: str | Path, weights: bool = False, tokenizer: bool = False) -> Path:

@@ -1,10 +1,10 @@
 """Token windows for perplexity: held-out C4 documents, or the WikiText-2 test split."""
 
 from moe_compress.calibration import TokenSamples, load_corpus, read_text, tokenize_contiguous, write_samples
-from moe_compress.modelio import load_tokenizer
+from moe_compress.modelio import TOKENIZER_READS, load_tokenizer
 from moe_compress.workflow import finish_job, json_param, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"model": TOKENIZER_READS})  # the tokenizer only
 tokenizer = load_tokenizer(snakemake.input.model)
 seq_len, max_windows = snakemake.params.seq_len, snakemake.params.max_windows
 if snakemake.wildcards.dataset == "c4_heldout":

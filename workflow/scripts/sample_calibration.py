@@ -1,10 +1,10 @@
 """Tokenise calibration samples from the corpus (the local file, or the C4 documents fetched from the hub)."""
 
 from moe_compress.calibration import TokenSamples, load_corpus, tokenize_into_samples, write_samples
-from moe_compress.modelio import load_tokenizer
+from moe_compress.modelio import TOKENIZER_READS, load_tokenizer
 from moe_compress.workflow import finish_job, json_param, start_job
 
-log = start_job(snakemake)
+log = start_job(snakemake, partial_reads={"model": TOKENIZER_READS})  # the tokenizer only
 settings = json_param(snakemake, "calibration")
 pool, _heldout = load_corpus(snakemake.input.corpus, settings)
 hub_file = snakemake.params.hub_file

@@ -1,4 +1,5 @@
-"""Glue shared by the thin scripts in workflow/scripts/: logging into the rule's log file, threads."""
+"""Glue shared by the thin scripts in workflow/scripts/: logging into the rule's log file, threads, the
+checksum check of the inputs and record of the outputs, and stopping with Snakemake."""
 
 from __future__ import annotations
 

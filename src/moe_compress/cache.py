@@ -34,6 +34,7 @@ from torch import nn
 
 from moe_compress.atomic import atomic_directory, write_json
 from moe_compress.errors import DataError, ModelError, check_finite
+from moe_compress.integrity import file_checksum
 from moe_compress.streaming import DecoderLayers, decoder_layers_of
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class CacheWriter:
         if self._router is None:
             raise ModelError("the model has no MoE layers to capture")
         manifest = {**meta, "layers": self._layers, "hidden_size": self._hidden_size, "router_file": ROUTER_FILE,
-                    "router_crc32": _file_checksum(self.directory / ROUTER_FILE)}
+                    "router_crc32": file_checksum(self.directory / ROUTER_FILE)}
         write_json(manifest, self.directory / MANIFEST)
         return manifest
 
@@ -196,12 +197,6 @@ def _checksum(data: bytes) -> str:
     return f"{zlib.crc32(data):08x}"
 
 
-def _file_checksum(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
 
 
 class CacheReader:
@@ -224,7 +219,7 @@ class CacheReader:
     def _verified(self, path: Path, expected: str, data: bytes | None = None) -> None:
         """Stop if ``path`` is not the file the cache job wrote. The manifest is removed with it, so the next
         run of the workflow sees the cache job's output missing and rebuilds the cache instead of using it."""
-        actual = _checksum(data) if data is not None else _file_checksum(path)
+        actual = _checksum(data) if data is not None else file_checksum(path)
         if actual != expected:
             self.manifest_path.unlink(missing_ok=True)
             raise CacheCorruptError(f"{path} is corrupt (CRC-32 {actual}, the cache job recorded {expected}); "

@@ -3,7 +3,7 @@
 Each output (a file or a directory) gets a record beside it, ``.<name>.checksums.json``: the size and
 CRC-32 of every file in it (CRC-32 guards against accidental damage, as gzip and zip use it, at several
 GB/s). A job checks each input that is a workflow output against its record before using it. A missing
-record, a missing file, another size or another checksum means the output is not what its job wrote: it
+file, another size, another checksum or an unreadable record means the output is not what its job wrote: it
 is removed with its record and the job stops naming the file, so the next run rebuilds it instead of
 failing the same way on every rerun. An output without a record (written by an older moe-compress, or
 put in place by hand) is complete, as every output is moved into place whole: it is recorded as it is,

@@ -3,8 +3,11 @@
 The model is built as a skeleton on the meta device (no memory). A decoder layer's tensors are read from
 the checkpoint's safetensors shards with ``safe_open`` (only that layer's bytes), converted from the hub
 layout to the in-memory one by transformers' own loading code (per-expert tensors -> fused experts),
-used, and returned to meta. Peak memory is one layer's weights + the embeddings + the activations of
-the calibration tokens.
+used, and returned to meta. While a layer computes, a background thread reads the next one from disk
+(``LayerStream``'s read-ahead), so a pass over the layers in order can take as little as reading the
+checkpoint once, when the disk is the bottleneck. Peak memory is two layers' weights (the one in use,
+and the next one's bytes in the page cache) + the embeddings + the activations of the calibration
+tokens; one layer's without the read-ahead.
 
 What each decoder layer receives besides the hidden states (attention masks, rotary position
 embeddings, per-layer-type masks for sliding-window layers) depends only on the batch shape, not on the
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+import struct
+import threading
+import weakref
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moe_compress.architectures import MoEArchitecture, adapter_for
@@ -55,16 +61,74 @@ class CheckpointTensors:
     def names_under(self, prefix: str) -> list[str]:
         return sorted(name for name in self.weight_map if name.startswith(prefix))
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def _by_file(self, names: list[str]) -> dict[str, list[str]]:
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
+        return by_file
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` as safetensors gives them: views of the files, mapped into memory, whose bytes
+        are read from disk when first used."""
         tensors = {}
-        for file_name, file_names in by_file.items():
-            with safe_open(self.model_dir / file_name, framework="pt") as handle:
-                for name in file_names:
-                    tensors[name] = handle.get_tensor(name)
+        for file_name, file_names in self._by_file(names).items():
+            path = self.model_dir / file_name
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name)
+            except (OSError, SafetensorError) as err:
+                raise ModelError(f"cannot read {path}: {err}") from err
         return tensors
+
+    def prefetch(self, names: list[str], cancelled: threading.Event | None = None) -> dict[str, torch.Tensor] | None:
+        """``read``'s tensors, with their bytes read from disk now, into the page cache, so that whoever uses
+        them next finds them in memory. Plain file reads into a small reused buffer, which release the GIL:
+        in a background thread they overlap the main thread's compute. None as soon as ``cancelled`` is set."""
+        tensors = self.read(names)  # safe_open checks each file (header, size) first
+        # into the page cache, not into new tensors: filling fresh memory would cost page faults and a second
+        # copy of the layer, on the CPU the compute needs; and the tensors stay those ``read`` gives
+        scratch = memoryview(bytearray(_CHUNK_BYTES))
+        for file_name, file_names in self._by_file(names).items():
+            path = self.model_dir / file_name
+            try:
+                with open(path, "rb", buffering=0) as file:
+                    data_start, offsets = _data_offsets(file)
+                    for begin, end in _merged(offsets[name] for name in file_names):
+                        file.seek(data_start + begin)
+                        left = end - begin
+                        while left:
+                            if cancelled is not None and cancelled.is_set():
+                                return None
+                            count = file.readinto(scratch[: min(left, _CHUNK_BYTES)])
+                            if not count:
+                                raise ModelError(f"the file ends {left} bytes before the end of its tensors' data")
+                            left -= count
+            except (OSError, ValueError, KeyError, struct.error, ModelError) as err:
+                raise ModelError(f"cannot read {path}: {err}") from err
+        return tensors
+
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _data_offsets(file) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where a safetensors file holds each tensor's bytes: (where the data starts, {name: (begin, end)} from
+    there). The format: an 8-byte little-endian header length, the JSON header, the data."""
+    (length,) = struct.unpack("<Q", file.read(8))
+    header = json.loads(file.read(length))
+    return 8 + length, {name: tuple(entry["data_offsets"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _merged(ranges) -> list[tuple[int, int]]:
+    """Byte ranges with the overlapping and adjacent ones joined: one read per run of neighbouring tensors."""
+    merged: list[list[int]] = []
+    for begin, end in sorted(ranges):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(begin, end) for begin, end in merged]
 
 
 def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = False) -> nn.Module:
@@ -222,16 +286,36 @@ def decoder_layers_of(model_or_layers) -> DecoderLayers:
 
 class LayerStream(DecoderLayers):
     """A checkpoint's decoder layers, each read from its safetensors when loaded and returned to the meta
-    device when freed."""
+    device when freed.
+
+    Read-ahead (``read_ahead=True``): when the layers are loaded in order (``load_layer(i)`` after
+    ``load_layer(i - 1)``; ``embed`` for layer 0), loading layer i starts a background thread that reads
+    layer i + 1's bytes from disk into the page cache (``CheckpointTensors.prefetch``), and
+    ``load_layer(i + 1)`` takes its tensors, waiting for the read to end if it has not; an error of that
+    read is raised there, naming the layer and the file. The tensors are those a direct read gives.
+
+    Peak memory is then two layers' weights: the one loaded, and the next one's bytes in the page cache
+    (should the system evict them before their use, they are read again: slower, not wrong). A layer read
+    ahead that is not the one asked for next is dropped and the asked one read directly, so any order
+    works; a single ``load_layer`` (a per-layer job) reads no other layer. The conversion and the copy to
+    ``device`` (host to GPU) stay in ``load_into``, on the calling thread. The thread is a daemon;
+    ``close`` (or the stream being garbage-collected, or the interpreter exiting) stops a read in progress
+    at its next chunk and waits for it."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, read_ahead: bool = True):
         self.model = build_skeleton(model_dir, dtype, trust_remote_code)
         self.adapter: MoEArchitecture = adapter_for(self.model.config)
         self.device = resolve_device(str(device))
         self.tensors = CheckpointTensors(model_dir)
         self.layers = self.adapter.decoder_layers(self.model)
         self._prefix = self.adapter.layers + "."
+        self.read_ahead = read_ahead
+        self.layers_read_ahead = 0  # how many load_layer calls took a layer the thread had read
+        self._last_loaded: int | None = None
+        self._ahead = _ReadAhead()
+        # the thread holds no reference to the stream, so a stream dropped mid-pass is collected and its read stopped
+        weakref.finalize(self, self._ahead.discard)
 
     def layer_tensor_names(self, index: int) -> list[str]:
         names = self.tensors.names_under(f"{self._prefix}{index}.")
@@ -240,10 +324,20 @@ class LayerStream(DecoderLayers):
         return names
 
     def load_layer(self, index: int) -> nn.Module:
-        load_into(self.model, self.tensors.read(self.layer_tensor_names(index)), self.device)
+        tensors = self._ahead.take(index)
+        in_order = tensors is not None or (self._last_loaded is not None and index == self._last_loaded + 1)
+        if tensors is None:
+            tensors = _layer_tensors(self.tensors, self.layer_tensor_names(index), index)
+        else:
+            self.layers_read_ahead += 1
+        load_into(self.model, tensors, self.device)
+        del tensors  # before reading ahead: two layers at most, the one loaded and the next
+        self._last_loaded = index
         layer = self.layers[index]
         if not _materialised(layer):
             raise ModelError(f"decoder layer {index}: the checkpoint left some of its tensors unloaded")
+        if in_order:
+            self._start_read_ahead(index + 1)
         return layer
 
     def free_layer(self, index: int) -> None:
@@ -256,7 +350,96 @@ class LayerStream(DecoderLayers):
         if not _materialised(embeddings):
             path = next(name for name, module in self.model.named_modules() if module is embeddings)
             load_into(self.model, self.tensors.read(self.tensors.names_under(f"{path}.")), self.device)
+        if self._ahead.index is None:  # a pass through the decoder starts here: layer 0 comes next
+            self._start_read_ahead(0)
         return embeddings(input_ids.to(self.device))
+
+    def close(self) -> None:
+        """Stop reading ahead: a read in progress stops at its next chunk, what it read is dropped. The stream
+        still loads layers, without reading ahead."""
+        self.read_ahead = False
+        self._ahead.discard()
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _start_read_ahead(self, index: int) -> None:
+        if not self.read_ahead or index >= len(self.layers):
+            return
+        try:
+            names = self.layer_tensor_names(index)
+        except ModelError:
+            return  # load_layer(index) raises it, if that layer is asked for
+        self._ahead.start(index, self.tensors, names)
+
+
+def _layer_tensors(tensors: CheckpointTensors, names: list[str], index: int,
+                   cancelled: threading.Event | None = None) -> dict[str, torch.Tensor] | None:
+    """Decoder layer ``index``'s tensors (``read``, or ``prefetch`` with ``cancelled``: the read-ahead
+    thread); a read error names the layer and the file."""
+    try:
+        return tensors.read(names) if cancelled is None else tensors.prefetch(names, cancelled)
+    except ModelError as err:
+        raise ModelError(f"decoder layer {index}: {err}") from err
+
+
+class _ReadAhead:
+    """One decoder layer's tensors being read from disk by a background thread."""
+
+    def __init__(self):
+        self.index: int | None = None
+        self._thread: threading.Thread | None = None
+        self._cancelled = threading.Event()
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._error: BaseException | None = None
+
+    def start(self, index: int, tensors: CheckpointTensors, names: list[str]) -> None:
+        self.discard()
+        self.index, self._cancelled = index, threading.Event()
+        # a daemon: a read in progress never keeps the interpreter from exiting
+        self._thread = threading.Thread(target=self._read, args=(tensors, names, index, self._cancelled),
+                                        name=f"LayerStream read-ahead (layer {index})", daemon=True)
+        self._thread.start()
+
+    def _read(self, tensors: CheckpointTensors, names: list[str], index: int, cancelled: threading.Event) -> None:
+        try:
+            self._tensors = _layer_tensors(tensors, names, index, cancelled)
+        except BaseException as err:  # kept for the load_layer of this layer: nothing is lost with the thread
+            self._error = err
+
+    def wait(self) -> dict[str, torch.Tensor] | None:
+        """The tensors of layer ``index`` once read (raising the read's error), None if nothing is being read."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._tensors
+
+    def take(self, index: int) -> dict[str, torch.Tensor] | None:
+        """Layer ``index``'s tensors if it is the layer being read ahead (waiting for the read), else None
+        (another layer's read is dropped); either way nothing is held here afterwards."""
+        if self.index != index:
+            self.discard()
+            return None
+        try:
+            return self.wait()
+        finally:
+            self._clear()
+
+    def discard(self) -> None:
+        """Stop the read in progress (at its next chunk), wait for the thread, drop what it read."""
+        if self._thread is not None:
+            self._cancelled.set()
+            self._thread.join()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.index, self._thread, self._tensors, self._error = None, None, None, None
+
 
 def _return_freed_memory() -> None:
     """Hand the freed layer's memory back to the system: glibc keeps freed heap chunks (the checkpoint's

@@ -48,6 +48,24 @@ def exclusive_threads(wildcards):
         return config["speed"]["cluster_threads"]
 
 
+def benchmark_tasks(wildcards):
+    return EVAL_TASKS if wildcards.variant in EVAL_VARIANTS else []
+
+
+def benchmark_settings(wildcards):
+    """The lm-eval settings, for the benchmarked variants only: the others never rerun for them."""
+    if wildcards.variant not in EVAL_VARIANTS:
+        return as_json({})
+    keys = ("source", "data_dir", "num_fewshot", "limit", "batch_size", "backend", "seed")
+    return as_json({key: config["evaluation"][key] for key in keys})
+
+
+def prefetched_eval_data(wildcards):
+    if config["evaluation"]["source"] == "hub" and wildcards.variant in EVAL_VARIANTS:
+        return [rules.prefetch_eval_data.output.prefetched]
+    return []
+
+
 def exact_names(names):
     """A wildcard constraint that matches exactly ``names`` (nothing when there are none)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"

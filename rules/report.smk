@@ -4,17 +4,18 @@
 rule final_table:
     input:
         records=expand(rules.compress.output.checkpoint, variant=VARIANTS),
-        perplexity=expand(rules.perplexity.output.csv, variant=VARIANTS),
-        speed=expand(rules.speed.output.csv, variant=VARIANTS),
-        lm_eval=expand(rules.lm_eval.output.csv, variant=EVAL_VARIANTS, task=EVAL_TASKS),
+        perplexity=expand(rules.evaluate.output.perplexity, variant=VARIANTS),
+        speed=expand(rules.evaluate.output.speed, variant=VARIANTS),
+        lm_eval=expand(rules.evaluate.output.lm_eval, variant=EVAL_VARIANTS),
     output:
         csv=report("results/final_table.csv", caption="../workflow/report/final_table.rst", category="Results"),
         md="results/final_table.md",
     params:
         # a list of [name, steps] pairs: the table keeps the config's variant order
         variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
-        # the (variant, task) of each lm_eval input, in order
-        lm_eval_runs=as_json([[variant, task] for variant in EVAL_VARIANTS for task in EVAL_TASKS]),
+        # the variant of each lm_eval input (a directory of <task>.csv), in order, and the tasks
+        lm_eval_variants=EVAL_VARIANTS,
+        tasks=EVAL_TASKS,
         perf_metric=config["score"]["perf_metric"],
         # PerfNorm, SpeedNorm, Score and the ratios are relative to this variant
         reference=config["score"]["reference"],

@@ -158,7 +158,7 @@ def test_damaged_checkpoints_and_tables_are_found_by_their_readers_and_rebuilt(t
     (tmp_path / PERPLEXITY).unlink()
     result = snakemake(tmp_path, configfile, PERPLEXITY)
     assert result.returncode != 0
-    log = (tmp_path / "results/logs/perplexity/uniform4.log").read_text()
+    log = (tmp_path / "results/logs/evaluate/uniform4.log").read_text()
     assert f"{shards[0].name} has changed on disk since it was written" in log, log[-3000:]
     assert not (tmp_path / CHECKPOINT).exists()
     result = snakemake(tmp_path, configfile, PERPLEXITY)

@@ -93,7 +93,7 @@ def slurm_profile_args() -> list[str]:
     return args if ACCOUNTING else [*args, "--slurm-status-command", "squeue"]
 
 
-GPU_RULES = ["build_demo_model", "cache_router_activations", "expert_stats", "compress", "perplexity", "lm_eval", "speed"]
+GPU_RULES = ["build_demo_model", "cache_router_activations", "expert_stats", "compress", "evaluate"]
 
 
 def submitted_jobs(output: str) -> list[tuple[str, str]]:
@@ -129,7 +129,7 @@ def test_slurm_run_gives_the_local_final_table(cluster, tmp_path):
     for rule, job_id in jobs:
         print(f"  job {job_id}: {rule}")
     assert {rule for rule, _ in jobs} >= {"build_demo_model", "sample_calibration", "cache_router_activations",
-                                          "expert_stats", "compress", "perplexity", "speed"}
+                                          "expert_stats", "compress", "evaluate"}
     # downloads and small rules ran on the submit host, with the network; compute jobs without it
     assert "localrule fetch_calibration_corpus:" in output and "localrule final_table:" in output
     assert "hub online" in (slurm / "results/logs/fetch_calibration_corpus.log").read_text()

@@ -123,13 +123,47 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     result = snakemake(workdir, configfile, "-n", "results/final_table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert sorted(jobs) == sorted([("compress", "keep_some"), ("perplexity", "keep_some"), ("speed", "keep_some"),
-                                   ("final_table", "")]), jobs
-    # a variant evaluated with lm-eval also reruns its lm_eval jobs, and nothing else does
+    assert sorted(jobs) == sorted([("compress", "keep_some"), ("evaluate", "keep_some"), ("final_table", "")]), jobs
+    # a variant evaluated with lm-eval too: the same two jobs, and nothing else
+    changed = copy.deepcopy(TINY)
     changed["variants"]["uniform4"]["keep"] = 5
     result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert ("lm_eval", "uniform4") in jobs and not any(variant == "base" for _, variant in jobs), jobs
+    assert sorted(jobs) == sorted([("compress", "uniform4"), ("evaluate", "uniform4"), ("final_table", "")]), jobs
+
+
+def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_run, tmp_path):
+    """Adding a benchmark reruns the evaluate job of each benchmarked variant only; that job loads the model
+    once, runs the new task and reads every other result back from its memo; removing it loads nothing."""
+    import shutil
+
+    workdir, _ = tiny_run
+    shutil.copytree(workdir / "results", tmp_path / "results", symlinks=True)
+    config = copy.deepcopy(TINY)
+    config["evaluation"] = {**TINY["evaluation"], "tasks": ["winogrande", "hellaswag"]}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    result = snakemake(tmp_path, configfile, "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(planned_jobs(result.stdout + result.stderr)) == [("evaluate", "base"), ("evaluate", "uniform4"),
+                                                                   ("final_table", "")]
+    speed_before = (tmp_path / "results/eval/base/speed.csv").read_text()
+    result = snakemake(tmp_path, configfile, "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for variant in ("base", "uniform4"):
+        summary = json.loads((tmp_path / f"results/eval/{variant}/evaluation.json").read_text())
+        assert summary["model_loads"] == 1 and summary["computed"] == ["lm_eval_hellaswag"], summary
+        assert sorted(summary["reused"]) == ["lm_eval_winogrande", "perplexity_c4_heldout", "perplexity_wikitext2",
+                                             "speed"], summary
+    assert (tmp_path / "results/eval/base/speed.csv").read_text() == speed_before
+    assert not pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant").loc[
+        ["base", "uniform4"], "acc_norm_hellaswag"].isna().any()
+
+    result = snakemake(tmp_path, write_config(tmp_path / "fewer.yaml", TINY), "results/final_table.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((tmp_path / "results/eval/uniform4/evaluation.json").read_text())
+    assert summary["model_loads"] == 0 and summary["computed"] == [], summary
+    assert sorted((tmp_path / "results/eval/uniform4/lm_eval").glob("*.csv")) == [
+        tmp_path / "results/eval/uniform4/lm_eval/winogrande.csv"]
 
 
 def checkpoint_tensors(checkpoint_dir: Path) -> dict:
@@ -199,7 +233,7 @@ def test_hub_lm_eval_data_is_prefetched_on_the_submit_host_first(tmp_path):
     output = result.stdout + result.stderr
     jobs = planned_jobs(output)
     assert jobs.count(("prefetch_eval_data", "")) == 1
-    assert sorted(variant for rule, variant in jobs if rule == "lm_eval") == ["base", "base"]
+    assert ("evaluate", "base") in jobs
     bundled = copy.deepcopy(config)
     bundled["evaluation"]["source"] = "bundled"
     result = snakemake(tmp_path, write_config(tmp_path / "bundled.yaml", bundled), "-n", "results/final_table.csv")

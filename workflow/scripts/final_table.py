@@ -12,11 +12,9 @@ records = {name: read_compression_record(path) for name, path in zip(variants, s
 perplexities = {name: read_evaluation_csv(path, "perplexity")
                 for name, path in zip(variants, snakemake.input.perplexity)}
 speeds = {name: read_evaluation_csv(path, "speed") for name, path in zip(variants, snakemake.input.speed)}
-runs = json_param(snakemake, "lm_eval_runs")
-task_results = {}
-for (variant, task), path in zip(runs, snakemake.input.lm_eval, strict=True):
-    task_results.setdefault(variant, {})[task] = read_evaluation_csv(path, "lm_eval")
-tasks = list(dict.fromkeys(task for _, task in runs))
+tasks = list(snakemake.params.tasks)
+task_results = {variant: {task: read_evaluation_csv(Path(directory) / f"{task}.csv", "lm_eval") for task in tasks}
+                for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
 reference = snakemake.params.reference
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
                     reference)

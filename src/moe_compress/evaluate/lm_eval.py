@@ -73,6 +73,15 @@ def bundled_tasks() -> list[str]:
     return sorted(_mirrors())
 
 
+def bundled_data_files(task: str, data_dir: str | Path) -> list[Path]:
+    """The files of ``data_dir`` that the bundled ``task`` (or group) reads."""
+    mirrors = _mirrors()
+    if task not in mirrors:
+        raise ConfigError(f"config key 'evaluation.tasks': {task} has no bundled data (bundled: "
+                          f"{', '.join(bundled_tasks())}); use evaluation.source: hub for it")
+    return [Path(data_dir) / path for mirror in mirrors[task] for path in mirror.data_files.values()]
+
+
 def mmlu_docs(dataset):
     """Upstream MMLU rows (question, A-D, answer letter) in the hub schema the official prompt reads
     (question, choices, answer index)."""
@@ -165,8 +174,11 @@ def model_arguments(model_path: str | Path, dtype: str, device: str, trust_remot
 
 def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: str | Path, work_dir: str | Path,
                   num_fewshot: int, limit: int | None, batch_size: int, dtype: str = "float32", device: str = "cpu",
-                  trust_remote_code: bool = False, backend: str = "hf", seed: int = 0) -> dict:
-    """Run one lm-eval task (or group) on a checkpoint; return lm-eval's results dict (JSON-safe)."""
+                  trust_remote_code: bool = False, backend: str = "hf", seed: int = 0, model=None) -> dict:
+    """Run one lm-eval task (or group) on a checkpoint; return lm-eval's results dict (JSON-safe).
+
+    ``model``: the checkpoint already loaded (hf backend), so several tasks share one load; lm-eval
+    then reads only the tokenizer from ``model_path``."""
     import lm_eval
 
     from moe_compress.modelio import resolve_device
@@ -174,7 +186,17 @@ def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: s
     arguments = model_arguments(model_path, dtype, device, trust_remote_code, backend)
     device = str(resolve_device(device))  # "auto" made concrete here, with our error where CUDA is missing
     manager = task_manager(source, [task], data_dir, work_dir)
-    results = lm_eval.simple_evaluate(model=backend, model_args=arguments, tasks=[task], num_fewshot=num_fewshot,
+    if model is not None:
+        if backend != "hf":
+            raise ModelError(f"evaluation.backend: {backend} loads the checkpoint itself; a loaded model is hf only")
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=arguments["pretrained"], batch_size=batch_size,
+                  trust_remote_code=arguments["trust_remote_code"])
+        backend_or_model, arguments = lm, None
+    else:
+        backend_or_model = backend
+    results = lm_eval.simple_evaluate(model=backend_or_model, model_args=arguments, tasks=[task], num_fewshot=num_fewshot,
                                       limit=limit, batch_size=batch_size, device=device if backend == "hf" else None,
                                       task_manager=manager, log_samples=False, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: setup demo test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench lint dag clean
+.PHONY: setup demo test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench bench-gpu lint dag clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,12 @@ bench: setup
 	$(BIN)/python bench/dry_run_scale.py
 	$(BIN)/python bench/per_layer_cost.py
 	$(BIN)/python bench/rerun_ratio.py $(BENCH_RERUN_FLAGS)
+
+# the real-shape suite (issue #19): Qwen3-30B-A3B's layer shapes (8 layers by default) on a CUDA device; without
+# one, a reduced size that says so (about 15 min on 2 cores); results/bench/real_shapes_*.csv.
+# BENCH_GPU_FLAGS: e.g. --layers 48, --parts 1 3, --size reduced
+bench-gpu: setup
+	$(BIN)/python bench/real_shapes.py $(BENCH_GPU_FLAGS)
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -138,9 +138,11 @@ def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_run,
     import shutil
 
     workdir, _ = tiny_run
-    shutil.copytree(workdir / "results", tmp_path / "results", symlinks=True)
+    # the outputs and Snakemake's record of how each was made (its params): what the rerun is decided on
+    for folder in ("results", ".snakemake/metadata"):
+        shutil.copytree(workdir / folder, tmp_path / folder, symlinks=True)
     config = copy.deepcopy(TINY)
-    config["evaluation"] = {**TINY["evaluation"], "tasks": ["winogrande", "hellaswag"]}
+    config["evaluation"] = {**TINY["evaluation"], "tasks": ["winogrande", "mmlu"]}
     configfile = write_config(tmp_path / "config.yaml", config)
     result = snakemake(tmp_path, configfile, "-n", "results/final_table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,12 +153,12 @@ def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_run,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     for variant in ("base", "uniform4"):
         summary = json.loads((tmp_path / f"results/eval/{variant}/evaluation.json").read_text())
-        assert summary["model_loads"] == 1 and summary["computed"] == ["lm_eval_hellaswag"], summary
+        assert summary["model_loads"] == 1 and summary["computed"] == ["lm_eval_mmlu"], summary
         assert sorted(summary["reused"]) == ["lm_eval_winogrande", "perplexity_c4_heldout", "perplexity_wikitext2",
                                              "speed"], summary
     assert (tmp_path / "results/eval/base/speed.csv").read_text() == speed_before
     assert not pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant").loc[
-        ["base", "uniform4"], "acc_norm_hellaswag"].isna().any()
+        ["base", "uniform4"], "acc_mmlu"].isna().any()
 
     result = snakemake(tmp_path, write_config(tmp_path / "fewer.yaml", TINY), "results/final_table.csv")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

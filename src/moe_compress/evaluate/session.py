@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moe_compress.atomic import write_json
+from moe_compress.atomic import atomic_path
 from moe_compress.calibration import read_samples
 from moe_compress.errors import DataError
 from moe_compress.integrity import file_checksum, record_path
@@ -103,7 +103,10 @@ class EvaluationSession:
                 return entry["result"]
         result = compute()
         self.memo_dir.mkdir(parents=True, exist_ok=True)
-        write_json({"key": key, "name": name, "inputs": key_parts, "result": result}, path)
+        # keys in the order computed (not sorted): a result read back writes the same table as a fresh one
+        entry = json.dumps({"key": key, "name": name, "inputs": key_parts, "result": result}, indent=1)
+        with atomic_path(path) as tmp:
+            tmp.write_text(entry + "\n")
         self.computed.append(name)
         return result
 

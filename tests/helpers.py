@@ -18,20 +18,18 @@ import yaml
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
-    DeepseekV3Config,
-    GptOssConfig,
-    MixtralConfig,
-    OlmoeConfig,
     PreTrainedTokenizerFast,
-    Qwen2MoeConfig,
-    Qwen3MoeConfig,
 )
 
-from moe_compress.architectures import adapter_for
+from moe_compress.architectures import ARCHITECTURES, adapter_for
+from moe_compress.cache import read_moe_inputs
 from moe_compress.config import validate_config
 from moe_compress.demo import train_tokenizer
 from moe_compress.evaluate.speed import measure_speed
-from moe_compress.methods import CompressionContext
+from moe_compress.layerwise import assemble_checkpoint, compress_layer, skeleton_moe_layers, write_layer_part
+from moe_compress.methods import CompressionContext, apply_steps
+from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
+from moe_compress.streaming import CheckpointTensors
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -59,31 +57,88 @@ def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrid
     return config
 
 
+# DeepSeek-V3-style routers: two groups of four experts, one kept per token; sigmoid + correction bias
+_GROUPED = dict(n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+
+
 def _tiny_config(model_type: str, num_experts: int, top_k: int):
-    if model_type == "qwen3_moe":  # a dense layer in the middle (mlp_only_layers)
-        return Qwen3MoeConfig(**_COMMON, head_dim=8, moe_intermediate_size=16, num_experts=num_experts,
-                              num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=[1])
-    if model_type == "qwen2_moe":  # shared expert + its sigmoid gate, no top-k renormalisation
-        return Qwen2MoeConfig(**_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                              num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
-                              decoder_sparse_step=1, mlp_only_layers=[1])
-    if model_type == "mixtral":
-        return MixtralConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k)
-    if model_type == "olmoe":
-        return OlmoeConfig(**_COMMON, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
-                           eos_token_id=0, pad_token_id=0)
-    if model_type == "deepseek_v3":  # groups, sigmoid + correction bias, scaling, dense first layer, shared expert
-        return DeepseekV3Config(**_COMMON, moe_intermediate_size=16, n_routed_experts=num_experts,
-                                num_experts_per_tok=top_k, n_group=2, topk_group=1, first_k_dense_replace=1,
-                                n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
-                                qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True)
-    if model_type == "gpt_oss":  # router bias, transposed/interleaved gate_up with biases, attention sinks
-        return GptOssConfig(**_COMMON, head_dim=8, num_local_experts=num_experts, num_experts_per_tok=top_k,
-                            sliding_window=8)
-    raise ValueError(model_type)
+    """Each architecture's own config class, small, with its unusual options switched on: dense layers,
+    shared experts, hybrid (linear-attention / convolution) layers, groups, scaling, biases."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    experts = {"num_experts": num_experts, "num_experts_per_tok": top_k}
+    local = {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
+    routed = {"n_routed_experts": num_experts, "num_experts_per_tok": top_k}
+    pattern = ["linear_attention", "full_attention", "linear_attention"]
+    options = {
+        # a dense layer in the middle (mlp_only_layers)
+        "qwen3_moe": dict(head_dim=8, moe_intermediate_size=16, **experts, norm_topk_prob=True, mlp_only_layers=[1]),
+        # shared expert + its sigmoid gate, no top-k renormalisation
+        "qwen2_moe": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
+                          norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
+        "qwen3_next": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
+                           layer_types=pattern, linear_num_value_heads=4, linear_num_key_heads=2,
+                           linear_key_head_dim=8, linear_value_head_dim=8, mlp_only_layers=[2]),
+        "qwen3_5_moe_text": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
+                                 layer_types=pattern, linear_num_value_heads=4, linear_num_key_heads=2,
+                                 linear_key_head_dim=8, linear_value_head_dim=8),
+        "mixtral": dict(head_dim=8, **local),
+        "olmoe": dict(**experts, norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
+        "flex_olmo": dict(**experts, norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
+        # groups, sigmoid + correction bias, scaling, dense first layer, shared expert
+        "deepseek_v3": dict(moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
+                            n_shared_experts=1, **_MLA),
+        "deepseek_v32": dict(moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
+                             n_shared_experts=1, **_MLA, index_n_heads=2, index_head_dim=8, index_topk=4,
+                             num_key_value_heads=4,
+                             mlp_layer_types=["dense", "sparse", "sparse"]),
+        "glm4_moe": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
+                         n_shared_experts=1),
+        "glm4_moe_lite": dict(moe_intermediate_size=16, **routed, **_GROUPED, n_shared_experts=1, **_MLA,
+                              mlp_layer_types=["dense", "sparse", "sparse"]),
+        "solar_open": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, n_shared_experts=1),
+        "exaone_moe": dict(head_dim=8, moe_intermediate_size=16, **experts, **_GROUPED, num_shared_experts=1,
+                           layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=8,
+                           mlp_layer_types=["dense", "sparse", "sparse"]),
+        "dots1": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
+                      n_shared_experts=1, layer_types=["full_attention"] * 3),
+        "kimi_linear": dict(moe_intermediate_size=16, num_experts=num_experts, num_experts_per_token=top_k,
+                            num_expert_group=2, topk_group=1, routed_scaling_factor=2.5, moe_renormalize=True,
+                            num_shared_experts=1, first_k_dense_replace=1, **_MLA, pad_token_id=0,
+                            linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2],
+                                                "num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4}),
+        "deepseek_v2": dict(moe_intermediate_size=16, **routed, n_group=2, topk_group=1,
+                            topk_method="group_limited_greedy", routed_scaling_factor=2.0, first_k_dense_replace=1,
+                            n_shared_experts=1, **_MLA),
+        "minimax_m2": dict(head_dim=8, **local),
+        "afmoe": dict(head_dim=8, moe_intermediate_size=16, **experts, num_dense_layers=1, num_shared_experts=1,
+                      route_scale=1.5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      sliding_window=8),
+        "lfm2_moe": dict(moe_intermediate_size=16, **experts, num_dense_layers=1, use_expert_bias=True,
+                         routed_scaling_factor=1.5, norm_topk_prob=True,
+                         layer_types=["conv", "full_attention", "conv"]),
+        "ernie4_5_moe": dict(moe_intermediate_size=16, moe_num_experts=num_experts, moe_k=top_k,
+                             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2),
+        "phimoe": dict(head_dim=8, **local),
+        "granitemoe": dict(**local),
+        "hunyuan_v1_moe": dict(head_dim=8, num_experts=num_experts, moe_topk=top_k, use_qk_norm=True),
+        # sigmoid scoring with renormalisation, and a shared expert averaged with the routed output
+        "cohere2_moe": dict(head_dim=8, **experts, expert_selection_fn="sigmoid", norm_topk_prob=True,
+                            num_shared_experts=1, shared_expert_combination_strategy="average",
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            sliding_window=8),
+        # router bias, transposed/interleaved gate_up with biases, attention sinks
+        "gpt_oss": dict(head_dim=8, **local, sliding_window=8),
+    }
+    if model_type not in options:
+        raise ValueError(model_type)
+    return CONFIG_MAPPING[model_type](**{**_COMMON, **options[model_type]})
 
 
 ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+# every type in the adapter table: the architecture suite (tests/test_architecture_suite.py) runs on all
+ALL_ARCHITECTURE_TYPES = sorted(ARCHITECTURES)
 
 NO_CUDA = "CUDA is not available on this machine (make test-gpu runs these on a GPU node)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -114,11 +169,10 @@ def tiny_model_of(model_type: str, seed: int = 0, **kwargs):
     adapter = adapter_for(model.config)
     with torch.no_grad():
         for block in adapter.moe_blocks(model).values():
-            for name in adapter.router_tensors:
-                getattr(adapter.router_of(block), name).normal_(0, 0.5)
-            for name in adapter.expert_tensors:
-                tensor = getattr(adapter.experts_of(block), name)
-                if name.endswith("bias"):
+            for (owner, name), tensor in adapter.per_expert_tensors(block).items():
+                if owner != "experts":  # router rows and choice biases
+                    tensor.normal_(0, 0.5)
+                elif name.endswith("bias"):
                     tensor.normal_(0, 0.02)
     return model
 
@@ -277,3 +331,52 @@ def measure_speed_with_hook(model, hook, repeats: int, warmup: int) -> dict:
                              repeats=repeats, warmup=warmup)
     finally:
         handle.remove()
+
+
+# --- shared by the streaming, layerwise and architecture suites ----------------------------------------
+
+HELDOUT = 0.25  # the held-out fraction of cached tokens in the per-layer job comparisons
+
+
+def forward_pass_capture(model, input_ids, batch_size):
+    """{layer: (router logits, MoE-block inputs)} from hooks on the whole model's ordinary forward."""
+    adapter = adapter_for(model.config)
+    seen = {layer: ([], []) for layer in adapter.moe_blocks(model)}
+    handles = []
+    for layer, block in adapter.moe_blocks(model).items():
+        handles.append(block.register_forward_pre_hook(
+            lambda module, args, layer=layer: seen[layer][1].append(args[0].reshape(-1, args[0].shape[-1]))))
+        handles.append(adapter.router_of(block).register_forward_hook(
+            lambda module, args, output, layer=layer: seen[layer][0].append(output[0].float())))
+    with torch.no_grad():
+        for batch in input_ids.split(batch_size):
+            model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    return {layer: (torch.cat(logits), torch.cat(hidden)) for layer, (logits, hidden) in seen.items()}
+
+
+def layer_part_paths(parts_dir, layers):
+    return {layer: parts_dir / f"layer_{layer}.safetensors" for layer in layers}
+
+
+def whole_model_checkpoint(model_dir, cache_dir, stats, steps, out_dir):
+    model = load_model(model_dir)
+    context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(cache_dir),
+                                           heldout_fraction=HELDOUT)
+    reports = apply_steps(model, steps, context)
+    return save_checkpoint(model, load_tokenizer(model_dir), out_dir, {"steps": steps, "step_reports": reports})
+
+
+def per_layer_checkpoint(model_dir, cache_dir, stats, steps, parts_dir, out_dir):
+    layers = skeleton_moe_layers(model_dir)
+    parts = layer_part_paths(parts_dir, layers)
+    for layer, path in parts.items():
+        tensors, facts = compress_layer(model_dir, layer, steps, stats, cache_dir, HELDOUT)
+        write_layer_part(path, tensors, facts)
+    return assemble_checkpoint(model_dir, parts, out_dir, {"steps": steps})
+
+
+def all_tensors(model_dir):
+    tensors = CheckpointTensors(model_dir)
+    return tensors.read(list(tensors.weight_map))

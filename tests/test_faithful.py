@@ -54,7 +54,7 @@ def test_deepseek_rank_columns_are_the_routers_ranks(tmp_path):
     model = deepseek()
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(5))
     build_cache(model, ids, 4, tmp_path / "cache")
-    table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter_for(model.config).scoring)
+    table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter_for(model.config).scoring_for(model.config))
     adapter = adapter_for(model.config)
     inputs = read_moe_inputs(tmp_path / "cache")
     for layer, block in adapter.moe_blocks(model).items():
@@ -135,7 +135,7 @@ def test_mean_router_prob_is_each_routers_own_probability(tmp_path, model_type):
     adapter = adapter_for(model.config)
     ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(3))
     build_cache(model, ids, 4, tmp_path / "cache")
-    table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter.scoring)
+    table = expert_frequency(read_router_cache(tmp_path / "cache"), adapter.scoring_for(model.config))
     inputs = read_moe_inputs(tmp_path / "cache")
     for layer, block in adapter.moe_blocks(model).items():
         router = adapter.router_of(block)

@@ -7,28 +7,30 @@ import json
 import pytest
 import torch
 
-from helpers import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
-from moe_compress.cache import CacheReader, build_cache, read_moe_inputs, read_router_cache
+from helpers import (
+    ARCHITECTURE_TYPES,
+    HELDOUT,
+    all_tensors,
+    layer_part_paths,
+    make_tokenizer,
+    per_layer_checkpoint,
+    tiny_model_of,
+    whole_model_checkpoint,
+)
+from moe_compress.cache import CacheReader, build_cache, read_router_cache
 from moe_compress.config import step_defaults
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.layerwise import (
     assemble_checkpoint,
     compress_layer,
-    skeleton_moe_layers,
     write_layer_part,
 )
-from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
+from moe_compress.modelio import load_model
 from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
-from moe_compress.streaming import CheckpointTensors, LayerStream
+from moe_compress.streaming import LayerStream
 
 pytestmark = pytest.mark.numeric
 
-HELDOUT = 0.25
-
-
-def layer_part_paths(parts_dir, layers):
-    return {layer: parts_dir / f"layer_{layer}.safetensors" for layer in layers}
 
 
 def step(method, **options):
@@ -60,28 +62,6 @@ def prepared(tmp_path):
         return model_dir, tmp_path / "cache", stats
 
     return prepare
-
-
-def whole_model_checkpoint(model_dir, cache_dir, stats, steps, out_dir):
-    model = load_model(model_dir)
-    context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(cache_dir),
-                                           heldout_fraction=HELDOUT)
-    reports = apply_steps(model, steps, context)
-    return save_checkpoint(model, load_tokenizer(model_dir), out_dir, {"steps": steps, "step_reports": reports})
-
-
-def per_layer_checkpoint(model_dir, cache_dir, stats, steps, parts_dir, out_dir):
-    layers = skeleton_moe_layers(model_dir)
-    parts = layer_part_paths(parts_dir, layers)
-    for layer, path in parts.items():
-        tensors, facts = compress_layer(model_dir, layer, steps, stats, cache_dir, HELDOUT)
-        write_layer_part(path, tensors, facts)
-    return assemble_checkpoint(model_dir, parts, out_dir, {"steps": steps})
-
-
-def all_tensors(model_dir):
-    tensors = CheckpointTensors(model_dir)
-    return tensors.read(list(tensors.weight_map))
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)

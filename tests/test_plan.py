@@ -99,7 +99,7 @@ def test_a_local_model_gives_its_shape_and_moe_layers(tiny_model_dir):
     raw = {**copy.deepcopy(DEMO), "model": {"path": str(tiny_model_dir)}, "compress": {"per_layer_jobs": True}}
     del raw["variants"]["top2"]
     planned = plan(raw)
-    assert planned.model_shape == {"num_experts": 8, "top_k": 2, "num_layers": 3}
+    assert planned.model_shape == {"num_experts": 8, "top_k": 2, "num_layers": 3, "fixed_top_k": None}
     assert "moe_layers" not in planned.__dict__
     assert planned.moe_layers == [0, 2]
 

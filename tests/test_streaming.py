@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import ARCHITECTURE_TYPES, make_tokenizer, tiny_model_of
-from moe_compress.architectures import adapter_for
+from helpers import ARCHITECTURE_TYPES, forward_pass_capture, make_tokenizer, tiny_model_of
 from moe_compress.cache import CacheReader, CacheWriter, build_cache, read_moe_inputs, read_router_cache
 from moe_compress.errors import ModelError
 from moe_compress.modelio import load_model
@@ -61,24 +60,6 @@ def test_streamed_cache_equals_the_whole_model_pass(tmp_path, model_type):
     for layer, (logits, hidden) in reference.items():
         assert torch.equal(torch.tensor(routing[layer].logits), logits), layer
         assert torch.equal(inputs[layer], hidden), layer
-
-
-def forward_pass_capture(model, input_ids, batch_size):
-    """{layer: (router logits, MoE-block inputs)} from hooks on the whole model's ordinary forward."""
-    adapter = adapter_for(model.config)
-    seen = {layer: ([], []) for layer in adapter.moe_blocks(model)}
-    handles = []
-    for layer, block in adapter.moe_blocks(model).items():
-        handles.append(block.register_forward_pre_hook(
-            lambda module, args, layer=layer: seen[layer][1].append(args[0].reshape(-1, args[0].shape[-1]))))
-        handles.append(adapter.router_of(block).register_forward_hook(
-            lambda module, args, output, layer=layer: seen[layer][0].append(output[0].float())))
-    with torch.no_grad():
-        for batch in input_ids.split(batch_size):
-            model(input_ids=batch)
-    for handle in handles:
-        handle.remove()
-    return {layer: (torch.cat(logits), torch.cat(hidden)) for layer, (logits, hidden) in seen.items()}
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)

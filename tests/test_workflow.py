@@ -243,11 +243,12 @@ def test_hub_lm_eval_data_is_prefetched_on_the_submit_host_first(tmp_path):
     assert result.returncode != 0 and "config key 'evaluation.tasks'" in message and "click" in message
 
 
-# The rules are the same for every architecture; what differs is tested per stage for all six (capture,
-# streaming, stats, pruning, merging, low-rank, routing, reload). The whole DAG runs for the three whose
-# checkpoints differ most: a dense layer in the middle (Qwen3-MoE, here also from the hub cache), groups +
-# shared experts + a dense first layer (DeepSeek-V3), transposed experts with biases (gpt-oss).
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+# The rules are the same for every architecture; what differs is tested per stage for every type in the
+# table (tests/test_architecture_suite.py). The whole DAG runs for one model of each scoring family:
+# softmax then top-k with a dense layer in the middle (Qwen3-MoE, here also from the hub cache), sigmoid
+# with groups + shared experts + a dense first layer (DeepSeek-V3), top-k then softmax with transposed
+# experts and biases (gpt-oss), SparseMixer (Phi-3.5-MoE).
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss", "phimoe"])
 def test_every_architecture_runs_the_dag(tmp_path, model_type):
     """model.path pointing at a checkpoint of each architecture: the whole DAG completes. Qwen3-MoE comes
     as a hub id, with C4 from the hub: both found in the hub cache (HF_HOME) by the local download rules."""

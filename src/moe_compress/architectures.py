@@ -31,7 +31,16 @@ class MoEArchitecture:
     # the expert weight matrices, (input projection feeding the gate, output projection), as named in
     # every architecture; biases, where present, are f"{name}_bias"
     expert_matrices: tuple[str, str] = ("gate_up_proj", "down_proj")
-    router_tensors: tuple[str, ...] = ("weight",)  # dim 0 = expert
+    # per-expert tensors of the router (dotted below it, e.g. "wg.weight" for a linear inside it) and of
+    # the block itself (e.g. a choice bias the block passes to its router)
+    router_tensors: tuple[str, ...] = ("weight",)
+    block_tensors: tuple[str, ...] = ()
+    # (path from the block, dim) for a per-expert tensor whose expert dimension is not dim 0
+    expert_dims: tuple[tuple[str, int], ...] = ()
+    # block attributes the block passes to its router after the hidden states (None where absent), and
+    # whether the router wants them as [1, tokens, hidden]
+    router_inputs: tuple[str, ...] = ()
+    router_input_batched: bool = False
     # attributes (on the experts module and on the router) that cache the expert count / top-k
     expert_count_attrs: tuple[str, ...] = ("num_experts",)
     top_k_attrs: tuple[str, ...] = ("top_k",)
@@ -40,18 +49,30 @@ class MoEArchitecture:
     # router attribute -> config field, for routing settings a method may change per layer; a value
     # shared by all layers is written to config.json, per-layer values go through the remote-code loader
     router_config_fields: tuple[tuple[str, str], ...] = (("top_k", "num_experts_per_tok"),)
-    # how the router turns logits into the top-k weights (documentation, and for methods that re-route):
-    # "softmax_topk": softmax over all experts, top-k, renormalised if `renormalize` says so;
-    # "topk_softmax": top-k logits, then softmax over those k (always sums to 1);
-    # "sigmoid_grouped": sigmoid scores + correction bias for choice, group-limited, scaled.
+    # how the router turns logits into the top-k weights (see SCORING_RULES); a (config field, {value:
+    # rule}) pair where the config chooses
     scoring: str = "softmax_topk"
-    renormalize: str | bool = "norm_topk_prob"  # a config field name, or a constant
+    scoring_by_config: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    renormalize: str | bool = "norm_topk_prob"  # a router attribute (and config field), or a constant
+    scaling: str | None = None  # router attribute multiplying the top-k weights (routed scaling)
+    fixed_top_k: int | None = None  # the router's top-k cannot change (phimoe's sparsemixer picks 2)
     # attributes of the MoE block that are never pruned or merged (shared experts and their gates)
     shared_modules: tuple[str, ...] = ()
     # router attributes holding expert groups (DeepSeek-V3: group-limited routing)
     group_attrs: tuple[str, str] | None = None  # (number of groups, groups kept per token)
-    # sigmoid_grouped: the router buffer added to the scores to choose experts (not to weigh them)
+    # how a group is scored: "top2_sum" of its choice scores (DeepSeek-V3) or its "max" (DeepSeek-V2)
+    group_score: str = "top2_sum"
+    # the tensor (path from the block) added to the scores to choose experts, not to weigh them
     choice_bias: str | None = None
+    # config fields that describe decoder layers by index, rewritten when layers are dropped (a list with
+    # one entry per layer is rewritten for any architecture): (field, kind), the field dotted into a dict
+    # where nested; kinds: "dense_indices" (the dense layers' indices), "indices_1based" (layer numbers
+    # from 1), "prefix" (the dense layers are the first n), "first_moe" / "last_moe" (the first / last MoE
+    # layer's index), "sparse_step" (set to 1 once the dense layers are listed by index)
+    layer_config_fields: tuple[tuple[str, str], ...] = ()
+    # for the README's generated table
+    examples: str = ""
+    notes: str = ""
 
     # --- navigation -------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -85,6 +106,41 @@ class MoEArchitecture:
     def top_k(self, config) -> int:
         return int(getattr(config, self.config_top_k))
 
+    def scoring_for(self, config) -> str:
+        if self.scoring_by_config is None:
+            return self.scoring
+        field, rules = self.scoring_by_config
+        return dict(rules)[getattr(config, field)]
+
+    def call_router(self, block: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, top-k weights, top-k indices) of the block's router on ``hidden`` [tokens, hidden],
+        called the way the block calls it."""
+        extra = [_resolve(block, name, default=None) for name in self.router_inputs]
+        return self.router_of(block)(hidden.unsqueeze(0) if self.router_input_batched else hidden, *extra)
+
+    # --- the per-expert tensors, each seen with its expert dimension first --------------------------
+    def per_expert_paths(self) -> list[tuple[str, str]]:
+        """(owner, name) of every per-expert tensor: owner "experts", "router" or "block"."""
+        return ([("experts", name) for name in self.expert_tensors] + [("router", name) for name in self.router_tensors]
+                + [("block", name) for name in self.block_tensors])
+
+    def block_path(self, owner: str, name: str) -> str:
+        """The tensor's dotted path from the MoE block."""
+        return {"experts": f"{self.experts}.{name}", "router": f"{self.router}.{name}", "block": name}[owner]
+
+    def expert_dim(self, owner: str, name: str) -> int:
+        return dict(self.expert_dims).get(self.block_path(owner, name), 0)
+
+    def per_expert_tensors(self, block: nn.Module) -> dict[tuple[str, str], torch.Tensor]:
+        """{(owner, name): tensor data with the expert dimension first} for the block."""
+        return {(owner, name): _resolve(block, self.block_path(owner, name)).data.movedim(
+                    self.expert_dim(owner, name), 0)
+                for owner, name in self.per_expert_paths()}
+
+    def stored_layout(self, owner: str, name: str, expert_first: torch.Tensor) -> torch.Tensor:
+        """An expert-first tensor in the layout the module stores it in."""
+        return expert_first.movedim(0, self.expert_dim(owner, name))
+
     def block_num_experts(self, block: nn.Module) -> int:
         experts = self.experts_of(block)
         if is_low_rank(experts):  # shared factors have no expert dimension; the stock count is kept
@@ -94,14 +150,13 @@ class MoEArchitecture:
     # --- structural edits ---------------------------------------------------------------------
 
     def select_experts(self, block: nn.Module, keep: torch.Tensor) -> dict:
-        """Keep only experts ``keep`` (sorted indices) in ``block``: experts and router rows together.
+        """Keep only experts ``keep`` (sorted indices) in ``block``: experts, router rows and every other
+        per-expert tensor together.
 
         Returns what else had to change (e.g. expert groups that could not be preserved)."""
-        experts, router = self.experts_of(block), self.router_of(block)
         return self.install_expert_tensors(block, {
-            (owner, name): _select_rows(getattr(module, name).data, keep)
-            for owner, module, names in (("experts", experts, self.expert_tensors), ("router", router, self.router_tensors))
-            for name in names}, members=[[int(slot)] for slot in keep])
+            key: _select_rows(tensor, keep) for key, tensor in self.per_expert_tensors(block).items()},
+            members=[[int(slot)] for slot in keep])
 
     def _adapt_groups(self, router: nn.Module, members: list[list[int]], old_count: int) -> dict:
         """Group-limited routing assigns contiguous expert ranges to groups (group = slot // group size).
@@ -113,7 +168,7 @@ class MoEArchitecture:
             return {}
         groups_attr, kept_groups_attr = self.group_attrs
         num_groups = getattr(router, groups_attr)
-        if num_groups == 1:
+        if num_groups is None or num_groups == 1:
             return {}
         group_size = old_count // num_groups
         groups = [sorted({slot // group_size for slot in member}) for member in members]
@@ -129,15 +184,17 @@ class MoEArchitecture:
                                  + (f", {spanning} spanning groups" if spanning else "")
                                  + "); routing is plain top-k over all experts"}
 
-    def rank_order(self, router: nn.Module, logits: torch.Tensor, weights: torch.Tensor,
+    def rank_order(self, block: nn.Module, logits: torch.Tensor, weights: torch.Tensor,
                    indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k weights, indices) [tokens, k] with the router's first choice first. Kernels may return
         the top-k in any order (DeepSeek-V3's topk(sorted=False)); the rank is the router's own choice
-        score: the routing weight, or for sigmoid_grouped the sigmoid score plus the correction bias,
-        which chooses the experts but does not weigh them. Skipped slots (index = expert count) go last."""
+        score: the routing weight, or where a correction bias chooses the experts (but does not weigh
+        them) the score plus that bias. Skipped slots (index = expert count) go last."""
         num_experts = logits.shape[-1]
-        if self.choice_bias is not None:
-            choice = logits.float().sigmoid() + getattr(router, self.choice_bias).float()
+        bias = None if self.choice_bias is None else _resolve(block, self.choice_bias, default=None)
+        if bias is not None:
+            scores = logits.float().sigmoid() if self.scoring.startswith("sigmoid") else logits.float().softmax(-1)
+            choice = scores + bias.float().reshape(-1)
             score = choice.gather(1, indices.clamp(max=num_experts - 1))
         else:
             score = weights.float()
@@ -207,14 +264,14 @@ class MoEArchitecture:
         had to change."""
         self._refuse_low_rank(block)
         old_count = self.block_num_experts(block)
-        modules = {"experts": self.experts_of(block), "router": self.router_of(block)}
         for (owner, name), value in tensors.items():
-            replace_tensor(modules[owner], name, value)
+            parent, _, leaf = self.block_path(owner, name).rpartition(".")
+            replace_tensor(block.get_submodule(parent), leaf, self.stored_layout(owner, name, value))
         new_count = len(next(iter(tensors.values())))
         if members is not None and len(members) != new_count:
             raise ModelError(f"{len(members)} expert groupings for {new_count} new experts")
         self.set_expert_count(block, new_count)
-        return {} if members is None else self._adapt_groups(modules["router"], members, old_count)
+        return {} if members is None else self._adapt_groups(self.router_of(block), members, old_count)
 
     def block_low_rank_specs(self, block: nn.Module) -> dict | None:
         experts = self.experts_of(block)
@@ -232,12 +289,28 @@ class MoEArchitecture:
             "moe_block": self.moe_block,
             "router": self.router,
             "experts": self.experts,
-            "expert_tensors": list(self.expert_tensors),
+            # every per-expert tensor: [path from the block, expert dimension]
+            "per_expert_tensors": [[self.block_path(owner, name), self.expert_dim(owner, name)]
+                                   for owner, name in self.per_expert_paths()],
             "expert_matrices": list(self.expert_matrices),
-            "router_tensors": list(self.router_tensors),
             "expert_count_attrs": list(self.expert_count_attrs),
             "router_attrs": [attr for attr, _ in self.routing_fields()],
         }
+
+
+_MISSING = object()
+
+
+def _resolve(root: nn.Module, dotted: str, default=_MISSING):
+    """The attribute at a dotted path below ``root`` (``default`` where a part is missing)."""
+    value = root
+    for part in dotted.split("."):
+        value = getattr(value, part, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ModelError(f"{type(root).__name__} has no {dotted!r}")
+            return default
+    return value
 
 
 def replace_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -254,29 +327,122 @@ def _select_rows(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 
+SCORING_RULES = {
+    "softmax_topk": "softmax over all experts, top-k (renormalised where the router says so)",
+    "topk_softmax": "top-k logits, softmax over those k",
+    "sigmoid_topk": "sigmoid scores (+ a correction bias to choose), top-k, optionally within expert groups",
+    "sparsemixer": "SparseMixer: two experts, each weighted by a masked softmax of its rank",
+}
+
+# the DeepSeek-V3 router pattern: sigmoid scores, e_score_correction_bias (a buffer) for the choice only,
+# group-limited choice, renormalisation switch, routed_scaling_factor; shared experts beside the routed
+_SIGMOID_GROUPED = dict(
+    router_tensors=("weight", "e_score_correction_bias"),
+    config_num_experts="n_routed_experts",
+    router_config_fields=(("top_k", "num_experts_per_tok"), ("num_group", "n_group"), ("topk_group", "topk_group")),
+    scoring="sigmoid_topk",
+    scaling="routed_scaling_factor",
+    shared_modules=("shared_experts",),
+    group_attrs=("num_group", "topk_group"),
+    choice_bias="gate.e_score_correction_bias",
+    layer_config_fields=(("first_k_dense_replace", "prefix"),),
+)
+# Qwen's routed experts + one shared expert scaled by a sigmoid gate
+_QWEN_DENSE = (("mlp_only_layers", "dense_indices"), ("decoder_sparse_step", "sparse_step"))
+_QWEN_SHARED = dict(shared_modules=("shared_expert", "shared_expert_gate"), layer_config_fields=_QWEN_DENSE)
+_DEEPSEEK_STEPS = "dense first layers (`first_k_dense_replace`), shared experts"
+
 ARCHITECTURES: dict[str, MoEArchitecture] = {
     arch.model_type: arch
     for arch in (
-        # dense layers: mlp_only_layers / decoder_sparse_step (found by is_moe_layer, not by config)
-        MoEArchitecture(model_type="qwen3_moe"),
-        # Qwen1.5-MoE: a sigmoid-gated shared expert beside the routed ones. Trap: the config field is
-        # `num_experts`; Qwen2MoeConfig(num_local_experts=...) is silently ignored.
-        MoEArchitecture(model_type="qwen2_moe", shared_modules=("shared_expert", "shared_expert_gate")),
-        MoEArchitecture(model_type="mixtral", config_num_experts="num_local_experts", renormalize=True),
-        MoEArchitecture(model_type="olmoe"),
-        # sigmoid scores, e_score_correction_bias (a buffer) for the choice only, group-limited routing,
-        # routed_scaling_factor; first_k_dense_replace dense layers; shared experts
-        MoEArchitecture(
-            model_type="deepseek_v3",
-            router_tensors=("weight", "e_score_correction_bias"),
-            config_num_experts="n_routed_experts",
-            router_config_fields=(("top_k", "num_experts_per_tok"), ("num_group", "n_group"),
-                                  ("topk_group", "topk_group")),
-            scoring="sigmoid_grouped",
-            shared_modules=("shared_experts",),
-            group_attrs=("num_group", "topk_group"),
-            choice_bias="e_score_correction_bias",
-        ),
+        MoEArchitecture(model_type="qwen3_moe", layer_config_fields=_QWEN_DENSE, examples="Qwen3-30B-A3B, Qwen3-235B-A22B",
+                        notes="dense layers by `mlp_only_layers` / `decoder_sparse_step`"),
+        # Trap: the config field is `num_experts`; Qwen2MoeConfig(num_local_experts=...) is silently ignored
+        MoEArchitecture(model_type="qwen2_moe", **_QWEN_SHARED, renormalize="norm_topk_prob",
+                        examples="Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B",
+                        notes="a shared expert with a sigmoid gate; no top-k renormalisation by default"),
+        MoEArchitecture(model_type="qwen3_next", **_QWEN_SHARED, examples="Qwen3-Next-80B-A3B",
+                        notes="hybrid: Gated DeltaNet (linear attention) layers beside attention; shared expert"),
+        MoEArchitecture(model_type="qwen3_5_moe_text", **{**_QWEN_SHARED, "layer_config_fields": ()},
+                        renormalize=True,
+                        examples="Qwen3.5 MoE (text model)",
+                        notes="hybrid Gated DeltaNet layers; shared expert; always renormalised"),
+        MoEArchitecture(model_type="mixtral", config_num_experts="num_local_experts", renormalize=True,
+                        examples="Mixtral-8x7B, Mixtral-8x22B", notes="softmax top-2, renormalised"),
+        MoEArchitecture(model_type="olmoe", examples="OLMoE-1B-7B", notes="64 experts, top-8, no renormalisation"),
+        MoEArchitecture(model_type="flex_olmo", examples="FlexOlmo-7x7B",
+                        notes="OLMoE routing over independently trained experts"),
+        MoEArchitecture(model_type="deepseek_v3", **_SIGMOID_GROUPED, examples="DeepSeek-V3/R1, Moonlight",
+                        notes=f"sigmoid + correction bias, expert groups, routed scaling, {_DEEPSEEK_STEPS}"),
+        MoEArchitecture(model_type="deepseek_v32", **_SIGMOID_GROUPED, examples="DeepSeek-V3.2",
+                        notes=f"DeepSeek-V3 routing with sparse-attention indexers; {_DEEPSEEK_STEPS}"),
+        MoEArchitecture(model_type="kimi_linear", **{**_SIGMOID_GROUPED, "config_num_experts": "num_experts",
+                                                     "config_top_k": "num_experts_per_token",
+                                                     "layer_config_fields": (
+                                                         ("first_k_dense_replace", "prefix"),
+                                                         ("linear_attn_config.kda_layers", "indices_1based"),
+                                                         ("linear_attn_config.full_attn_layers", "indices_1based"))},
+                        examples="Kimi-Linear-48B-A3B",
+                        notes="hybrid: KDA linear-attention layers beside MLA; DeepSeek-V3 routing"),
+        MoEArchitecture(model_type="glm4_moe", **_SIGMOID_GROUPED, examples="GLM-4.5, GLM-4.6, GLM-4.5-Air",
+                        notes=f"DeepSeek-V3 routing; {_DEEPSEEK_STEPS}"),
+        MoEArchitecture(model_type="glm4_moe_lite", **_SIGMOID_GROUPED, examples="GLM-4.7-Flash",
+                        notes="DeepSeek-V3 routing with MLA attention; dense layers by `mlp_layer_types`"),
+        MoEArchitecture(model_type="solar_open", **_SIGMOID_GROUPED, examples="Solar-Open-100B",
+                        notes="DeepSeek-V3 routing; shared expert"),
+        MoEArchitecture(model_type="exaone_moe", **{**_SIGMOID_GROUPED, "config_num_experts": "num_experts"},
+                        examples="K-EXAONE-236B-A23B",
+                        notes="DeepSeek-V3 routing; sliding-window layers; dense layers by `mlp_layer_types`"),
+        MoEArchitecture(model_type="dots1", **_SIGMOID_GROUPED, examples="dots.llm1",
+                        notes=f"DeepSeek-V3 routing; {_DEEPSEEK_STEPS}"),
+        # softmax scores, greedy or group-limited (group = its best expert) choice, scaled, never renormalised
+        MoEArchitecture(model_type="deepseek_v2", config_num_experts="n_routed_experts", renormalize=False,
+                        router_config_fields=(("top_k", "num_experts_per_tok"), ("num_group", "n_group"),
+                                              ("topk_group", "topk_group")),
+                        scaling="routed_scaling_factor", shared_modules=("shared_experts",),
+                        group_attrs=("num_group", "topk_group"), group_score="max",
+                        layer_config_fields=(("first_k_dense_replace", "prefix"),),
+                        examples="DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-Coder-V2",
+                        notes=f"softmax, greedy or group-limited (`topk_method`), routed scaling; {_DEEPSEEK_STEPS}"),
+        # sigmoid + a correction bias the block holds and passes to the router; always renormalised
+        MoEArchitecture(model_type="minimax_m2", config_num_experts="num_local_experts", scoring="sigmoid_topk",
+                        renormalize=True, block_tensors=("e_score_correction_bias",),
+                        router_inputs=("e_score_correction_bias",), choice_bias="e_score_correction_bias",
+                        examples="MiniMax-M2", notes="sigmoid + a correction bias held by the block"),
+        MoEArchitecture(model_type="afmoe", router="router", router_tensors=("gate.weight",), scoring="sigmoid_topk",
+                        renormalize=True, scaling="route_scale", block_tensors=("expert_bias",),
+                        router_inputs=("expert_bias",), router_input_batched=True, choice_bias="expert_bias",
+                        layer_config_fields=(("num_dense_layers", "prefix"),),
+                        shared_modules=("shared_experts",), examples="Trinity (Arcee AFMoE)",
+                        notes="sigmoid + an expert bias held by the block; dense first layers; shared experts"),
+        MoEArchitecture(model_type="lfm2_moe", moe_block="feed_forward", scoring="sigmoid_topk",
+                        scaling="routed_scaling_factor", block_tensors=("expert_bias",),
+                        router_inputs=("expert_bias",), choice_bias="expert_bias", examples="LFM2-8B-A1B",
+                        layer_config_fields=(("num_dense_layers", "prefix"),),
+                        notes="hybrid: short-convolution layers beside attention; sigmoid + expert bias; "
+                              "dense first layers"),
+        # softmax + a [1, E] correction bias in the router's moe_statics for the choice; renormalised
+        MoEArchitecture(model_type="ernie4_5_moe", config_num_experts="moe_num_experts", config_top_k="moe_k",
+                        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+                        expert_dims=(("gate.moe_statics.e_score_correction_bias", 1),), renormalize=True,
+                        choice_bias="gate.moe_statics.e_score_correction_bias", shared_modules=("shared_experts",),
+                        layer_config_fields=(("moe_layer_start_index", "first_moe"),
+                                             ("moe_layer_end_index", "last_moe")),
+                        examples="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
+                        notes="softmax + correction bias for the choice; dense layers before `moe_layer_start_index`"),
+        MoEArchitecture(model_type="phimoe", router="router", config_num_experts="num_local_experts",
+                        scoring="sparsemixer", renormalize=False, fixed_top_k=2,
+                        examples="Phi-3.5-MoE", notes="SparseMixer routing: always two experts"),
+        MoEArchitecture(model_type="granitemoe", moe_block="block_sparse_moe", router="router",
+                        config_num_experts="num_local_experts", scoring="topk_softmax", renormalize=True,
+                        examples="Granite-3.0-1B-A400M, Granite-3.0-3B-A800M", notes="top-k logits, then softmax"),
+        MoEArchitecture(model_type="hunyuan_v1_moe", router_tensors=("wg.weight",), config_top_k="moe_topk",
+                        renormalize=True, shared_modules=("shared_mlp",), examples="Hunyuan-A13B",
+                        notes="router weight in a float32 linear `wg`; a shared MLP; one expert count for all layers"),
+        MoEArchitecture(model_type="cohere2_moe", scoring_by_config=("expert_selection_fn", (
+                            ("softmax", "topk_softmax"), ("sigmoid", "sigmoid_topk"))),
+                        shared_modules=("shared_experts",), examples="Command A MoE",
+                        notes="`expert_selection_fn` picks softmax or sigmoid; shared experts summed or averaged"),
         # router has a bias, top-k of logits then softmax; experts store gate_up_proj transposed
         # [E, H, 2I] with gate/up interleaved, plus per-expert biases. Dim 0 is still the expert.
         MoEArchitecture(
@@ -287,8 +453,33 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
             config_num_experts="num_local_experts",
             scoring="topk_softmax",
             renormalize=True,
+            examples="gpt-oss-20b, gpt-oss-120b",
+            notes="router bias; experts stored transposed with interleaved gate/up and biases; attention sinks",
         ),
     )
+}
+
+# model types with routed experts that the table cannot describe, and why (one line each)
+REFUSED: dict[str, str] = {
+    "llama4_text": "its experts run densely on inputs already scaled by the routing score (no (hidden, indices, "
+                   "weights) call) and its router returns (scores, logits); the experts are stored [E, H, 2I]",
+    "llama4": "a vision-language wrapper; its text model (llama4_text) is refused too: experts run densely on "
+              "score-scaled inputs",
+    "longcat_flash": "'zero' experts (indices >= E pass the input through) share the router rows with the routed "
+                     "experts, and each decoder layer holds two attention and two dense MLP blocks",
+    "deepseek_v4": "its first layers are hash-routed from input_ids (a token's experts are fixed by its id, so the "
+                   "block cannot be replayed from cached hidden states), and layers mix through hyper-connections",
+    "gemma4_text": "router and experts sit on the decoder layer beside a dense MLP, with their own norms and "
+                   "per-expert scales; there is no MoE block module to call on cached inputs",
+    "qwen3_5_moe": "a vision-language checkpoint; its text model (qwen3_5_moe_text) is supported: save "
+                   "model.language_model with its text config as a text checkpoint first",
+    "gemma4": "a multimodal wrapper; its text model (gemma4_text) keeps router and experts on the decoder layer",
+    "dbrx": "experts are separate w1/v1/w2 tensors flattened to [E*I, H] (no expert dimension) and the router "
+            "returns logits only",
+    "jetmoe": "experts are input_linear/output_linear with a separate top-k gate, plus mixture-of-attention "
+              "experts in every attention layer",
+    "mistral4": "transformers registers Mistral4Config for no causal-LM auto class (it loads inside Mistral 3's "
+                "multimodal model), so a checkpoint cannot be loaded as a text model",
 }
 
 
@@ -298,9 +489,54 @@ def supported_model_types() -> list[str]:
 
 def adapter_for(config_or_type) -> MoEArchitecture:
     model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    if model_type in REFUSED:
+        raise ModelError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     try:
-        return ARCHITECTURES[model_type]
+        adapter = ARCHITECTURES[model_type]
     except KeyError:
         raise ModelError(
             f"model_type {model_type!r} is not supported; supported types: {', '.join(supported_model_types())}"
         ) from None
+    if not isinstance(config_or_type, str):
+        check_config(adapter, config_or_type)
+    return adapter
+
+
+def check_config(adapter: MoEArchitecture, config) -> None:
+    """Refuse, in one line naming the field, a config the adapter cannot describe."""
+    for field in (adapter.config_num_experts, adapter.config_top_k):
+        value = getattr(config, field, None)
+        if isinstance(value, (list, tuple)):
+            raise ModelError(f"{config.model_type}: config field {field!r} is per layer ({value}); only one value "
+                             "for all layers is supported")
+        if value is None:
+            raise ModelError(f"{config.model_type}: config field {field!r} is missing")
+    if adapter.scoring_by_config is not None:
+        field, rules = adapter.scoring_by_config
+        if getattr(config, field, None) not in dict(rules):
+            raise ModelError(f"{config.model_type}: config field {field!r} is {getattr(config, field, None)!r}; "
+                             f"supported: {sorted(dict(rules))}")
+
+
+def check_structure(model: nn.Module) -> MoEArchitecture:
+    """The model's adapter, after checking that its MoE blocks look the way the table says: the router,
+    the experts and every per-expert tensor are where the table puts them, each with one entry per
+    expert. Raises one line naming the layer and what is unusual."""
+    adapter = adapter_for(model.config)
+    blocks = adapter.moe_blocks(model)
+    if not blocks:
+        raise ModelError(f"{model.config.model_type}: no decoder layer has {adapter.moe_block}.{adapter.router} and "
+                         f"{adapter.moe_block}.{adapter.experts}; the layout differs from the adapter table")
+    for layer, block in blocks.items():
+        count = adapter.block_num_experts(block)
+        for owner, name in adapter.per_expert_paths():
+            path = adapter.block_path(owner, name)
+            tensor = _resolve(block, path, default=None)
+            if not isinstance(tensor, torch.Tensor):
+                raise ModelError(f"layer {layer}: {adapter.moe_block}.{path} is missing; the layout differs "
+                                 "from the adapter table")
+            dim = adapter.expert_dim(owner, name)
+            if tensor.ndim <= dim or tensor.shape[dim] != count:
+                raise ModelError(f"layer {layer}: {adapter.moe_block}.{path} has shape {tuple(tensor.shape)}, not "
+                                 f"{count} experts in dimension {dim}")
+    return adapter

@@ -65,7 +65,7 @@ def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtyp
 
     def save_routing(module, args, output):
         logits, weights, indices = output
-        weights, indices = adapter.rank_order(module, logits, weights, indices)
+        weights, indices = adapter.rank_order(block, logits, weights, indices)
         capture.logits.append(logits.float().cpu())
         capture.topk_weights.append(weights.float().cpu())
         capture.topk_indices.append(indices.to(torch.int16).cpu())

@@ -210,10 +210,11 @@ def _check_variant_names(variants: dict) -> None:
                               f"case-insensitive filesystem (results/checkpoints/<name>); rename one")
 
 
-def check_variants_against_model(variants: dict, num_experts: int, top_k: int, num_layers: int) -> None:
-    """What only the model can tell: a step asking for more experts or layers than the model has fails here,
-    when the workflow is parsed, not hours later in its job."""
-    shape = ModelShape(num_experts=num_experts, top_k=top_k, num_layers=num_layers)
+def check_variants_against_model(variants: dict, num_experts: int, top_k: int, num_layers: int,
+                                 fixed_top_k: int | None = None) -> None:
+    """What only the model can tell: a step asking for more experts or layers than the model has, or for
+    a top-k its router cannot take, fails here, when the workflow is parsed, not hours later in its job."""
+    shape = ModelShape(num_experts=num_experts, top_k=top_k, num_layers=num_layers, fixed_top_k=fixed_top_k)
     for name, variant in variants.items():
         for index, step in enumerate(variant["steps"]):
             problem = shape_problem(step, shape)

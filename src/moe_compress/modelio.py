@@ -149,13 +149,14 @@ def load_checkpoint_config(path: Path, trust: bool):
     return config
 
 
-def model_shape(path: str | Path, trust_remote_code: bool = False) -> dict[str, int]:
-    """Experts per layer, top-k and decoder layers, from the checkpoint's config alone (no weights)."""
+def model_shape(path: str | Path, trust_remote_code: bool = False) -> dict[str, int | None]:
+    """Experts per layer, top-k (and whether it is fixed) and decoder layers, from the checkpoint's config
+    alone (no weights)."""
     path = check_model_dir(path)
     config = load_checkpoint_config(path, trust_remote_code or needs_remote_code(path))
     adapter = adapter_for(config)
     return {"num_experts": adapter.num_experts(config), "top_k": adapter.top_k(config),
-            "num_layers": config.num_hidden_layers}
+            "num_layers": config.num_hidden_layers, "fixed_top_k": adapter.fixed_top_k}
 
 
 def load_tokenizer(path: str | Path):

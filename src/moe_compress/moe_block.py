@@ -9,7 +9,7 @@ import torch
 
 def route(adapter, block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k weights, top-k indices) of the block's current router on ``hidden`` [tokens, hidden]."""
-    _, weights, indices = adapter.router_of(block)(hidden)
+    _, weights, indices = adapter.call_router(block, hidden)
     return weights, indices
 
 

@@ -43,7 +43,7 @@ def rank_column(rank: int) -> str:
 def router_probabilities(routing: LayerRouting, scoring: str) -> np.ndarray:
     """[tokens, experts] the router's own probability of each expert (see ``mean_router_prob``)."""
     logits = routing.logits.astype(np.float64)
-    if scoring == "sigmoid_grouped":
+    if scoring == "sigmoid_topk":
         return 1.0 / (1.0 + np.exp(-logits))
     if scoring == "topk_softmax":
         probs = np.zeros_like(logits)
@@ -100,7 +100,7 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
 def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool) -> dict[str, np.ndarray]:
     """{"reap_saliency", "reap_saliency_applied"} of every expert of ``block`` on ``hidden`` [tokens,
     hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``)."""
-    logits, weights, indices = adapter.router_of(block)(hidden)
+    logits, weights, indices = adapter.call_router(block, hidden)
     reap_weights = torch.softmax(logits.double(), dim=-1).gather(1, indices)
     if reap_renormalize:
         reap_weights = reap_weights / reap_weights.sum(dim=-1, keepdim=True)

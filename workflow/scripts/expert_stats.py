@@ -16,7 +16,7 @@ else:
     layers = LoadedModel(load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code))
 saliency = expert_saliency(layers, cache.moe_inputs())
 # mean_router_prob is each router's own probability: its scoring rule says which
-table = with_saliency(expert_frequency(cache.routing(), layers.adapter.scoring), saliency)
+table = with_saliency(expert_frequency(cache.routing(), layers.adapter.scoring_for(layers.model.config)), saliency)
 with atomic_path(snakemake.output.parquet) as tmp:
     table.to_parquet(tmp, index=False)
 with atomic_path(snakemake.output.csv) as tmp:

@@ -9,6 +9,7 @@ layers, and each kept layer's attention learns its new index (the KV cache is in
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -69,25 +70,65 @@ def remove_layers(model, drop: list[int]) -> dict[int, int]:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new
     adapter.set_decoder_layers(model, new_layers)
-    _rewrite_layer_config(model.config, kept, old_count, [adapter.is_moe_layer(layer) for layer in new_layers])
+    _rewrite_layer_config(adapter, model.config, kept, old_count, [adapter.is_moe_layer(layer) for layer in new_layers])
+    _check_layer_config(model)
     return mapping
 
 
-def _rewrite_layer_config(config, kept: list[int], old_count: int, is_moe: list[bool]) -> None:
-    """The config fields that describe layers by index, rewritten for the kept layers."""
+def _rewrite_layer_config(adapter, config, kept: list[int], old_count: int, is_moe: list[bool]) -> None:
+    """The config fields that describe layers by index, rewritten for the kept layers: every list with one
+    entry per layer, and the architecture's ``layer_config_fields``."""
     config.num_hidden_layers = len(kept)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == old_count:
-        config.layer_types = [layer_types[old] for old in kept]
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_count and name != "architectures":
+            setattr(config, name, [value[old] for old in kept])
     dense = [index for index, moe in enumerate(is_moe) if not moe]
-    if hasattr(config, "mlp_only_layers"):  # Qwen-MoE: dense layers by index; the sparse step becomes 1
-        config.mlp_only_layers = dense
-        if hasattr(config, "decoder_sparse_step"):
-            config.decoder_sparse_step = 1
-    if hasattr(config, "first_k_dense_replace"):  # DeepSeek: the dense layers are a prefix
-        config.first_k_dense_replace = len(dense)
-        if dense != list(range(len(dense))):
-            raise ModelError("drop_layers: the kept dense layers are no longer a prefix (first_k_dense_replace)")
+    moe = [index for index, moe in enumerate(is_moe) if moe]
+    mapping = {old: new for new, old in enumerate(kept)}
+    for field, kind in adapter.layer_config_fields:
+        head, *rest = field.split(".")  # a nested field lives in a dict (e.g. linear_attn_config.kda_layers)
+        fields = vars(config)
+        for part in rest:
+            fields = fields.get(head)
+            head = part
+        if not isinstance(fields, dict) or fields.get(head) is None:
+            continue
+        old = fields[head]
+        if kind == "dense_indices":
+            new = dense
+        elif kind == "indices_1based":
+            new = [mapping[i - 1] + 1 for i in old if i - 1 in mapping]
+        elif kind == "prefix":
+            if dense != list(range(len(dense))):
+                raise ModelError(f"drop_layers: the kept dense layers {dense} are no longer the first layers, "
+                                 f"which {config.model_type}'s config field {field!r} requires")
+            new = len(dense)
+        elif kind in ("first_moe", "last_moe"):
+            new = (moe[0] if kind == "first_moe" else moe[-1]) if moe else old
+        elif kind == "sparse_step":
+            new = 1
+        else:
+            raise ValueError(kind)
+        fields[head] = new
+
+
+def _layer_kinds(layers) -> list[tuple[tuple[str, str], ...]]:
+    return [tuple((name, type(child).__name__) for name, child in layer.named_children()) for layer in layers]
+
+
+def _check_layer_config(model) -> None:
+    """The rewritten config must build the kept layers as they are (MoE or dense, attention or linear
+    mixer), or the saved checkpoint would load as another model: checked on a weightless skeleton."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = adapter_for(model.config)
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(model.config)
+    ours, theirs = _layer_kinds(adapter.decoder_layers(model)), _layer_kinds(adapter.decoder_layers(rebuilt))
+    for index, (kept, described) in enumerate(zip(ours, theirs, strict=True)):
+        if kept != described:
+            raise ModelError(f"drop_layers: {model.config.model_type}'s config cannot describe the kept layers: "
+                             f"layer {index} is {dict(kept)} but the rewritten config builds {dict(described)}")
 
 
 def drop_layers(model, step: dict, context) -> dict:
@@ -114,17 +155,43 @@ def drop_layers(model, step: dict, context) -> dict:
             "similarity": None if similarities is None else [round(float(s), 6) for s in similarities]}
 
 
+def loaded_dtypes(model, dtype: torch.dtype) -> tuple[dict[str, torch.dtype], re.Pattern | None]:
+    """The dtype each stored tensor gets when the checkpoint is loaded in ``dtype``, by transformers' own
+    rule: the dtype the module creates it with under that default dtype (some routers and biases are
+    created in float32 explicitly), and float32 for the names the model class keeps in float32
+    (``_keep_in_fp32_modules``: its dtype plan, a name pattern, also returned for tensors the stock
+    model does not have, such as low-rank factors)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    plan = skeleton._get_dtype_plan(dtype)
+    keep_fp32 = re.compile("|".join(f"(?:{name})" for name in plan)) if plan else None
+    dtypes = {name: torch.float32 if keep_fp32 is not None and keep_fp32.search(name) else tensor.dtype
+              for name, tensor in skeleton.state_dict().items() if tensor.is_floating_point()}
+    return dtypes, keep_fp32
+
+
 def cast_dtype(model, step: dict, context) -> dict:
     dtype = DTYPES[step["dtype"]]
     previous = str(next(model.parameters()).dtype).removeprefix("torch.")
-    # what a checkpoint stores changes dtype; derived buffers (rotary tables) stay as loading makes them
-    for module in model.modules():
+    # what a checkpoint stores changes dtype, to what loading it in that dtype gives each tensor, so the
+    # model in memory is the model users load; derived buffers (rotary tables) stay as loading makes them
+    dtypes, keep_fp32 = loaded_dtypes(model, dtype)
+
+    def target(name: str) -> torch.dtype:
+        if name in dtypes:
+            return dtypes[name]
+        return torch.float32 if keep_fp32 is not None and keep_fp32.search(name) else dtype
+
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         for name, parameter in module._parameters.items():
             if parameter is not None and parameter.is_floating_point():
-                parameter.data = parameter.data.to(dtype)
+                parameter.data = parameter.data.to(target(prefix + name))
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
-                module._buffers[name] = buffer.to(dtype)
+                module._buffers[name] = buffer.to(target(prefix + name))
     model.config.dtype = step["dtype"]
     # measurements after this step run in the new dtype, so the cached inputs follow (the reference
     # outputs stay in full precision: the error then includes the rounding)

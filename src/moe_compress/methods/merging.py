@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 def expert_centroids(adapter, block, hidden: torch.Tensor, centroid: str = "routed_sum") -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids [experts, features], selection counts [experts]) on ``hidden``; ``centroid`` (one of the
     schema's values) as in the module's docstring."""
-    logits, weights, indices = adapter.router_of(block)(hidden)
+    logits, weights, indices = adapter.call_router(block, hidden)
     num_experts = adapter.block_num_experts(block)
     counts = selection_counts(indices, num_experts)
     if centroid == "router_logits":
@@ -166,18 +166,17 @@ def merge_tensors(tensors: torch.Tensor, coefficients: torch.Tensor, rule: str, 
 
 
 def build_merged_tensors(adapter, block, clusters, coefficients, router_coefficients, rule, step) -> dict:
-    """New per-expert tensors (dim 0 = cluster) for the experts and the router."""
-    experts, router = adapter.experts_of(block), adapter.router_of(block)
+    """New per-expert tensors (dim 0 = cluster): the experts' merged by ``rule``, the router's and the
+    block's (choice biases) averaged with the router coefficients."""
     new = {}
-    for name in adapter.expert_tensors:
-        tensor = getattr(experts, name).data
-        new[("experts", name)] = torch.stack(
-            [merge_tensors(tensor[cluster], coefficients[i], rule, step) for i, cluster in enumerate(clusters)])
-    for name in adapter.router_tensors:
-        tensor = getattr(router, name).data
-        new[("router", name)] = torch.stack(
-            [torch.einsum("j,j...->...", router_coefficients[i].double(), tensor[cluster].double()).to(tensor.dtype)
-             for i, cluster in enumerate(clusters)])
+    for (owner, name), tensor in adapter.per_expert_tensors(block).items():
+        if owner == "experts":
+            new[(owner, name)] = torch.stack(
+                [merge_tensors(tensor[cluster], coefficients[i], rule, step) for i, cluster in enumerate(clusters)])
+        else:
+            new[(owner, name)] = torch.stack(
+                [torch.einsum("j,j...->...", router_coefficients[i].double(), tensor[cluster].double()).to(tensor.dtype)
+                 for i, cluster in enumerate(clusters)])
     return new
 
 
@@ -188,20 +187,18 @@ def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_
     router-row coefficients (free, so the merged row keeps the members' logit scale: an average of
     dissimilar rows is shorter than any of them, and the merged expert would lose its tokens). Keep the
     best held-out state; keep the initialisation when nothing beats it on held-out tokens."""
-    experts, router = adapter.experts_of(block), adapter.router_of(block)
-    originals = {f"{adapter.experts}.{name}": getattr(experts, name).data for name in adapter.expert_tensors}
-    originals.update({f"{adapter.router}.{name}": getattr(router, name).data for name in adapter.router_tensors})
+    originals = adapter.per_expert_tensors(block)  # expert dimension first
     expert_logits = [torch.log(c.clamp_min(1e-8)).float().requires_grad_(len(c) > 1) for c in init_coefficients]
     router_weights = [c.float().requires_grad_(len(c) > 1) for c in init_router_coefficients]
     trainable = [t for t in expert_logits + router_weights if t.requires_grad]
 
     def merged_parameters():
         parameters = {}
-        for key, tensor in originals.items():
-            per_cluster = ([torch.softmax(logit, 0) for logit in expert_logits] if key.startswith(adapter.experts + ".")
-                           else router_weights)
-            parameters[key] = torch.stack([torch.einsum("j,j...->...", c.to(tensor.dtype), tensor[cluster])
-                                           for c, cluster in zip(per_cluster, clusters)])
+        for (owner, name), tensor in originals.items():
+            per_cluster = [torch.softmax(logit, 0) for logit in expert_logits] if owner == "experts" else router_weights
+            merged = torch.stack([torch.einsum("j,j...->...", c.to(tensor.dtype), tensor[cluster])
+                                  for c, cluster in zip(per_cluster, clusters)])
+            parameters[adapter.block_path(owner, name)] = adapter.stored_layout(owner, name, merged)
         return parameters
 
     def heldout_error():
@@ -262,9 +259,7 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
     if step["merge"] == "learned":
         with torch.no_grad():
             target_fit, target_heldout = block_output(block, fit), block_output(block, heldout)
-        original = {("experts", name): getattr(adapter.experts_of(block), name).data for name in adapter.expert_tensors}
-        original.update({("router", name): getattr(adapter.router_of(block), name).data
-                         for name in adapter.router_tensors})
+        original = adapter.per_expert_tensors(block)
         coefficients, router_coefficients, measured = learn_coefficients(
             adapter, block, clusters, coefficients, router_coefficients, step, fit, heldout, target_fit, target_heldout)
         adapter.install_expert_tensors(block, original)  # back to the unmerged block before the final merge

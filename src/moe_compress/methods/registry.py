@@ -32,6 +32,7 @@ class ModelShape:
     num_experts: int
     top_k: int
     num_layers: int
+    fixed_top_k: int | None = None  # the router's top-k cannot change (MoEArchitecture.fixed_top_k)
 
 
 @dataclass(frozen=True)

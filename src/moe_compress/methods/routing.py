@@ -21,6 +21,7 @@ import logging
 import torch
 
 from moe_compress.architectures import adapter_for
+from moe_compress.errors import ModelError
 from moe_compress.methods.registry import EXPERT_SCALE, ROUTING, Method, Problem
 from moe_compress.moe_block import block_output, relative_error, route
 from moe_compress.remote_code.moe_compress_layers import convert_to_dynamic_skip, is_skip_router
@@ -44,6 +45,9 @@ def renormalize(model, step: dict, context) -> dict:
     report = {"switched": [], "already_renormalized": []}
     for layer, block in context.each_block(model):
         router = adapter.router_of(block)
+        if adapter.renormalize is False and not is_skip_router(router):
+            raise ModelError(f"renormalize: {adapter.model_type}'s router has no renormalisation switch; put "
+                             "renormalize after a dynamic_skip step, or use dynamic_skip with renormalize: true")
         if isinstance(adapter.renormalize, str) and not getattr(router, adapter.renormalize):
             setattr(router, adapter.renormalize, True)
             report["switched"].append(layer)
@@ -142,6 +146,9 @@ def output_rescale(model, step: dict, context) -> dict:
 
 
 def _active_shape(step: dict, shape) -> Problem | None:
+    if shape.fixed_top_k is not None and step["k"] != shape.fixed_top_k:
+        return Problem("k", f"this router always picks {shape.fixed_top_k} experts (SparseMixer); k cannot change "
+                            "(dynamic_skip can still lower the active experts)")
     if step["k"] > shape.num_experts:
         return Problem("k", f"{step['k']} is more than the {shape.num_experts} experts per layer")
     return None

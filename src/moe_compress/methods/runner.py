@@ -121,7 +121,8 @@ def check_layer_shapes(model, index: int, step: dict, context: CompressionContex
     num_layers = len(adapter.decoder_layers(model))
     for layer, block in context.moe_blocks(model).items():
         shape = ModelShape(num_experts=adapter.block_num_experts(block),
-                           top_k=adapter.router_settings(block)["top_k"], num_layers=num_layers)
+                           top_k=adapter.router_settings(block)["top_k"], num_layers=num_layers,
+                           fixed_top_k=adapter.fixed_top_k)
         problem = method(step["method"]).check_shape(step, shape)
         if problem:
             option = f".{problem.option}" if problem.option else ""

@@ -22,13 +22,18 @@ def _get_path(root, dotted):
     return root
 
 
-def _reallocate(module, name, num_experts):
+def _reallocate(block, path, expert_dim, num_experts):
+    """Give the per-expert tensor at ``path`` (below the MoE block) room for ``num_experts`` experts."""
+    owner_path, _, name = path.rpartition(".")
+    module = _get_path(block, owner_path) if owner_path else block
     old = getattr(module, name)
-    new = torch.empty((num_experts, *old.shape[1:]), dtype=old.dtype, device=old.device)
+    shape = list(old.shape)
+    shape[expert_dim] = num_experts
+    new = torch.empty(shape, dtype=old.dtype, device=old.device)
     if name in module._buffers:
         module._buffers[name] = new
     else:
-        setattr(module, name, nn.Parameter(new))
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
 
 
 class MoeCompressForCausalLM(_StockForCausalLM):
@@ -44,13 +49,10 @@ class MoeCompressForCausalLM(_StockForCausalLM):
         layers = _get_path(self, layout["layers"])
         for layer_index, num_experts in getattr(config, "moe_compress_experts_per_layer", {}).items():
             block = getattr(layers[int(layer_index)], layout["moe_block"])
-            for module_name, tensor_names in (
-                (layout["experts"], layout["expert_tensors"]),
-                (layout["router"], layout["router_tensors"]),
-            ):
+            for path, expert_dim in layout["per_expert_tensors"]:
+                _reallocate(block, path, expert_dim, num_experts)
+            for module_name in (layout["experts"], layout["router"]):
                 module = getattr(block, module_name)
-                for name in tensor_names:
-                    _reallocate(module, name, num_experts)
                 for attr in layout["expert_count_attrs"]:
                     if hasattr(module, attr):
                         setattr(module, attr, num_experts)

@@ -238,8 +238,9 @@ class DynamicSkipRouterMixin:
     skip_beta = 0.0
     skip_renormalize = False
 
-    def forward(self, hidden_states):
-        logits, weights, indices = super().forward(hidden_states)
+    def forward(self, hidden_states, *router_inputs):
+        # router_inputs: what some blocks pass their router beside the hidden states (a choice bias)
+        logits, weights, indices = super().forward(hidden_states, *router_inputs)
         keep = weights >= self.skip_beta * weights.max(dim=-1, keepdim=True).values
         kept = torch.where(keep, weights, torch.zeros_like(weights))
         if self.skip_renormalize:

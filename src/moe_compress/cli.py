@@ -1,0 +1,161 @@
+"""``moe-compress``: the supported architectures, and what the pipeline would do with a local checkpoint.
+
+    moe-compress architectures [--markdown]   the adapter table (the README's table is this output)
+    moe-compress inspect PATH [--json]        model type, MoE layers, experts, top-k, scoring, and what
+                                              each step would do; reads config.json, never the weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from moe_compress.architectures import ARCHITECTURES, REFUSED, SCORING_RULES, MoEArchitecture, check_structure
+from moe_compress.errors import MoeCompressError
+
+README_START, README_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+
+
+def _routing_summary(adapter: MoEArchitecture) -> str:
+    scoring = (" or ".join(f"`{rule}`" for _, rule in adapter.scoring_by_config[1]) if adapter.scoring_by_config
+               else f"`{adapter.scoring}`")
+    renormalize = {True: "renormalised", False: "not renormalised"}.get(adapter.renormalize,
+                                                                        f"`{adapter.renormalize}`")
+    extras = [renormalize]
+    if adapter.choice_bias:
+        extras.append("bias to choose")
+    if adapter.group_attrs:
+        extras.append("groups")
+    if adapter.scaling:
+        extras.append(f"`{adapter.scaling}`")
+    return f"{scoring}; {', '.join(extras)}"
+
+
+def step_support(adapter: MoEArchitecture) -> dict[str, str]:
+    """What each step does on this architecture (one line each)."""
+    tensors = ", ".join(f"`{adapter.block_path(owner, name)}`" for owner, name in adapter.per_expert_paths())
+    shared = (f"; `{'`, `'.join(adapter.shared_modules)}` never touched" if adapter.shared_modules else "")
+    if adapter.fixed_top_k is not None:
+        active = f"refused: the router always picks {adapter.fixed_top_k} experts"
+    else:
+        active = f"sets `{adapter.router}.top_k` (config `{adapter.config_top_k}`); stock when every layer agrees"
+    if adapter.renormalize is True:
+        renormalize = "nothing to do: the router always renormalises"
+    elif adapter.renormalize is False:
+        renormalize = "only after dynamic_skip (the router has no renormalisation switch)"
+    else:
+        renormalize = f"sets `{adapter.router}.{adapter.renormalize}`; stock"
+    return {
+        "frequency_prune / reap_prune / random_prune": f"select the kept experts in {tensors}{shared}; stock when "
+                                                       "every layer keeps as many, else remote code",
+        "hc_merge": f"merge clusters in {tensors}; stock when every layer keeps as many, else remote code",
+        "svd_experts": f"factor `{'`, `'.join(adapter.expert_matrices)}` per expert; remote code",
+        "active_experts": active,
+        "renormalize": renormalize,
+        "dynamic_skip": "skip low-weight experts per token; remote code",
+        "output_rescale": f"scale `{adapter.expert_matrices[1]}` per layer; stock",
+        "drop_layers / dtype": "whole decoder layers / the storage dtype; stock",
+    }
+
+
+def architectures_table() -> str:
+    """The README's architectures section body, generated from the adapter table."""
+    lines = ["| `model_type` | example models | what is special | routing | steps with limits |",
+             "|---|---|---|---|---|"]
+    for model_type in sorted(ARCHITECTURES):
+        adapter = ARCHITECTURES[model_type]
+        limits = []
+        if adapter.fixed_top_k is not None:
+            limits.append("`active_experts` refused")
+        if adapter.renormalize is False:
+            limits.append("`renormalize` only after `dynamic_skip`")
+        lines.append(f"| `{model_type}` | {adapter.examples} | {adapter.notes} | {_routing_summary(adapter)} | "
+                     f"{'; '.join(limits) or 'all'} |")
+    lines += ["", "Scoring rules: " + "; ".join(f"`{name}`: {text}" for name, text in SCORING_RULES.items()) + ".",
+              "", "Refused, with the reason the check gives:", "",
+              "| `model_type` | why |", "|---|---|"]
+    lines += [f"| `{model_type}` | {reason} |" for model_type, reason in sorted(REFUSED.items())]
+    return "\n".join(lines)
+
+
+def describe_checkpoint(path: str | Path) -> dict:
+    """What the pipeline sees in a local checkpoint, from its config alone (a meta-device skeleton holds
+    the shapes; no weight is read)."""
+    from moe_compress.modelio import check_model_dir, needs_remote_code, read_compression_record
+    from moe_compress.streaming import build_skeleton
+
+    path = check_model_dir(path)
+    trust = needs_remote_code(path)
+    skeleton = build_skeleton(path, "float32", trust_remote_code=trust)
+    config = skeleton.config
+    adapter = check_structure(skeleton)
+    blocks = adapter.moe_blocks(skeleton)
+    layers = adapter.decoder_layers(skeleton)
+    router = adapter.router_of(next(iter(blocks.values())))
+    layer_types = getattr(config, "layer_types", None)
+    return {
+        "path": str(path),
+        "model_type": config.model_type,
+        "decoder_layers": len(layers),
+        "moe_layers": sorted(blocks),
+        "dense_layers": [index for index in range(len(layers)) if index not in blocks],
+        "layer_kinds": dict(Counter(layer_types)) if isinstance(layer_types, list) else None,
+        "experts_per_layer": {str(index): adapter.block_num_experts(block) for index, block in blocks.items()},
+        "top_k": adapter.top_k(config),
+        "scoring": adapter.scoring_for(config),
+        "renormalize": (getattr(router, adapter.renormalize) if isinstance(adapter.renormalize, str)
+                        else adapter.renormalize),
+        "routed_scaling": getattr(router, adapter.scaling) if adapter.scaling else None,
+        "expert_groups": getattr(router, adapter.group_attrs[0], None) if adapter.group_attrs else None,
+        "shared_modules": list(adapter.shared_modules),
+        "loader": "remote_code" if trust else "stock",
+        "compressed_by_moe_compress": read_compression_record(path) is not None,
+        "steps": step_support(adapter),
+    }
+
+
+def _print_description(facts: dict) -> None:
+    for key, value in facts.items():
+        if key != "steps":
+            print(f"{key:28} {value}")
+    print("steps:")
+    for step, what in facts["steps"].items():
+        print(f"  {step:28} {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("architectures", help="list the supported and refused model types")
+    listing.add_argument("--markdown", action="store_true", help="the README's table")
+    inspect = commands.add_parser("inspect", help="check a local checkpoint without loading its weights")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "architectures":
+        if args.markdown:
+            print(architectures_table())
+        else:
+            for model_type in sorted(ARCHITECTURES):
+                print(f"{model_type:18} {ARCHITECTURES[model_type].examples}")
+            for model_type, reason in sorted(REFUSED.items()):
+                print(f"{model_type:18} refused: {reason}")
+        return 0
+    try:
+        facts = describe_checkpoint(args.path)
+    except MoeCompressError as error:
+        print(f"moe-compress inspect: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        _print_description(facts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

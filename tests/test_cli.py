@@ -1,0 +1,61 @@
+"""The ``moe-compress`` command: the README's architectures table is its output, and ``inspect`` reads a
+checkpoint's structure without its weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, make_tokenizer, tiny_model_of
+from moe_compress.architectures import ARCHITECTURES, REFUSED
+from moe_compress.cli import README_END, README_START, architectures_table, describe_checkpoint, main
+from moe_compress.methods import CompressionContext
+from moe_compress.methods.pruning import prune_experts
+from moe_compress.modelio import save_checkpoint
+
+
+def test_the_readme_table_is_generated_from_the_adapter_table():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip("\n")
+    assert block == architectures_table(), "run `moe-compress architectures --markdown` and paste it into the README"
+    for model_type in list(ARCHITECTURES) + list(REFUSED):
+        assert f"| `{model_type}` |" in block
+
+
+def test_inspect_reads_the_structure_without_the_weights(tmp_path, monkeypatch):
+    model = tiny_model_of("deepseek_v3")
+    model.save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    # no weight file is opened: the facts come from config.json and a meta-device skeleton
+    monkeypatch.setattr("safetensors.safe_open", lambda *args, **kwargs: pytest.fail("a weight file was opened"))
+    facts = describe_checkpoint(tmp_path / "model")
+    assert facts["model_type"] == "deepseek_v3" and facts["moe_layers"] == [1, 2] and facts["dense_layers"] == [0]
+    assert facts["experts_per_layer"] == {"1": 8, "2": 8} and facts["top_k"] == 2
+    assert facts["scoring"] == "sigmoid_topk" and facts["expert_groups"] == 2 and facts["routed_scaling"] == 2.5
+    assert facts["shared_modules"] == ["shared_experts"] and facts["loader"] == "stock"
+    assert "gate.e_score_correction_bias" in facts["steps"]["hc_merge"]
+
+
+def test_inspect_sees_per_layer_counts_of_a_compressed_checkpoint(tmp_path, capsys):
+    model = tiny_model_of("phimoe")
+    keep = {0: torch.arange(3), 1: torch.arange(5), 2: torch.arange(8)}
+    prune_experts(model, keep, CompressionContext.for_model(model))
+    save_checkpoint(model, make_tokenizer(), tmp_path / "ckpt", {})
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["experts_per_layer"] == {"0": 3, "1": 5, "2": 8} and facts["loader"] == "remote_code"
+    assert facts["compressed_by_moe_compress"] and facts["steps"]["active_experts"].startswith("refused")
+
+
+def test_inspect_refuses_an_unsupported_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text(json.dumps({"model_type": "dbrx"}))
+    result = subprocess.run([sys.executable, "-m", "moe_compress.cli", "inspect", str(tmp_path / "model")],
+                            check=False, capture_output=True, text=True)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "dbrx" in message[0] and "not supported" in message[0], result.stderr

@@ -29,9 +29,11 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ConfigError
+from moe_compress.methods.allocation import allocate, expert_budget
 from moe_compress.methods.low_rank import kept_rank
-from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem
-from moe_compress.moe_block import block_output, block_output_with, relative_error, run_expert, selection_counts
+from moe_compress.methods.pruning import target_options, target_whole_model
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
+from moe_compress.moe_block import block_output, block_output_with, relative_error, route, run_expert, selection_counts
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +277,35 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
     return coefficients, measured
 
 
+def merges_for_target(model, step: dict, context) -> tuple[dict[int, int], dict]:
+    """Merges per layer that meet the step's whole-model ``target``: the experts each layer keeps are
+    allocated on their selection counts over the fit tokens (global allocation compares layers by them)."""
+    adapter = adapter_for(model.config)
+    counts = {}
+    with torch.no_grad():
+        for layer, block in context.moe_blocks(model).items():
+            _, indices = route(adapter, block, context.split_inputs(layer)[0])
+            counts[layer] = selection_counts(indices, adapter.block_num_experts(block)).cpu().numpy()
+    budget = expert_budget(model, context)
+    kept, allocation = allocate(step["target"], step.get("allocation", "uniform"), counts, budget)
+    return {layer: budget.count[layer] - kept[layer] for layer in kept}, allocation
+
+
 def hc_merge(model, step: dict, context) -> dict:
     context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
     report = {"clusters": {}, "layers": {}, "adaptations": {}}
+    if "target" in step:
+        merges_per_layer, allocation = merges_for_target(model, step, context)
+        report.update(allocation)
+    else:
+        merges_per_layer = {layer: step["merges_per_layer"] for layer in context.moe_blocks(model)}
     for layer, block in context.each_block(model):
         fit, heldout = context.split_inputs(layer)
         num_experts = adapter.block_num_experts(block)
-        merges = step["merges_per_layer"]
+        merges = merges_per_layer[layer]
+        if merges == 0:
+            continue
         with torch.no_grad():
             centroids, counts = expert_centroids(adapter, block, fit, step["centroid"])
         if step["grouping"] == "kmeans":
@@ -303,7 +326,13 @@ def hc_merge(model, step: dict, context) -> dict:
     return report
 
 
+def _merge_options(step: dict) -> Problem | None:
+    return exactly_one_of(step, "merges_per_layer", "target") or target_options(step)
+
+
 def _merge_shape(step: dict, shape) -> Problem | None:
+    if "merges_per_layer" not in step:
+        return None
     left = shape.num_experts - step["merges_per_layer"]
     if left < shape.top_k:
         return Problem("merges_per_layer", f"{step['merges_per_layer']} leaves {left} of the {shape.num_experts} "
@@ -311,4 +340,5 @@ def _merge_shape(step: dict, shape) -> Problem | None:
     return None
 
 
-METHODS = (Method("hc_merge", hc_merge, frozenset({EXPERT_COUNT}), check_shape=_merge_shape),)
+METHODS = (Method("hc_merge", hc_merge, frozenset({EXPERT_COUNT}), check_options=_merge_options,
+                  check_shape=_merge_shape, whole_model=target_whole_model),)

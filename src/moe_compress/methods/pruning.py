@@ -10,6 +10,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
+from moe_compress.methods.allocation import allocate, expert_budget
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 from moe_compress.stats import selected_within_top
 
@@ -68,6 +69,27 @@ def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int
     }
 
 
+def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context) -> dict:
+    """Keep the highest ``scores`` in the counts that meet the step's whole-model ``target``
+    (``allocation``: uniform or global, see methods/allocation.py)."""
+    counts, allocation = allocate(step["target"], step.get("allocation", "uniform"), scores,
+                                  expert_budget(model, context))
+    return {**prune_to_highest(model, scores, counts, context), **allocation}
+
+
+def target_options(step: dict) -> Problem | None:
+    """``allocation`` only says how a ``target`` is shared between layers."""
+    if "allocation" in step and "target" not in step:
+        return Problem("allocation", "only valid with target")
+    return None
+
+
+def target_whole_model(step: dict) -> str | None:
+    if "target" in step:
+        return f"{step['method']} with a target allocates experts over all MoE layers at once"
+    return None
+
+
 def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np.ndarray:
     """``column`` of the statistics table for the experts a layer holds now (by their original ids)."""
     rows = stats[stats["layer"] == layer].set_index("expert")
@@ -101,6 +123,8 @@ def frequency_prune(model, step: dict, context) -> dict:
         min_count = step["min_count"] if "min_count" in step else int(np.ceil(step.get("min_fraction", 0) * tokens))
         usage[layer] = counts
         thresholds_kept[layer] = int((counts >= min_count).sum())
+    if "target" in step:
+        return prune_to_target(model, usage, step, context)
     if step.get("uniform"):
         per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
         thresholds_kept = dict.fromkeys(thresholds_kept, per_layer)
@@ -110,11 +134,13 @@ def frequency_prune(model, step: dict, context) -> dict:
 def _frequency_options(step: dict) -> Problem | None:
     if "keep" in step and not step.get("uniform"):
         return Problem("keep", "only valid with uniform: true")
-    thresholds = [key for key in ("min_count", "min_fraction", "keep") if key in step]
+    if "target" in step and step.get("uniform"):
+        return Problem("uniform", "a target shares the experts by its allocation (uniform or global) instead")
+    thresholds = [key for key in ("min_count", "min_fraction", "keep", "target") if key in step]
     if len(thresholds) != 1:
-        return Problem(None, f"frequency_prune needs exactly one of min_count, min_fraction or (with uniform: true) "
-                             f"keep; got {thresholds or 'none'}")
-    return None
+        return Problem(None, f"frequency_prune needs exactly one of min_count, min_fraction, target or (with "
+                             f"uniform: true) keep; got {thresholds or 'none'}")
+    return target_options(step)
 
 
 def _frequency_shape(step: dict, shape) -> Problem | None:
@@ -126,7 +152,7 @@ def _frequency_shape(step: dict, shape) -> Problem | None:
 def _frequency_whole_model(step: dict) -> str | None:
     if step.get("uniform") and not step.get("keep"):
         return "frequency_prune with uniform and no keep sets one count from the mean over all layers"
-    return None
+    return target_whole_model(step)
 
 
 # --- reap_prune --------------------------------------------------------------------------------
@@ -146,14 +172,21 @@ def reap_prune(model, step: dict, context) -> dict:
     saliency, counts = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
         saliency[layer] = stats_rows(context.stats, layer, column, original_ids)
-        counts[layer] = (step["keep"] if "keep" in step
-                         else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
+        if "target" not in step:
+            counts[layer] = (step["keep"] if "keep" in step
+                             else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
+    if "target" in step:
+        return prune_to_target(model, saliency, step, context)
     return prune_to_highest(model, saliency, counts, context)
+
+
+def _reap_options(step: dict) -> Problem | None:
+    return exactly_one_of(step, "keep", "min_fraction", "target") or target_options(step)
 
 
 METHODS = (
     Method("frequency_prune", frequency_prune, frozenset({EXPERT_COUNT}), check_options=_frequency_options,
            check_shape=_frequency_shape, whole_model=_frequency_whole_model),
-    Method("reap_prune", reap_prune, frozenset({EXPERT_COUNT}),
-           check_options=lambda step: exactly_one_of(step, "keep", "min_fraction"), check_shape=check_keep),
+    Method("reap_prune", reap_prune, frozenset({EXPERT_COUNT}), check_options=_reap_options, check_shape=check_keep,
+           whole_model=target_whole_model),
 )

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_compress.methods.pruning import check_keep, prune_to_highest
-from moe_compress.methods.registry import EXPERT_COUNT, Method
+from moe_compress.methods.pruning import (
+    check_keep,
+    prune_to_highest,
+    prune_to_target,
+    target_options,
+    target_whole_model,
+)
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 
 
 def random_scores(seed: int, layer: int, num_experts: int) -> np.ndarray:
@@ -18,7 +24,14 @@ def random_scores(seed: int, layer: int, num_experts: int) -> np.ndarray:
 def random_prune(model, step: dict, context) -> dict:
     scores = {layer: random_scores(step["seed"], layer, len(original_ids))
               for layer, original_ids in context.original_expert_ids.items()}
+    if "target" in step:
+        return prune_to_target(model, scores, step, context)
     return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context)
 
 
-METHODS = (Method("random_prune", random_prune, frozenset({EXPERT_COUNT}), check_shape=check_keep),)
+def _random_options(step: dict) -> Problem | None:
+    return exactly_one_of(step, "keep", "target") or target_options(step)
+
+
+METHODS = (Method("random_prune", random_prune, frozenset({EXPERT_COUNT}), check_options=_random_options,
+                  check_shape=check_keep, whole_model=target_whole_model),)

@@ -22,21 +22,63 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.methods.registry import EXPERT_SCALE, ROUTING, Method, Problem
+from moe_compress.methods.registry import EXPERT_SCALE, ROUTING, Method, Problem, exactly_one_of
 from moe_compress.moe_block import block_output, relative_error, route
 from moe_compress.remote_code.moe_compress_layers import convert_to_dynamic_skip, is_skip_router
 
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def top_k_errors(adapter, block, hidden: torch.Tensor) -> dict[int, float]:
+    """{k: relative error of the block's output on ``hidden`` with top-k = k, against its current top-k}
+    for every k from the current one down to 1."""
+    router = adapter.router_of(block)
+    current = router.top_k
+    reference = block_output(block, hidden)
+    errors = {current: 0.0}
+    try:
+        for k in range(current - 1, 0, -1):
+            router.top_k = k
+            errors[k] = relative_error(reference, block_output(block, hidden))
+    finally:
+        router.top_k = current
+    return errors
+
+
+def per_layer_top_k(model, target_mean: float, context) -> tuple[dict[int, int], dict]:
+    """Each layer's k for a mean of ``target_mean`` over the MoE layers (nearest): starting from the current
+    top-k, one expert at a time is taken from the layer whose block output (on the fit tokens) changes
+    least by it."""
+    context.require_inputs("active_experts with target_mean")
+    adapter = adapter_for(model.config)
+    errors = {layer: top_k_errors(adapter, block, context.split_inputs(layer)[0])
+              for layer, block in context.moe_blocks(model).items()}
+    ks = {layer: max(layer_errors) for layer, layer_errors in errors.items()}
+    reductions = sum(ks.values()) - int(round(target_mean * len(ks)))
+    for _ in range(max(reductions, 0)):
+        candidates = [(errors[layer][k - 1] - errors[layer][k], layer) for layer, k in ks.items() if k > 1]
+        if not candidates:
+            break
+        _, layer = min(candidates)  # ties: the lower layer
+        ks[layer] -= 1
+    report = {"target_mean": target_mean, "achieved_mean": round(sum(ks.values()) / len(ks), 6),
+              "top_k_per_layer": {str(layer): k for layer, k in ks.items()},
+              "error_by_top_k": {str(layer): {str(k): round(error, 6) for k, error in layer_errors.items()}
+                                 for layer, layer_errors in errors.items()}}
+    return ks, report
+
+
 def active_experts(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
-    k = step["k"]
     report = {"previous_top_k": {}}
+    if "target_mean" in step:
+        ks, chosen = per_layer_top_k(model, step["target_mean"], context)
+        report.update(chosen)
     for layer, block in context.each_block(model):
         router = adapter.router_of(block)
         report["previous_top_k"][str(layer)] = router.top_k
-        router.top_k = k
+        router.top_k = ks[layer] if "target_mean" in step else step["k"]
     return report
 
 
@@ -145,10 +187,26 @@ def output_rescale(model, step: dict, context) -> dict:
     return report
 
 
+def _active_options(step: dict) -> Problem | None:
+    return exactly_one_of(step, "k", "target_mean")
+
+
+def _active_whole_model(step: dict) -> str | None:
+    if "target_mean" in step:
+        return "active_experts with target_mean chooses each layer's k against the other layers"
+    return None
+
+
 def _active_shape(step: dict, shape) -> Problem | None:
-    if shape.fixed_top_k is not None and step["k"] != shape.fixed_top_k:
-        return Problem("k", f"this router always picks {shape.fixed_top_k} experts (SparseMixer); k cannot change "
-                            "(dynamic_skip can still lower the active experts)")
+    option = "k" if "k" in step else "target_mean"
+    if shape.fixed_top_k is not None and step[option] != shape.fixed_top_k:
+        return Problem(option, f"this router always picks {shape.fixed_top_k} experts (SparseMixer); its top-k "
+                               "cannot change (dynamic_skip can still lower the active experts)")
+    if option == "target_mean":
+        if step["target_mean"] > shape.top_k:
+            return Problem("target_mean", f"{step['target_mean']} is more than the {shape.top_k} experts each token "
+                                          "is routed to")
+        return None
     if step["k"] > shape.num_experts:
         return Problem("k", f"{step['k']} is more than the {shape.num_experts} experts per layer")
     return None
@@ -168,7 +226,8 @@ def _skip_shape(step: dict, shape) -> Problem | None:
 
 
 METHODS = (
-    Method("active_experts", active_experts, frozenset({ROUTING}), check_shape=_active_shape),
+    Method("active_experts", active_experts, frozenset({ROUTING}), check_options=_active_options,
+           check_shape=_active_shape, whole_model=_active_whole_model),
     Method("renormalize", renormalize, frozenset({ROUTING})),
     Method("dynamic_skip", dynamic_skip, frozenset({ROUTING}), check_options=_skip_options, check_shape=_skip_shape),
     Method("output_rescale", output_rescale, frozenset({EXPERT_SCALE})),

@@ -13,6 +13,8 @@ rule final_table:
     params:
         # a list of [name, steps] pairs: the table keeps the config's variant order
         variants=as_json([[name, steps] for name, steps in VARIANTS.items()]),
+        # the sweep each variant belongs to (a line in the plots)
+        sweeps=as_json(PLAN.sweeps),
         # the variant of each lm_eval input (a directory of <task>.csv), in order, and the tasks
         lm_eval_variants=EVAL_VARIANTS,
         tasks=EVAL_TASKS,

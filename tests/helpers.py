@@ -287,6 +287,9 @@ TINY = {
         "reap4": {"method": "reap_prune", "keep": 4},
         "skip_rescale": {"steps": [{"method": "dynamic_skip", "beta": "auto", "target_active": 1.5},
                                    {"method": "output_rescale"}]},
+        # a sweep: 75 % of the experts, shared uniformly or by one ranking over both layers
+        "reap_target": {"method": "reap_prune", "target": {"experts_fraction": [0.75]},
+                        "allocation": ["uniform", "global"]},
     },
 }
 

@@ -36,8 +36,9 @@ def tiny_run(tmp_path_factory):
 def test_end_to_end_final_table(tiny_run):
     workdir, _ = tiny_run
     table = pd.read_csv(workdir / "results/final_table.csv")
+    swept = ["reap_target-experts_fraction0.75-uniform", "reap_target-experts_fraction0.75-global"]
     assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank",
-                                         "reap4", "skip_rescale"]
+                                         "reap4", "skip_rescale", *swept]
     assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2", "recon_error_mean"]].isna().any().any()
     by_name = table.set_index("variant")
     assert by_name.loc["base", "experts_kept"] == 2 * 8
@@ -50,6 +51,11 @@ def test_end_to_end_final_table(tiny_run):
     assert (by_name.drop(index="base")["recon_error_mean"] > 0).all()
     assert by_name.loc["reap4", "experts_kept"] == 2 * 4
     assert 1.2 < by_name.loc["skip_rescale", "active_experts"] < 1.8 and by_name.loc["skip_rescale", "top_k"] == 2
+    # the sweep: one line in the plots; the target met (12 of 16 experts) by either allocation
+    assert (by_name.loc[swept, "sweep"] == "reap_target").all() and by_name.loc["uniform4", "sweep"] == "uniform4"
+    assert (by_name.loc[swept, "experts_kept"] == 12).all() and (by_name.loc[swept, "target"] == "experts_fraction=0.75").all()
+    assert by_name.loc[swept, "allocation"].tolist() == ["uniform", "global"]
+    assert by_name.loc[swept[0], "experts_per_layer"] == "6 6"
     assert "reap_saliency" in pd.read_csv(workdir / "results/stats/expert_frequency.csv").columns
     clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
     assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
@@ -130,6 +136,17 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
     jobs = planned_jobs(result.stdout + result.stderr)
     assert sorted(jobs) == sorted([("compress", "uniform4"), ("evaluate", "uniform4"), ("final_table", "")]), jobs
+
+
+def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_run):
+    workdir, _ = tiny_run
+    changed = copy.deepcopy(TINY)
+    changed["variants"]["reap_target"]["target"]["experts_fraction"] = [0.75, 0.5]
+    result = snakemake(workdir, write_config(workdir / "config_sweep.yaml", changed), "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = ["reap_target-experts_fraction0.5-uniform", "reap_target-experts_fraction0.5-global"]
+    assert sorted(planned_jobs(result.stdout + result.stderr)) == sorted(
+        [(rule, name) for name in new for rule in ("compress", "evaluate")] + [("final_table", "")])
 
 
 def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_run, tmp_path):

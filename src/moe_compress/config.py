@@ -7,6 +7,7 @@ A variant is an ordered list of steps. The short form ``{method: ..., ...}`` is 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Iterable
 from importlib import resources
@@ -174,6 +175,70 @@ def normalise_variants(variants) -> dict:
     return normalised
 
 
+def _sweep_axes(steps: list, schema: dict) -> list[tuple[tuple, list]]:
+    """(path into the steps, values) of every option given as a list where the method takes one value
+    (also inside a mapping such as ``target``)."""
+    axes = []
+    methods = schema["$defs"]["methods"]
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict) or step.get("method") not in methods:
+            continue
+        options = methods[step["method"]]["properties"]
+        for key, value in step.items():
+            if isinstance(value, list) and options.get(key, {}).get("type") != "array":
+                axes.append(((index, key), value))
+            elif isinstance(value, dict):
+                axes += [((index, key, inner), values) for inner, values in value.items() if isinstance(values, list)]
+    return axes
+
+
+def _value_label(value) -> str:
+    if isinstance(value, bool):
+        text = json.dumps(value)
+    else:
+        text = format(value, "g") if isinstance(value, float) else str(value)
+    return "".join(char if char.isalnum() or char in "._" else "_" for char in text)
+
+
+def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[str]]]:
+    """A variant listing several values for options expands into one variant per combination, named
+    ``<variant>-<option><value>[-...]`` in the order written (a word value stands alone: ``-global``), each
+    with its own jobs and ``sweep: <variant>``
+    (the final table and the plots draw a sweep as one line). Returns (variants, {sweep: its variants})."""
+    expanded, sweeps = {}, {}
+    for name, variant in variants.items():
+        steps = variant.get("steps") if isinstance(variant, dict) else None
+        axes = _sweep_axes(steps, schema) if isinstance(steps, list) else []
+        if not axes:
+            expanded[name] = variant
+            continue
+        for path, values in axes:
+            if not values:
+                raise ConfigError(f"config key 'variants.{name}.steps[{path[0]}].{'.'.join(map(str, path[1:]))}': "
+                                  "an empty list of values to sweep")
+        leaves = [path[-1] for path, _ in axes]
+        labels = [leaf if leaves.count(leaf) == 1 else f"s{path[0]}{leaf}" for (path, _), leaf in zip(axes, leaves)]
+        sweeps[name] = []
+        for combination in itertools.product(*(values for _, values in axes)):
+            member = copy.deepcopy(variant)
+            for (path, _), value in zip(axes, combination):
+                holder = member["steps"]
+                for part in path[:-1]:
+                    holder = holder[part]
+                holder[path[-1]] = value
+            member["sweep"] = name
+            # a number or switch is named with its option (min_fraction0.01), a word stands alone (global)
+            member_name = "-".join([name] + [_value_label(value) if isinstance(value, str)
+                                             else f"{label}{_value_label(value)}"
+                                             for label, value in zip(labels, combination)])
+            if member_name in variants or member_name in expanded:
+                raise ConfigError(f"config key 'variants.{name}': the sweep's variant {member_name!r} is also "
+                                  "written as a variant; rename one")
+            expanded[member_name] = member
+            sweeps[name].append(member_name)
+    return expanded, sweeps
+
+
 def _step_errors(config: dict, schema: dict) -> list[str]:
     """Each step against its method's schema entry (the schema's ``step`` only requires a method name)."""
     known = schema["$defs"]["methods"]
@@ -182,7 +247,8 @@ def _step_errors(config: dict, schema: dict) -> list[str]:
             path = ["variants", name, "steps", index]
             if step["method"] not in known:
                 return [f"config key '{_key_path([*path, 'method'])}': {step['method']!r} is not one of {sorted(known)}"]
-            validator = SchemaValidator(known[step["method"]])
+            # the method's entry with the shared definitions its options may refer to (e.g. target)
+            validator = SchemaValidator({**known[step["method"]], "$defs": schema["$defs"]})
             errors = sorted(validator.iter_errors(step), key=lambda e: _key_path(e.absolute_path))
             if errors:
                 error = max(errors, key=lambda e: len(e.absolute_path))
@@ -285,9 +351,16 @@ def validate_config(raw: dict) -> dict:
     Raises ``ConfigError`` naming the offending key and, where the schema lists them, the allowed values.
     """
     config = copy.deepcopy(raw)
+    schema = load_schema()
     if "variants" in config:
         config["variants"] = normalise_variants(config["variants"])
-    schema = load_schema()
+        if isinstance(config["variants"], dict):
+            config["variants"], sweeps = expand_sweeps(config["variants"], schema)
+            evaluation = config.get("evaluation")
+            if sweeps and isinstance(evaluation, dict) and isinstance(evaluation.get("variants"), list):
+                # a sweep's name in evaluation.variants stands for all of its variants
+                evaluation["variants"] = [member for name in evaluation["variants"]
+                                          for member in sweeps.get(name, [name])]
     validator = SchemaValidator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key_path(e.absolute_path)))
     if errors:

@@ -80,7 +80,18 @@ def mean_active_experts(record: dict) -> float:
     return sum(measured.values()) / len(measured) if measured else float(record["active_experts"])
 
 
+def targets_met(record: dict) -> tuple[str, str]:
+    """(the whole-model targets of the variant's steps, e.g. "experts_fraction=0.75", and their allocation
+    rules; empty where no step had one). What was achieved is in experts_kept and parameters."""
+    reports = [report for report in record.get("step_reports", []) if "target" in report]
+    targets = "; ".join(f"{kind}={value}" for report in reports for kind, value in report["target"].items())
+    return targets, "; ".join(report["allocation"] for report in reports)
+
+
 def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataFrame) -> dict:
+    target, allocation = targets_met(record)
+    top_k = [settings.get("top_k") for _, settings in sorted(record.get("router_settings_per_layer", {}).items(),
+                                                              key=lambda kv: int(kv[0]))]
     row = {
         "variant": name,
         "method": describe_steps(steps),
@@ -89,6 +100,9 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
         "experts_kept": record["experts_total"],
         "experts_per_layer": " ".join(str(n) for _, n in sorted(record["experts_per_layer"].items(), key=lambda kv: int(kv[0]))),
         "top_k": record["active_experts"],
+        "top_k_per_layer": " ".join(str(k) for k in top_k if k is not None),
+        "target": target,
+        "allocation": allocation,
         "active_experts": mean_active_experts(record),
         "layers": record.get("num_layers"),
         "loader": record["loader"],
@@ -137,12 +151,14 @@ def warn_noisy_speeds(table: pd.DataFrame) -> None:
 def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perplexities: dict[str, pd.DataFrame],
                 speeds: dict[str, pd.DataFrame] | None = None,
                 task_results: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
-                perf_metric: str = "lm_eval", reference: str = BASE_VARIANT) -> pd.DataFrame:
-    """One row per variant: size, experts, routing, reconstruction error, perplexities, the primary
-    metric of each lm-eval task (``task_results[variant][task]``) and their mean, speed, and
+                perf_metric: str = "lm_eval", reference: str = BASE_VARIANT,
+                sweeps: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per variant: its sweep (``sweeps``, a line in the plots), size, experts, routing and targets,
+    reconstruction error, perplexities, the primary metric of each lm-eval task
+    (``task_results[variant][task]``) with its standard error, their mean (and its standard error), speed, and
     PerfNorm / SpeedNorm / Score against the ``reference`` variant, with the SpeedNorm interval the speed
     repeats allow and ``speed_noisy`` where that interval is wider than |SpeedNorm|."""
-    from moe_compress.evaluate.lm_eval import primary_score
+    from moe_compress.evaluate.lm_eval import primary_score, primary_stderr
 
     if reference not in variants:
         raise ConfigError(f"config key 'score.reference': '{reference}' is not a variant "
@@ -150,10 +166,12 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     speeds, task_results = speeds or {}, task_results or {}
     rows = []
     for name, steps in variants.items():
-        row = variant_row(name, steps, records[name], perplexities[name])
+        row = {"variant": name, "sweep": (sweeps or {}).get(name, name),
+               **variant_row(name, steps, records[name], perplexities[name])}
         for task in tasks:
             if task in task_results.get(name, {}):
                 row[f"acc_{task}"] = primary_score(task_results[name][task], task)
+                row[f"acc_{task}_stderr"] = primary_stderr(task_results[name][task], task)
         if name in speeds:
             speed = speeds[name].iloc[0]
             row.update({"prefill_tok_s": speed["prefill_tokens_per_s"], "t_token_ms": speed["t_token_ms"],
@@ -164,6 +182,9 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     accuracy_columns = [f"acc_{task}" for task in tasks if f"acc_{task}" in table.columns]
     if accuracy_columns:
         table["acc_mean"] = table[accuracy_columns].mean(axis=1, skipna=False)
+        # the tasks' samples are independent: the mean's variance is the sum of theirs over n^2
+        stderr = table[[f"{column}_stderr" for column in accuracy_columns]]
+        table["acc_mean_stderr"] = np.sqrt((stderr ** 2).sum(axis=1, skipna=False)) / len(accuracy_columns)
     use_tasks = perf_metric == "lm_eval" and bool(accuracy_columns)
     table["perf"] = table["acc_mean"] if use_tasks else 1.0 / table["ppl_c4_heldout"]
     table["perf_source"] = "acc_mean" if use_tasks else "1/ppl_c4_heldout"

@@ -45,6 +45,11 @@ class WorkflowPlan:
     layerwise_variants: list[str]  # one compress_layer job per MoE layer + assemble_checkpoint
     whole_model_variants: list[str]  # one compress job
 
+    @property
+    def sweeps(self) -> dict[str, str]:
+        """Each variant's sweep (its own name where it belongs to none): the plots draw a sweep as a line."""
+        return {name: variant.get("sweep", name) for name, variant in self.config["variants"].items()}
+
     @classmethod
     def from_config(cls, config: dict) -> WorkflowPlan:
         """The plan of an already validated config (no model read, no hub access)."""

@@ -28,27 +28,82 @@ def _save(figure, path: str | Path) -> None:
     plt.close(figure)
 
 
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both axes (smaller x and smaller y are better),
+    ordered by x."""
+    order = np.lexsort((y, x))
+    front, best = [], np.inf
+    for index in order:
+        if y[index] < best:
+            front.append(index)
+            best = y[index]
+    return np.array(front, dtype=int)
+
+
+def _series(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(label, rows) per sweep in table order: a sweep's variants together, single variants alone."""
+    sweeps = table["sweep"] if "sweep" in table.columns else table["variant"]
+    return [(name, table[sweeps == name]) for name in dict.fromkeys(sweeps)]
+
+
 def quality_vs_parameters(table: pd.DataFrame, path: str | Path) -> None:
-    """Mean benchmark accuracy (where measured) and held-out C4 perplexity against parameters."""
-    panels = [(column, label) for column, label in (("acc_mean", "mean benchmark accuracy"),
-                                                    ("ppl_c4_heldout", "perplexity, held-out C4 (lower is better)"))
-              if column in table.columns and table[column].notna().any()]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
-    families = table["method"].map(method_family)
+    """Quality against size, one line per sweep (a method family over its settings), single variants as
+    points; a legend keyed by colour and marker instead of labels on the points.
+
+    Panels: perplexity on held-out C4 as a ratio to the reference (the Pareto front over all variants
+    dashed), the mean benchmark accuracy with each point's standard error and the reference's band
+    (where benchmarks ran), and the perplexity ratio against the mean active experts per token (which
+    separates routing changes that keep every parameter)."""
+    table = table.copy()
+    reference = table.iloc[0]
+    if "ppl_c4_heldout_ratio" not in table.columns:
+        table["ppl_c4_heldout_ratio"] = table["ppl_c4_heldout"] / reference["ppl_c4_heldout"]
+    table["params_m"] = table["parameters"] / 1e6
+    panels = [("params_m", "ppl_c4_heldout_ratio", "parameters (M)",
+               "perplexity / reference, held-out C4 (lower is better)")]
+    if "acc_mean" in table.columns and table["acc_mean"].notna().any():
+        panels.append(("params_m", "acc_mean", "parameters (M)", "mean benchmark accuracy (± standard error)"))
+    if "active_experts" in table.columns and table["active_experts"].nunique() > 1:
+        panels.append(("active_experts", "ppl_c4_heldout_ratio", "active experts per token (mean over layers)",
+                       "perplexity / reference, held-out C4"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    series = _series(table)
     colours = plt.get_cmap("tab20")
-    for axis, (column, label) in zip(axes[0], panels):
-        for index, (family, rows) in enumerate(table.assign(family=families).groupby("family", sort=False)):
-            rows = rows[rows[column].notna()]
-            axis.scatter(rows["parameters"] / 1e6, rows[column], label=family, s=36, color=colours(index % 20),
-                         marker="os^Dv"[index // 4 % 5])
-            for row in rows.itertuples():
-                axis.annotate(row.variant, (row.parameters / 1e6, getattr(row, column)), fontsize=6,
-                              xytext=(3, 3), textcoords="offset points")
-        axis.set_xlabel("parameters (M)")
-        axis.set_ylabel(label)
+    markers = "os^Dv<>pXh"
+    for axis, (x_column, y_column, x_label, y_label) in zip(axes[0], panels):
+        rows_with = table[table[y_column].notna() & table[x_column].notna()]
+        if y_column == "ppl_c4_heldout_ratio" and len(rows_with) > 1:
+            front = rows_with.iloc[pareto_front(rows_with[x_column].to_numpy(float),
+                                                rows_with[y_column].to_numpy(float))]
+            axis.plot(front[x_column], front[y_column], ls="--", color="black", lw=1, alpha=0.6, label="Pareto front",
+                      zorder=1)
+        if y_column == "acc_mean" and pd.notna(reference.get("acc_mean")):
+            error = reference.get("acc_mean_stderr", np.nan)
+            axis.axhline(reference["acc_mean"], color="grey", lw=1)
+            if pd.notna(error):
+                axis.axhspan(reference["acc_mean"] - error, reference["acc_mean"] + error, color="grey", alpha=0.15,
+                             label="reference ± standard error")
+        for index, (label, rows) in enumerate(series):
+            rows = rows[rows[y_column].notna() & rows[x_column].notna()].sort_values(x_column)
+            if rows.empty:
+                continue
+            style = dict(color=colours(index % 20), marker=markers[index // 20 % len(markers)], label=label)
+            if y_column == "acc_mean" and "acc_mean_stderr" in rows.columns:
+                axis.errorbar(rows[x_column], rows[y_column], yerr=rows["acc_mean_stderr"], capsize=2, ms=5,
+                              lw=1 if len(rows) > 1 else 0, elinewidth=0.8, **style)
+            else:
+                axis.plot(rows[x_column], rows[y_column], ms=5, lw=1.2 if len(rows) > 1 else 0, **style)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
         axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), title="method family")
+    handles, labels = {}, []
+    for axis in axes[0]:  # one legend entry per series over all panels
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    figure.legend([handles[label] for label in labels], labels, fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.0, 0.98), title="variant or sweep", ncol=1 + len(labels) // 30)
     _save(figure, path)
 
 

@@ -17,7 +17,7 @@ task_results = {variant: {task: read_evaluation_csv(Path(directory) / f"{task}.c
                 for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
 reference = snakemake.params.reference
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
-                    reference)
+                    reference, sweeps=json_param(snakemake, "sweeps"))
 write_final_table(table, snakemake.output.csv, snakemake.output.md, reference)
 log.info("final table: %d variants, reference %s -> %s", len(table), reference, Path(snakemake.output.csv))
 finish_job(snakemake)

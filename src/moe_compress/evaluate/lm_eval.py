@@ -233,12 +233,22 @@ def tidy_results(results: dict, num_fewshot: int, *, checkpoint: str | Path = "t
     return table
 
 
-def primary_score(table: pd.DataFrame, task: str) -> float:
-    """The benchmark's headline number: the task's (or group's) primary metric."""
+def _primary_row(table: pd.DataFrame, task: str) -> pd.Series:
     metric = PRIMARY_METRIC.get(task, "acc")
     rows = table[(table["task"] == task) & (table["metric"] == metric)]
     if rows.empty:
         rows = table[(table["task"] == task) & (table["metric"] == "acc")]
     if rows.empty:
         raise DataError(f"no {metric} for task {task} in the lm-eval results")
-    return float(rows["value"].iloc[0])
+    return rows.iloc[0]
+
+
+def primary_score(table: pd.DataFrame, task: str) -> float:
+    """The benchmark's headline number: the task's (or group's) primary metric."""
+    return float(_primary_row(table, task)["value"])
+
+
+def primary_stderr(table: pd.DataFrame, task: str) -> float:
+    """The standard error lm-eval reports for that number (NaN where it reports none)."""
+    row = _primary_row(table, task)
+    return float(pd.to_numeric(row.get("stderr"), errors="coerce"))

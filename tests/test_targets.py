@@ -12,7 +12,6 @@ from helpers import (
     assert_same_model,
     context_with_inputs,
     logits,
-    make_tokenizer,
     tiny_model_of,
     validated_step,
 )

@@ -171,7 +171,10 @@ def test_a_sweep_expands_into_named_variants_in_order():
         "reap-experts_fraction0.5-uniform", "reap-experts_fraction0.5-global", "freq-min_fraction0.01",
         "freq-min_fraction0.02", "two-k2-beta0.1", "two-k2-beta0.2", "two-k1-beta0.1", "two-k1-beta0.2", "drop"]
     assert config["variants"]["reap-experts_fraction0.5-global"]["steps"][0]["target"] == {"experts_fraction": 0.5}
-    assert config["variants"]["two-k1-beta0.2"]["sweep"] == "two" and "sweep" not in config["variants"]["drop"]
+    # a line runs along the first numeric option; the other values name it
+    assert config["variants"]["two-k1-beta0.2"]["sweep"] == "two-beta0.2" and "sweep" not in config["variants"]["drop"]
+    assert config["variants"]["reap-experts_fraction0.5-global"]["sweep"] == "reap-global"
+    assert config["variants"]["freq-min_fraction0.02"]["sweep"] == "freq"
     assert config["evaluation"]["variants"] == ["base", "freq-min_fraction0.01", "freq-min_fraction0.02"]
     assert config == config_with({  # deterministic
         "base": {"steps": []},

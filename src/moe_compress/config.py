@@ -203,8 +203,9 @@ def _value_label(value) -> str:
 def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[str]]]:
     """A variant listing several values for options expands into one variant per combination, named
     ``<variant>-<option><value>[-...]`` in the order written (a word value stands alone: ``-global``), each
-    with its own jobs and ``sweep: <variant>``
-    (the final table and the plots draw a sweep as one line). Returns (variants, {sweep: its variants})."""
+    with its own jobs and a ``sweep``: the line the plots draw it on, which runs along the first numeric
+    option and is named by the other options' values (``reap-global``). Returns (variants, {variant: its
+    sweep's variants})."""
     expanded, sweeps = {}, {}
     for name, variant in variants.items():
         steps = variant.get("steps") if isinstance(variant, dict) else None
@@ -218,6 +219,9 @@ def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[st
                                   "an empty list of values to sweep")
         leaves = [path[-1] for path, _ in axes]
         labels = [leaf if leaves.count(leaf) == 1 else f"s{path[0]}{leaf}" for (path, _), leaf in zip(axes, leaves)]
+        # a line in the plots runs along the first numeric option; the other options' values name the line
+        along = next((index for index, (_, values) in enumerate(axes)
+                      if all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)), None)
         sweeps[name] = []
         for combination in itertools.product(*(values for _, values in axes)):
             member = copy.deepcopy(variant)
@@ -226,11 +230,11 @@ def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[st
                 for part in path[:-1]:
                     holder = holder[part]
                 holder[path[-1]] = value
-            member["sweep"] = name
             # a number or switch is named with its option (min_fraction0.01), a word stands alone (global)
-            member_name = "-".join([name] + [_value_label(value) if isinstance(value, str)
-                                             else f"{label}{_value_label(value)}"
-                                             for label, value in zip(labels, combination)])
+            parts = [_value_label(value) if isinstance(value, str) else f"{label}{_value_label(value)}"
+                     for label, value in zip(labels, combination)]
+            member_name = "-".join([name, *parts])
+            member["sweep"] = "-".join([name, *(part for index, part in enumerate(parts) if index != along)])
             if member_name in variants or member_name in expanded:
                 raise ConfigError(f"config key 'variants.{name}': the sweep's variant {member_name!r} is also "
                                   "written as a variant; rename one")

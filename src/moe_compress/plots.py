@@ -102,8 +102,8 @@ def quality_vs_parameters(table: pd.DataFrame, path: str | Path) -> None:
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
-    figure.legend([handles[label] for label in labels], labels, fontsize=7, loc="upper left",
-                  bbox_to_anchor=(1.0, 0.98), title="variant or sweep", ncol=1 + len(labels) // 30)
+    figure.legend([handles[label] for label in labels], labels, fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, 0.0), title="variant or sweep", ncol=min(len(labels), 2 * len(panels) + 1))
     _save(figure, path)
 
 

@@ -190,6 +190,8 @@ def test_bad_sweeps_and_targets_name_the_key():
         config_with({"base": {"steps": []}, "freq": {"method": "frequency_prune", "min_fraction": []}})
     with pytest.raises(ConfigError, match=r"'variants.freq-min_fraction1.5.steps\[0\].min_fraction': 1.5 is greater"):
         config_with({"base": {"steps": []}, "freq": {"method": "frequency_prune", "min_fraction": [0.5, 1.5]}})
+    with pytest.raises(ConfigError, match="'variants.freq': a value is listed twice"):
+        config_with({"base": {"steps": []}, "freq": {"method": "frequency_prune", "min_fraction": [0.5, 0.5]}})
     with pytest.raises(ConfigError, match="variant 'freq-min_fraction0.5' is also written as a variant"):
         config_with({"base": {"steps": []}, "freq-min_fraction0.5": {"steps": []},
                      "freq": {"method": "frequency_prune", "min_fraction": [0.5]}})

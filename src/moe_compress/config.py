@@ -204,8 +204,8 @@ def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[st
     """A variant listing several values for options expands into one variant per combination, named
     ``<variant>-<option><value>[-...]`` in the order written (a word value stands alone: ``-global``), each
     with its own jobs and a ``sweep``: the line the plots draw it on, which runs along the first numeric
-    option and is named by the other options' values (``reap-global``). Returns (variants, {variant: its
-    sweep's variants})."""
+    option and is named by the other options' values (``reap-global``). Returns (variants, {each variant
+    written as a sweep: the variants it expanded into})."""
     expanded, sweeps = {}, {}
     for name, variant in variants.items():
         steps = variant.get("steps") if isinstance(variant, dict) else None
@@ -235,6 +235,8 @@ def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[st
                      for label, value in zip(labels, combination)]
             member_name = "-".join([name, *parts])
             member["sweep"] = "-".join([name, *(part for index, part in enumerate(parts) if index != along)])
+            if member_name in sweeps[name]:
+                raise ConfigError(f"config key 'variants.{name}': a value is listed twice (variant {member_name!r})")
             if member_name in variants or member_name in expanded:
                 raise ConfigError(f"config key 'variants.{name}': the sweep's variant {member_name!r} is also "
                                   "written as a variant; rename one")

@@ -26,8 +26,6 @@ from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.modelio import count_parameters
 
-TARGET_KINDS = ("experts_fraction", "experts", "parameters")
-
 
 @dataclass(frozen=True)
 class ExpertBudget:

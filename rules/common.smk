@@ -29,6 +29,14 @@ def moe_layers(wildcards):
     return PLAN.moe_layers
 
 
+def moe_data(wildcards):
+    """The expert statistics and the router cache: a dense decoder has neither."""
+    if not PLAN.is_moe:
+        return {}
+    return {"stats": rules.expert_stats.output.parquet, "cache": rules.cache_router_activations.output.inputs,
+            "manifest": rules.cache_router_activations.output.manifest}
+
+
 def as_json(value):
     """Params as canonical JSON: any change to a value changes the string Snakemake compares."""
     return json.dumps(value, sort_keys=True)

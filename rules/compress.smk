@@ -10,10 +10,8 @@ CHECKPOINT_DIR = "results/checkpoints/{variant}"
 # applies the steps and saves the checkpoint.
 rule compress:
     input:
+        unpack(moe_data),
         model=MODEL_DIR,
-        stats=rules.expert_stats.output.parquet,
-        cache=rules.cache_router_activations.output.inputs,
-        manifest=rules.cache_router_activations.output.manifest,
         calibration=rules.sample_calibration.output.samples,
     output:
         checkpoint=directory(CHECKPOINT_DIR),

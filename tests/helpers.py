@@ -130,6 +130,16 @@ def _tiny_config(model_type: str, num_experts: int, top_k: int):
                             sliding_window=8),
         # router bias, transposed/interleaved gate_up with biases, attention sinks
         "gpt_oss": dict(head_dim=8, **local, sliding_window=8),
+        # dense decoders: attention biases, q/k norms, sliding layers, multipliers, a fused q/k/v projection
+        "llama": dict(head_dim=8),
+        "mistral": dict(head_dim=8),
+        "qwen2": dict(),
+        "qwen3": dict(head_dim=8),
+        "exaone4": dict(head_dim=8, sliding_window=8, sliding_window_pattern=2),
+        "olmo2": dict(),
+        "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                        logits_scaling=4.0),
+        "phi3": dict(pad_token_id=0),
     }
     if model_type not in options:
         raise ValueError(model_type)
@@ -138,7 +148,9 @@ def _tiny_config(model_type: str, num_experts: int, top_k: int):
 
 ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 # every type in the adapter table: the architecture suite (tests/test_architecture_suite.py) runs on all
-ALL_ARCHITECTURE_TYPES = sorted(ARCHITECTURES)
+ALL_ARCHITECTURE_TYPES = sorted(model_type for model_type, adapter in ARCHITECTURES.items() if adapter.moe)
+# the dense decoders of the table: the steps for any decoder and the evaluation run on them
+DENSE_TYPES = sorted(model_type for model_type, adapter in ARCHITECTURES.items() if not adapter.moe)
 
 NO_CUDA = "CUDA is not available on this machine (make test-gpu runs these on a GPU node)"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)

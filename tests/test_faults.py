@@ -92,21 +92,21 @@ def test_unusable_model_paths_say_what_to_do(tmp_path):
     (tmp_path / "not_a_model").mkdir()
     with pytest.raises(ModelError, match=r"not_a_model is not a Hugging Face checkpoint \(no config.json"):
         model_shape(tmp_path / "not_a_model")
-    dense = write_checkpoint(tmp_path / "dense")
-    edit_config_json(dense, model_type="llama")
-    with pytest.raises(ModelError, match=r"model_type 'llama' is not supported; supported types: .*qwen3_moe"):
-        model_shape(dense)
+    other = write_checkpoint(tmp_path / "other")
+    edit_config_json(other, model_type="gpt2")
+    with pytest.raises(ModelError, match=r"model_type 'gpt2' is not supported; supported types: .*qwen3_moe"):
+        model_shape(other)
 
 
 @pytest.mark.slow  # a Snakemake run
 def test_a_workflow_on_an_unsupported_model_fails_before_any_job(tmp_path):
-    dense = write_checkpoint(tmp_path / "model")
-    edit_config_json(dense, model_type="llama")
-    config = {**copy.deepcopy(TINY), "model": {"path": str(dense)}}
+    other = write_checkpoint(tmp_path / "model")
+    edit_config_json(other, model_type="gpt2")
+    config = {**copy.deepcopy(TINY), "model": {"path": str(other)}}
     del config["demo_model"]
     result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", "results/final_table.csv")
     assert result.returncode != 0
-    assert "model_type 'llama' is not supported" in result.stdout + result.stderr
+    assert "model_type 'gpt2' is not supported" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -97,11 +97,13 @@ def test_a_local_model_is_not_read_in_a_remote_job_until_asked(tmp_path):
 
 
 def test_a_local_model_gives_its_shape_and_moe_layers(tiny_model_dir):
-    # the tiny Qwen3-MoE: 8 experts, top-2, 3 layers, layer 1 dense
+    # the tiny Qwen3-MoE: 8 experts, top-2, 3 layers, layer 1 dense; hidden 32, 4 query / 2 key-value heads
     raw = {**copy.deepcopy(DEMO), "model": {"path": str(tiny_model_dir)}, "compress": {"per_layer_jobs": True}}
     del raw["variants"]["top2"]
     planned = plan(raw)
-    assert planned.model_shape == {"num_experts": 8, "top_k": 2, "num_layers": 3, "fixed_top_k": None}
+    assert planned.model_shape == {"num_experts": 8, "top_k": 2, "num_layers": 3, "fixed_top_k": None,
+                                   "model_type": "qwen3_moe", "moe": True, "hidden_size": 32,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "expert_width": 16}
     assert "moe_layers" not in planned.__dict__
     assert planned.moe_layers == [0, 2]
 

@@ -307,3 +307,41 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
     assert table.loc["uniform4", "loader"] == ("stock" if same_routing else "remote_code")
     assert table.loc["uniform4", "parameters"] < table.loc["base", "parameters"]
     assert not table[["ppl_c4_heldout", "ppl_wikitext2"]].isna().any().any()
+
+
+@pytest.mark.slow  # a Snakemake run with lm-eval
+def test_a_dense_decoder_runs_the_dag(tmp_path):
+    """A dense Llama: no router cache or expert statistics are planned; the steps for any decoder compress
+    it and the whole evaluation (perplexity, speed, lm-eval) runs on every variant."""
+    model_dir = tmp_path / "tiny_llama"
+    tiny_model_of("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    config = copy.deepcopy(TINY)
+    config["model"]["path"] = str(model_dir)
+    del config["demo_model"]
+    config["evaluation"] = {**config["evaluation"], "variants": ["base", "heads2"]}
+    config["variants"] = {"base": {"steps": []}, "dropped": {"method": "drop_layers", "count": 1},
+                          "heads2": {"method": "prune_heads", "keep": 2},
+                          "composed": {"steps": [{"method": "prune_heads", "keep": 2, "gqa": "whole_groups"},
+                                                 {"method": "reduce_hidden", "keep": 24},
+                                                 {"method": "dtype", "dtype": "bfloat16"}]}}
+    configfile = write_config(tmp_path / "config.yaml", config)
+    result = snakemake(tmp_path, configfile, "results/final_table.csv", "results/analysis/model.json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    jobs = {rule for rule, _ in planned_jobs(result.stdout + result.stderr)}
+    assert not jobs & {"cache_router_activations", "expert_stats"}
+    table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
+    assert table.loc["heads2", "acc_winogrande"] >= 0 and table.loc["heads2", "perf_norm"] > 0
+    assert (table.loc[["dropped", "heads2", "composed"], "parameters"] < table.loc["base", "parameters"]).all()
+    assert not table[["ppl_c4_heldout", "ppl_wikitext2", "t_token_ms"]].isna().any().any()
+    analysis = {model["name"]: model for model in
+                json.loads((tmp_path / "results/analysis/model.json").read_text())["models"]}
+    assert analysis["composed"]["hidden_size"] == 24 and analysis["composed"]["attention_heads"] == [2]
+    assert analysis["composed"]["key_value_heads"] == [1]
+
+    # an MoE step on a dense decoder fails when the config is read, naming the step and the model type
+    config["variants"]["pruned"] = {"method": "frequency_prune", "uniform": True, "keep": 4}
+    result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n")
+    assert result.returncode != 0
+    assert "variants.pruned.steps[0].method': frequency_prune needs MoE layers; llama is a dense decoder" in (
+        result.stdout + result.stderr)

@@ -1,4 +1,6 @@
-"""The adapter table: everything that differs between MoE architectures, one entry per ``model_type``.
+"""The adapter table: everything that differs between decoder architectures, one entry per ``model_type``:
+the MoE decoders, and the dense decoders the decoder-wide steps (layer dropping, head pruning, hidden-size
+reduction, dtype) and the evaluation apply to.
 
 No other module names a model type. Methods ask an adapter where the decoder layers, MoE blocks,
 routers and fused expert tensors are, and which config fields hold the expert count and top-k.
@@ -23,6 +25,7 @@ from moe_compress.remote_code.moe_compress_layers import is_low_rank, is_skip_ro
 @dataclass(frozen=True)
 class MoEArchitecture:
     model_type: str
+    moe: bool = True  # False: a dense decoder (no routed experts); only decoder-wide steps apply
     layers: str = "model.layers"  # dotted path from the CausalLM to the decoder layer list
     moe_block: str = "mlp"  # attribute of a decoder layer holding the MoE block
     router: str = "gate"  # attribute of the MoE block: returns (logits, top-k weights, top-k indices)
@@ -70,6 +73,10 @@ class MoEArchitecture:
     # from 1), "prefix" (the dense layers are the first n), "first_moe" / "last_moe" (the first / last MoE
     # layer's index), "sparse_step" (set to 1 once the dense layers are listed by index)
     layer_config_fields: tuple[tuple[str, str], ...] = ()
+    # the config field holding the routed experts' intermediate width, and how gate_up_proj stacks the
+    # gate and up rows of one neuron: "halves" ([gate; up]) or "interleaved" (gate, up, gate, up, ...)
+    config_expert_width: str = "moe_intermediate_size"
+    gate_up_layout: str = "halves"
     # for the README's generated table
     examples: str = ""
     notes: str = ""
@@ -83,6 +90,8 @@ class MoEArchitecture:
         setattr(model.get_submodule(parent), name, layers)
 
     def is_moe_layer(self, layer: nn.Module) -> bool:
+        if not self.moe:
+            return False
         block = getattr(layer, self.moe_block, None)
         return block is not None and hasattr(block, self.experts) and hasattr(block, self.router)
 
@@ -101,10 +110,13 @@ class MoEArchitecture:
         return getattr(block, self.experts)
 
     def num_experts(self, config) -> int:
-        return int(getattr(config, self.config_num_experts))
+        return int(getattr(config, self.config_num_experts)) if self.moe else 0
 
     def top_k(self, config) -> int:
-        return int(getattr(config, self.config_top_k))
+        return int(getattr(config, self.config_top_k)) if self.moe else 0
+
+    def expert_width(self, config) -> int | None:
+        return int(getattr(config, self.config_expert_width)) if self.moe else None
 
     def scoring_for(self, config) -> str:
         if self.scoring_by_config is None:
@@ -140,6 +152,17 @@ class MoEArchitecture:
     def stored_layout(self, owner: str, name: str, expert_first: torch.Tensor) -> torch.Tensor:
         """An expert-first tensor in the layout the module stores it in."""
         return expert_first.movedim(0, self.expert_dim(owner, name))
+
+    def block_expert_width(self, block: nn.Module) -> int | None:
+        """The intermediate width of the block's routed experts (the down projection's input size)."""
+        experts = self.experts_of(block)
+        name = self.expert_matrices[1]
+        if is_low_rank(experts):  # the right factor [E or 1, r, in] reads the intermediate neurons
+            return int(getattr(experts, f"lowrank_{name}_right").shape[-1])
+        down = getattr(experts, name, None)
+        if not isinstance(down, torch.Tensor):
+            return None
+        return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
 
     def block_num_experts(self, block: nn.Module) -> int:
         experts = self.experts_of(block)
@@ -367,10 +390,10 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         renormalize=True,
                         examples="Qwen3.5 MoE (text model)",
                         notes="hybrid Gated DeltaNet layers; shared expert; always renormalised"),
-        MoEArchitecture(model_type="mixtral", config_num_experts="num_local_experts", renormalize=True,
+        MoEArchitecture(model_type="mixtral", config_expert_width="intermediate_size", config_num_experts="num_local_experts", renormalize=True,
                         examples="Mixtral-8x7B, Mixtral-8x22B", notes="softmax top-2, renormalised"),
-        MoEArchitecture(model_type="olmoe", examples="OLMoE-1B-7B", notes="64 experts, top-8, no renormalisation"),
-        MoEArchitecture(model_type="flex_olmo", examples="FlexOlmo-7x7B",
+        MoEArchitecture(model_type="olmoe", config_expert_width="intermediate_size", examples="OLMoE-1B-7B", notes="64 experts, top-8, no renormalisation"),
+        MoEArchitecture(model_type="flex_olmo", config_expert_width="intermediate_size", examples="FlexOlmo-7x7B",
                         notes="OLMoE routing over independently trained experts"),
         MoEArchitecture(model_type="deepseek_v3", **_SIGMOID_GROUPED, examples="DeepSeek-V3/R1, Moonlight",
                         notes=f"sigmoid + correction bias, expert groups, routed scaling, {_DEEPSEEK_STEPS}"),
@@ -405,7 +428,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         examples="DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-Coder-V2",
                         notes=f"softmax, greedy or group-limited (`topk_method`), routed scaling; {_DEEPSEEK_STEPS}"),
         # sigmoid + a correction bias the block holds and passes to the router; always renormalised
-        MoEArchitecture(model_type="minimax_m2", config_num_experts="num_local_experts", scoring="sigmoid_topk",
+        MoEArchitecture(model_type="minimax_m2", config_expert_width="intermediate_size", config_num_experts="num_local_experts", scoring="sigmoid_topk",
                         renormalize=True, block_tensors=("e_score_correction_bias",),
                         router_inputs=("e_score_correction_bias",), choice_bias="e_score_correction_bias",
                         examples="MiniMax-M2", notes="sigmoid + a correction bias held by the block"),
@@ -430,16 +453,16 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                                              ("moe_layer_end_index", "last_moe")),
                         examples="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
                         notes="softmax + correction bias for the choice; dense layers before `moe_layer_start_index`"),
-        MoEArchitecture(model_type="phimoe", router="router", config_num_experts="num_local_experts",
+        MoEArchitecture(model_type="phimoe", config_expert_width="intermediate_size", router="router", config_num_experts="num_local_experts",
                         scoring="sparsemixer", renormalize=False, fixed_top_k=2,
                         examples="Phi-3.5-MoE", notes="SparseMixer routing: always two experts"),
-        MoEArchitecture(model_type="granitemoe", moe_block="block_sparse_moe", router="router",
+        MoEArchitecture(model_type="granitemoe", config_expert_width="intermediate_size", moe_block="block_sparse_moe", router="router",
                         config_num_experts="num_local_experts", scoring="topk_softmax", renormalize=True,
                         examples="Granite-3.0-1B-A400M, Granite-3.0-3B-A800M", notes="top-k logits, then softmax"),
-        MoEArchitecture(model_type="hunyuan_v1_moe", router_tensors=("wg.weight",), config_top_k="moe_topk",
+        MoEArchitecture(model_type="hunyuan_v1_moe", config_expert_width="intermediate_size", router_tensors=("wg.weight",), config_top_k="moe_topk",
                         renormalize=True, shared_modules=("shared_mlp",), examples="Hunyuan-A13B",
                         notes="router weight in a float32 linear `wg`; a shared MLP; one expert count for all layers"),
-        MoEArchitecture(model_type="cohere2_moe", scoring_by_config=("expert_selection_fn", (
+        MoEArchitecture(model_type="cohere2_moe", config_expert_width="intermediate_size", scoring_by_config=("expert_selection_fn", (
                             ("softmax", "topk_softmax"), ("sigmoid", "sigmoid_topk"))),
                         shared_modules=("shared_experts",), examples="Command A MoE",
                         notes="`expert_selection_fn` picks softmax or sigmoid; shared experts summed or averaged"),
@@ -447,6 +470,8 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
         # [E, H, 2I] with gate/up interleaved, plus per-expert biases. Dim 0 is still the expert.
         MoEArchitecture(
             model_type="gpt_oss",
+            config_expert_width="intermediate_size",
+            gate_up_layout="interleaved",
             router="router",
             router_tensors=("weight", "bias"),
             expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
@@ -458,6 +483,22 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
         ),
     )
 }
+
+# dense decoders: no routed experts. The steps for any decoder (drop_layers, prune_heads, reduce_hidden, dtype)
+# and the evaluation apply; an MoE step is refused when the config is read.
+DENSE_DECODERS: dict[str, str] = {
+    "llama": "Llama 2/3, TinyLlama",
+    "mistral": "Mistral-7B",
+    "qwen2": "Qwen2, Qwen2.5",
+    "qwen3": "Qwen3 dense (0.6B-32B)",
+    "exaone4": "EXAONE 4.0",
+    "olmo2": "OLMo 2",
+    "granite": "Granite 3.x dense",
+    "phi3": "Phi-3, Phi-4 (fused q/k/v: prune_heads is refused)",
+}
+ARCHITECTURES.update({model_type: MoEArchitecture(model_type=model_type, moe=False, examples=examples,
+                                                  notes="dense decoder: decoder-wide steps only")
+                      for model_type, examples in DENSE_DECODERS.items()})
 
 # model types with routed experts that the table cannot describe, and why (one line each)
 REFUSED: dict[str, str] = {
@@ -504,6 +545,8 @@ def adapter_for(config_or_type) -> MoEArchitecture:
 
 def check_config(adapter: MoEArchitecture, config) -> None:
     """Refuse, in one line naming the field, a config the adapter cannot describe."""
+    if not adapter.moe:
+        return
     for field in (adapter.config_num_experts, adapter.config_top_k):
         value = getattr(config, field, None)
         if isinstance(value, (list, tuple)):
@@ -523,6 +566,8 @@ def check_structure(model: nn.Module) -> MoEArchitecture:
     the experts and every per-expert tensor are where the table puts them, each with one entry per
     expert. Raises one line naming the layer and what is unusual."""
     adapter = adapter_for(model.config)
+    if not adapter.moe:
+        return adapter
     blocks = adapter.moe_blocks(model)
     if not blocks:
         raise ModelError(f"{model.config.model_type}: no decoder layer has {adapter.moe_block}.{adapter.router} and "

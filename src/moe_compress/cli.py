@@ -3,6 +3,10 @@
     moe-compress architectures [--markdown]   the adapter table (the README's table is this output)
     moe-compress inspect PATH [--json]        model type, MoE layers, experts, top-k, scoring, and what
                                               each step would do; reads config.json, never the weights
+    moe-compress analyze PATH... [--json]     the structure table: layers, heads, experts, widths, and
+                                              parameters and bytes by module type, from the tensors'
+                                              headers (never the weights); what the workflow's analyze rule
+                                              writes to results/analysis/
 """
 
 from __future__ import annotations
@@ -34,8 +38,19 @@ def _routing_summary(adapter: MoEArchitecture) -> str:
     return f"{scoring}; {', '.join(extras)}"
 
 
+_DECODER_STEPS = {
+    "drop_layers / dtype": "whole decoder layers / the storage dtype; stock",
+    "prune_heads": "the same query heads per layer (GQA groups kept consistent); stock, where the projections hold "
+                   "whole heads (checked on a skeleton when the config is read)",
+    "reduce_hidden": "the lowest-energy residual channels, everywhere; stock, where every tensor that follows the "
+                     "hidden size can be cut (checked on a skeleton)",
+}
+
+
 def step_support(adapter: MoEArchitecture) -> dict[str, str]:
     """What each step does on this architecture (one line each)."""
+    if not adapter.moe:
+        return {**_DECODER_STEPS, "every other step": "refused: a dense decoder has no routed experts"}
     tensors = ", ".join(f"`{adapter.block_path(owner, name)}`" for owner, name in adapter.per_expert_paths())
     shared = (f"; `{'`, `'.join(adapter.shared_modules)}` never touched" if adapter.shared_modules else "")
     if adapter.fixed_top_k is not None:
@@ -52,12 +67,16 @@ def step_support(adapter: MoEArchitecture) -> dict[str, str]:
         "frequency_prune / reap_prune / random_prune": f"select the kept experts in {tensors}{shared}; stock when "
                                                        "every layer keeps as many, else remote code",
         "hc_merge": f"merge clusters in {tensors}; stock when every layer keeps as many, else remote code",
-        "svd_experts": f"factor `{'`, `'.join(adapter.expert_matrices)}` per expert; remote code",
+        "svd_experts / ksvd_experts": f"factor `{'`, `'.join(adapter.expert_matrices)}` (per expert, on a shared "
+                                      "basis, or over a learned dictionary); remote code",
+        "prune_expert_width": f"cut neurons of `{'`, `'.join(adapter.expert_matrices)}` ({adapter.gate_up_layout} "
+                              f"gate/up rows); stock where `{adapter.config_expert_width}` sizes only the routed "
+                              "experts and every layer keeps as many, else remote code",
         "active_experts": active,
         "renormalize": renormalize,
         "dynamic_skip": "skip low-weight experts per token; remote code",
         "output_rescale": f"scale `{adapter.expert_matrices[1]}` per layer; stock",
-        "drop_layers / dtype": "whole decoder layers / the storage dtype; stock",
+        **_DECODER_STEPS,
     }
 
 
@@ -65,7 +84,7 @@ def architectures_table() -> str:
     """The README's architectures section body, generated from the adapter table."""
     lines = ["| `model_type` | example models | what is special | routing | steps with limits |",
              "|---|---|---|---|---|"]
-    for model_type in sorted(ARCHITECTURES):
+    for model_type in sorted(name for name, adapter in ARCHITECTURES.items() if adapter.moe):
         adapter = ARCHITECTURES[model_type]
         limits = []
         if adapter.fixed_top_k is not None:
@@ -74,6 +93,11 @@ def architectures_table() -> str:
             limits.append("`renormalize` only after `dynamic_skip`")
         lines.append(f"| `{model_type}` | {adapter.examples} | {adapter.notes} | {_routing_summary(adapter)} | "
                      f"{'; '.join(limits) or 'all'} |")
+    dense = sorted(name for name, adapter in ARCHITECTURES.items() if not adapter.moe)
+    lines += ["", "Dense decoders, for the steps that apply to any decoder (`drop_layers`, `prune_heads`, "
+              "`reduce_hidden`, `dtype`) and the whole evaluation; an MoE step is refused when the config is read:",
+              "", "| `model_type` | example models |", "|---|---|"]
+    lines += [f"| `{model_type}` | {ARCHITECTURES[model_type].examples} |" for model_type in dense]
     lines += ["", "Scoring rules: " + "; ".join(f"`{name}`: {text}" for name, text in SCORING_RULES.items()) + ".",
               "", "Refused, with the reason the check gives:", "",
               "| `model_type` | why |", "|---|---|"]
@@ -94,8 +118,14 @@ def describe_checkpoint(path: str | Path) -> dict:
     adapter = check_structure(skeleton)
     blocks = adapter.moe_blocks(skeleton)
     layers = adapter.decoder_layers(skeleton)
-    router = adapter.router_of(next(iter(blocks.values())))
     layer_types = getattr(config, "layer_types", None)
+    if not adapter.moe:
+        return {"path": str(path), "model_type": config.model_type, "decoder_layers": len(layers), "moe_layers": [],
+                "dense_layers": list(range(len(layers))),
+                "layer_kinds": dict(Counter(layer_types)) if isinstance(layer_types, list) else None,
+                "loader": "remote_code" if trust else "stock",
+                "compressed_by_moe_compress": read_compression_record(path) is not None, "steps": step_support(adapter)}
+    router = adapter.router_of(next(iter(blocks.values())))
     return {
         "path": str(path),
         "model_type": config.model_type,
@@ -134,16 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="check a local checkpoint without loading its weights")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
+    analyze = commands.add_parser("analyze", help="the structure table of local checkpoints, from their tensors' "
+                                                  "headers (no weights loaded)")
+    analyze.add_argument("paths", nargs="+", metavar="PATH")
+    analyze.add_argument("--json", action="store_true", help="the analysis as JSON (else markdown)")
+    analyze.add_argument("--trust-remote-code", action="store_true",
+                         help="build checkpoints that carry their own modeling code (this pipeline's own are trusted)")
     args = parser.parse_args(argv)
     if args.command == "architectures":
         if args.markdown:
             print(architectures_table())
         else:
             for model_type in sorted(ARCHITECTURES):
-                print(f"{model_type:18} {ARCHITECTURES[model_type].examples}")
+                adapter = ARCHITECTURES[model_type]
+                print(f"{model_type:18} {'' if adapter.moe else 'dense: '}{adapter.examples}")
             for model_type, reason in sorted(REFUSED.items()):
                 print(f"{model_type:18} refused: {reason}")
         return 0
+    if args.command == "analyze":
+        return _analyze(args)
     try:
         facts = describe_checkpoint(args.path)
     except MoeCompressError as error:
@@ -153,6 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(facts, indent=2))
     else:
         _print_description(facts)
+    return 0
+
+
+def _analyze(args) -> int:
+    from moe_compress.analysis import analyze_models, to_markdown
+
+    names = [Path(path).resolve().name or str(path) for path in args.paths]
+    # the same folder name twice (two runs' checkpoints of one variant): the paths tell them apart
+    variants = dict(zip([str(path) if names.count(name) > 1 else name for name, path in zip(names, args.paths)],
+                        args.paths))
+    try:
+        analysis = analyze_models(variants, trust_remote_code=args.trust_remote_code, role="checkpoint")
+    except MoeCompressError as error:
+        print(f"moe-compress analyze: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(analysis, indent=2, sort_keys=True) if args.json else to_markdown(analysis).rstrip("\n"))
     return 0
 
 

@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from moe_compress.errors import ConfigError
-from moe_compress.methods.registry import ModelShape, shape_problem, variant_problems
+from moe_compress.methods.registry import ModelShape, method, shape_problem, variant_problems
 
 BASE_VARIANT = "base"
 
@@ -282,18 +282,46 @@ def _check_variant_names(variants: dict) -> None:
                               f"case-insensitive filesystem (results/checkpoints/<name>); rename one")
 
 
-def check_variants_against_model(variants: dict, num_experts: int, top_k: int, num_layers: int,
-                                 fixed_top_k: int | None = None) -> None:
-    """What only the model can tell: a step asking for more experts or layers than the model has, or for
-    a top-k its router cannot take, fails here, when the workflow is parsed, not hours later in its job."""
-    shape = ModelShape(num_experts=num_experts, top_k=top_k, num_layers=num_layers, fixed_top_k=fixed_top_k)
+def check_variants_against_model(variants: dict, **shape) -> None:
+    """What only the model can tell: a step asking for more experts, layers or heads than the model has, for
+    a top-k its router cannot take, or for MoE layers a dense decoder lacks, fails here, when the workflow is
+    parsed, not hours later in its job. ``shape``: the ``ModelShape`` fields (``modelio.model_shape``)."""
+    shape = ModelShape(**shape)
     for name, variant in variants.items():
         for index, step in enumerate(variant["steps"]):
             problem = shape_problem(step, shape)
             if problem:
                 option = f".{problem.option}" if problem.option else ""
                 raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message} "
-                                  f"(the model: {num_experts} experts per layer, top-{top_k}, {num_layers} layers)")
+                                  f"({describe_shape(shape)})")
+
+
+def check_variants_against_model_class(variants: dict, model_dir, trust_remote_code: bool = False) -> None:
+    """The steps' checks that need the model class (on weightless skeletons), e.g. whether its attention
+    projections hold whole heads."""
+    from moe_compress.modelio import load_checkpoint_config, needs_remote_code
+
+    checked = [(name, index, step) for name, variant in variants.items()
+               for index, step in enumerate(variant["steps"]) if method(step["method"]).check_model is not None]
+    if not checked:
+        return
+    model_config = load_checkpoint_config(Path(model_dir), trust_remote_code or needs_remote_code(model_dir))
+    for name, index, step in checked:
+        problem = method(step["method"]).check_model(step, model_config)
+        if problem:
+            option = f".{problem.option}" if problem.option else ""
+            raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message}")
+
+
+def describe_shape(shape: ModelShape) -> str:
+    heads = (f", {shape.num_attention_heads} query / {shape.num_key_value_heads} key-value heads"
+             if shape.num_attention_heads else "")
+    hidden = f", hidden size {shape.hidden_size}" if shape.hidden_size else ""
+    if not shape.moe:
+        return f"the model: a dense {shape.model_type} decoder, {shape.num_layers} layers{heads}{hidden}"
+    width = f", {shape.expert_width} neurons per expert" if shape.expert_width else ""
+    return (f"the model: {shape.num_experts} experts per layer, top-{shape.top_k}, {shape.num_layers} "
+            f"layers{heads}{hidden}{width}")
 
 
 def check_lengths_against_model(config: dict, max_positions: int, limit_source: str) -> None:

@@ -203,6 +203,9 @@ def demo_moe_layers(num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
+DEMO_MODEL_TYPE = Qwen3MoeConfig.model_type
+
+
 def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast) -> Qwen3MoeConfig:
     """The Qwen3-MoE config of the demo model; its vocabulary is the tokenizer's actual size."""
     return Qwen3MoeConfig(

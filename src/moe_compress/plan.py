@@ -8,6 +8,7 @@ shape, its MoE layers: a hub config download, a meta-device skeleton) is compute
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from moe_compress.config import (
     check_lengths_against_model,
     check_reference,
     check_variants_against_model,
+    check_variants_against_model_class,
     validate_config,
 )
 from moe_compress.errors import ConfigError
@@ -84,10 +86,21 @@ class WorkflowPlan:
 
     @cached_property
     def model_shape(self) -> dict[str, int]:
-        """num_experts, top_k, num_layers: of the demo from its settings, else from the model's config.json."""
+        """The ``ModelShape`` fields (experts, top-k, layers, heads, widths): of the demo from its settings, else
+        from the model's config.json."""
         if self.model_config_dir is None:
-            return {key: self.config["demo_model"][key] for key in ("num_experts", "top_k", "num_layers")}
+            from moe_compress.demo import DEMO_MODEL_TYPE
+
+            demo = self.config["demo_model"]
+            return {**{key: demo[key] for key in ("num_experts", "top_k", "num_layers", "hidden_size",
+                                                  "num_attention_heads", "num_key_value_heads")},
+                    "model_type": DEMO_MODEL_TYPE, "expert_width": demo["moe_intermediate_size"]}
         return model_shape(self.model_config_dir, self.config["model"]["trust_remote_code"])
+
+    @cached_property
+    def is_moe(self) -> bool:
+        """Whether the model has routed experts (a dense decoder has no router cache or expert statistics)."""
+        return self.model_config_dir is None or bool(self.model_shape["moe"])
 
     @cached_property
     def moe_layers(self) -> list[int]:
@@ -133,8 +146,12 @@ class WorkflowPlan:
                                   f"(a relative path starts in the directory Snakemake runs in, {Path.cwd()})")
 
     def check_variants_against_model(self) -> None:
-        """A step asking for more experts or layers than the model has fails now, not in its job."""
+        """A step asking for more experts, layers or heads than the model has, or one its model class cannot
+        express, fails now, not in its job."""
         check_variants_against_model(self.config["variants"], **self.model_shape)
+        if self.model_config_dir is not None:
+            check_variants_against_model_class(self.config["variants"], self.model_config_dir,
+                                               self.config["model"]["trust_remote_code"])
 
     def check_lengths_against_model(self) -> None:
         """Calibration, perplexity and speed sequences longer than the model's context fail now."""
@@ -164,6 +181,8 @@ def plan_workflow(config: dict, configfiles: Iterable[str | Path] = (), remote_j
     Raises ``ConfigError`` naming the offending key."""
     check_config_files(configfiles)
     plan = WorkflowPlan.from_config(validate_config(config))
+    if plan.layerwise_variants and not plan.is_moe:  # no MoE layer to give a job of its own
+        plan = dataclasses.replace(plan, layerwise_variants=[], whole_model_variants=list(plan.variants))
     check_reference(plan.config)
     # before the model checks: a hub model's config.json is fetched into (or read from) this HF_HOME
     configure_hub_environment(plan.config, remote_job=remote_job, environ=environ)

@@ -16,14 +16,16 @@ reasons = [reason for step in steps if (reason := whole_model_reason(step))]
 if reasons:  # why compress.per_layer_jobs, if set, leaves this variant in one job
     log.info("one job for the whole model: %s", "; ".join(reasons))
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
-context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats),
-                                       moe_inputs=read_moe_inputs(snakemake.input.manifest, device=model.device),
+moe = "stats" in snakemake.input.keys()  # a dense decoder has no expert statistics or router cache
+context = CompressionContext.for_model(model, stats=pd.read_parquet(snakemake.input.stats) if moe else None,
+                                       moe_inputs=read_moe_inputs(snakemake.input.manifest, device=model.device)
+                                       if moe else None,
                                        heldout_fraction=params.heldout_fraction,
                                        calibration_ids=torch.from_numpy(read_samples(snakemake.input.calibration)))
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),
                           "steps": steps, "seeds": json_param(snakemake, "seeds"), "step_reports": reports})
-log.info("variant %s: %d experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
+log.info("variant %s: %d routed experts, %d parameters, loader %s", snakemake.wildcards.variant, record["experts_total"],
          record["parameters"], record["loader"])
 finish_job(snakemake)

@@ -213,9 +213,9 @@ def _drop_shape(step: dict, shape) -> Problem | None:
 
 METHODS = (
     # measures layer similarity with full forward passes and renumbers the layers
-    Method("drop_layers", drop_layers, frozenset({DECODER_LAYERS}),
+    Method("drop_layers", drop_layers, frozenset({DECODER_LAYERS}), any_decoder=True,
            check_options=lambda step: exactly_one_of(step, "count", "layers"), check_shape=_drop_shape,
            whole_model=lambda step: "drop_layers works on the whole model"),
-    Method("dtype", cast_dtype, frozenset({DTYPE}), last=True,
+    Method("dtype", cast_dtype, frozenset({DTYPE}), last=True, any_decoder=True,
            whole_model=lambda step: "dtype works on the whole model (it also casts the embeddings and the head)"),
 )

@@ -20,8 +20,11 @@ EXPERT_FACTORS = "expert_factors"  # expert matrices stored as low-rank factors
 EXPERT_SCALE = "expert_scale"  # expert output projections rescaled
 ROUTING = "routing"  # router settings: top-k, renormalisation, skipping
 DECODER_LAYERS = "decoder_layers"  # whole decoder layers removed
+ATTENTION_HEADS = "attention_heads"  # query (and key-value) heads removed
+HIDDEN_SIZE = "hidden_size"  # residual channels removed
+EXPERT_WIDTH = "expert_width"  # intermediate neurons removed from every expert
 DTYPE = "dtype"  # every weight cast
-NEEDS_DENSE_EXPERTS = {EXPERT_COUNT, EXPERT_FACTORS}
+NEEDS_DENSE_EXPERTS = {EXPERT_COUNT, EXPERT_FACTORS, EXPERT_WIDTH, HIDDEN_SIZE}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,13 @@ class ModelShape:
     top_k: int
     num_layers: int
     fixed_top_k: int | None = None  # the router's top-k cannot change (MoEArchitecture.fixed_top_k)
+    # the decoder's widths (None where the check runs per MoE layer, which does not need them)
+    model_type: str | None = None
+    moe: bool = True  # False: a dense decoder, where only the any-decoder steps apply
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    expert_width: int | None = None  # intermediate neurons per expert
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,10 @@ class Method:
     - ``check_shape(step, shape)``: what only the model can tell (e.g. more experts asked for than the
       layer has), run when the workflow is parsed and again for each layer when the step runs;
     - ``whole_model(step)``: why the step cannot run one MoE layer at a time (None: it can);
-    - ``last``: must be the last step of a variant.
+    - ``last``: must be the last step of a variant;
+    - ``any_decoder``: applies to dense decoders too (otherwise it needs MoE layers);
+    - ``check_model(step, config)``: what only the model class can tell (e.g. whether its projections hold
+      whole heads), run on a weightless skeleton when the workflow is parsed.
     """
 
     name: str
@@ -73,6 +86,8 @@ class Method:
     check_shape: Callable[[dict, ModelShape], Problem | None] = _no_problem
     whole_model: Callable[[dict], str | None] = _layer_by_layer
     last: bool = False
+    any_decoder: bool = False
+    check_model: Callable[[dict, object], Problem | None] | None = None
 
 
 def exactly_one_of(step: dict, *options: str) -> Problem | None:
@@ -115,8 +130,9 @@ def variant_problems(steps: list[dict]) -> list[tuple[int, Problem]]:
     for index, step in enumerate(steps):
         record = method(step["method"])
         if factored_at is not None and record.edits & NEEDS_DENSE_EXPERTS:
+            # the factored experts have no dense matrices left to cut or combine
             problems.append((index, Problem("method", f"{record.name} cannot follow the low-rank step "
-                                                      f"steps[{factored_at}]; put pruning and merging before it")))
+                                                      f"steps[{factored_at}]; put it before that step")))
         if EXPERT_FACTORS in record.edits:
             factored_at = index
         if record.last and index != len(steps) - 1:
@@ -128,4 +144,36 @@ def variant_problems(steps: list[dict]) -> list[tuple[int, Problem]]:
 
 
 def shape_problem(step: dict, shape: ModelShape) -> Problem | None:
-    return method(step["method"]).check_shape(step, shape)
+    record = method(step["method"])
+    if not shape.moe and not record.any_decoder:
+        return Problem("method", f"{record.name} needs MoE layers; {shape.model_type or 'this model'} is a dense "
+                                 f"decoder (steps for any decoder: {', '.join(any_decoder_methods())})")
+    return record.check_shape(step, shape)
+
+
+# rows of a cut dimension come in multiples of this many elements: the grouped-matmul kernels the experts run
+# on need 16-byte aligned rows (8 elements in bfloat16), and GPU matmuls run fastest on such shapes
+ALIGNMENT = 8
+
+
+def aligned_count(step: dict, full: int) -> int:
+    """``keep``, or ``fraction`` of ``full`` rounded to a multiple of ALIGNMENT (at least one multiple, at
+    most ``full``)."""
+    if step.get("keep") is not None:
+        return step["keep"]
+    return min(full, max(ALIGNMENT, ALIGNMENT * round(step["fraction"] * full / ALIGNMENT)))
+
+
+def alignment_problem(step: dict, full: int, what: str) -> Problem | None:
+    option = "keep" if step.get("keep") is not None else "fraction"
+    kept = aligned_count(step, full)
+    if kept > full:
+        return Problem(option, f"keeps {kept} {what}; the model has {full}")
+    if kept != full and kept % ALIGNMENT:
+        return Problem(option, f"keeps {kept} {what}, not a multiple of {ALIGNMENT} (the grouped-matmul kernels need "
+                               f"aligned rows); use {ALIGNMENT * max(1, kept // ALIGNMENT)}")
+    return None
+
+
+def any_decoder_methods() -> list[str]:
+    return sorted(name for name, record in methods().items() if record.any_decoder)

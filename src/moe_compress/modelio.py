@@ -16,6 +16,7 @@ from torch import nn
 from moe_compress.architectures import adapter_for
 from moe_compress.atomic import atomic_directory, write_json
 from moe_compress.errors import ModelError
+from moe_compress.remote_code.moe_compress_layers import dictionary_specs_of
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,18 @@ def load_checkpoint_config(path: Path, trust: bool):
 
 
 def model_shape(path: str | Path, trust_remote_code: bool = False) -> dict[str, int | None]:
-    """Experts per layer, top-k (and whether it is fixed) and decoder layers, from the checkpoint's config
-    alone (no weights)."""
+    """Experts per layer, top-k (and whether it is fixed), decoder layers and the decoder's widths, from the
+    checkpoint's config alone (no weights)."""
     path = check_model_dir(path)
     config = load_checkpoint_config(path, trust_remote_code or needs_remote_code(path))
     adapter = adapter_for(config)
     return {"num_experts": adapter.num_experts(config), "top_k": adapter.top_k(config),
-            "num_layers": config.num_hidden_layers, "fixed_top_k": adapter.fixed_top_k}
+            "num_layers": config.num_hidden_layers, "fixed_top_k": adapter.fixed_top_k,
+            "model_type": config.model_type, "moe": adapter.moe, "hidden_size": config.hidden_size,
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+            or getattr(config, "num_attention_heads", None),
+            "expert_width": adapter.expert_width(config)}
 
 
 def load_tokenizer(path: str | Path):
@@ -204,9 +210,11 @@ def _render_remote_code(model_class: type) -> str:
 
 def block_facts(adapter, block: nn.Module) -> dict:
     """What the checkpoint's config and record say about one MoE block: its expert count, routing
-    settings, low-rank factor specs and dynamic-skip settings (None where it has none)."""
+    settings, low-rank factor specs, dynamic-skip settings and dictionary specs (None where it has none)."""
     return {"experts": adapter.block_num_experts(block), "router_settings": adapter.router_settings(block),
-            "low_rank": adapter.block_low_rank_specs(block), "dynamic_skip": adapter.block_dynamic_skip(block)}
+            "expert_width": adapter.block_expert_width(block),
+            "low_rank": adapter.block_low_rank_specs(block), "dynamic_skip": adapter.block_dynamic_skip(block),
+            "dictionary": dictionary_specs_of(adapter.experts_of(block))}
 
 
 def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class: type) -> tuple[dict, dict[str, str]]:
@@ -220,11 +228,17 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     counts = {index: fact["experts"] for index, fact in facts.items()}
     settings = {index: fact["router_settings"] for index, fact in facts.items()}
     low_rank = {index: fact["low_rank"] for index, fact in facts.items() if fact["low_rank"] is not None}
+    dictionary = {index: fact["dictionary"] for index, fact in facts.items() if fact.get("dictionary") is not None}
     dynamic_skip = {index: fact["dynamic_skip"] for index, fact in facts.items() if fact["dynamic_skip"] is not None}
     uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
-    stock = uniform and not low_rank and not dynamic_skip
+    # a width the config's field does not state (per layer, or a field that also sizes other MLPs)
+    stock_width = adapter.expert_width(config) if counts else None
+    widths = {index: fact["expert_width"] for index, fact in facts.items()
+              if fact["expert_width"] is not None and fact["expert_width"] != stock_width}
+    stock = uniform and not low_rank and not dynamic_skip and not widths and not dictionary
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
-                  "moe_compress_low_rank", "moe_compress_dynamic_skip", "auto_map"):
+                  "moe_compress_low_rank", "moe_compress_dynamic_skip", "moe_compress_expert_width", "moe_compress_dictionary",
+                  "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
@@ -239,6 +253,8 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         config.moe_compress_router_settings = {str(index): s for index, s in settings.items()}
         config.moe_compress_low_rank = {str(index): specs for index, specs in low_rank.items()}
         config.moe_compress_dynamic_skip = {str(index): skip for index, skip in dynamic_skip.items()}
+        config.moe_compress_dictionary = {str(index): specs for index, specs in dictionary.items()}
+        config.moe_compress_expert_width = {str(index): fact["expert_width"] for index, fact in facts.items()}
         config.moe_compress_layout = adapter.layout()
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
         code_files = resources.files("moe_compress.remote_code")
@@ -253,6 +269,8 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
         "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
         "dynamic_skip_per_layer": {str(index): skip for index, skip in dynamic_skip.items()},
+        "dictionary_per_layer": {str(index): specs for index, specs in dictionary.items()},
+        "expert_width_per_layer": {str(index): fact["expert_width"] for index, fact in facts.items()},
     }
     return record, remote_code
 
@@ -298,10 +316,23 @@ def clusters_table(reports: list[dict]) -> pd.DataFrame:
 
 
 def low_rank_table(reports: list[dict]) -> pd.DataFrame:
-    """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error."""
+    """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error, and where
+    the basis came from (the donor expert's original id with basis most_used_expert)."""
     columns = ["rank", "shared", "energy_kept", "weight_error", "parameters_before", "parameters_after"]
-    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
+    optional = ["basis", "basis_expert", "basis_expert_frequency"]  # absent from reports of older versions
+    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns},
+             **{key: facts.get(key) for key in optional}}
             for report in reports if report["method"] == "svd_experts"
+            for layer, matrices in report["layers"].items() for name, facts in matrices.items()]
+    return pd.DataFrame(rows, columns=["step", "layer", "matrix", *columns, *optional])
+
+
+def dictionary_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per (layer, expert matrix) of each ksvd_experts step: atoms, sparsity, iterations, error, size."""
+    columns = ["atoms", "sparsity", "iterations", "weight_error", "parameters_before", "parameters_after",
+               "index_bytes"]
+    rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
+            for report in reports if report["method"] == "ksvd_experts"
             for layer, matrices in report["layers"].items() for name, facts in matrices.items()]
     return pd.DataFrame(rows, columns=["step", "layer", "matrix", *columns])
 
@@ -309,7 +340,7 @@ def low_rank_table(reports: list[dict]) -> pd.DataFrame:
 def step_report_tables(reports: list[dict]) -> dict[str, str]:
     """The readable per-layer CSVs a checkpoint carries beside compression.json (only non-empty ones)."""
     tables = {"reconstruction_error.csv": reconstruction_table(reports), "merge_clusters.csv": clusters_table(reports),
-              "low_rank.csv": low_rank_table(reports)}
+              "low_rank.csv": low_rank_table(reports), "dictionary.csv": dictionary_table(reports)}
     return {name: table.to_csv(index=False) for name, table in tables.items()
             if name == "reconstruction_error.csv" or not table.empty}
 

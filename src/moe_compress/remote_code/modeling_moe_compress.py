@@ -1,10 +1,10 @@
 """Written by moe-compress into a checkpoint that the stock config cannot express: MoE layers that differ
-from each other (expert count, routing settings such as top-k), routers that skip low-weight experts,
-or experts stored as low-rank factors.
+from each other (expert count, expert width, routing settings such as top-k), routers that skip low-weight experts,
+or experts stored as low-rank factors or dictionary codes.
 
 This class builds the stock model, then reallocates each listed MoE block for its own expert count,
-sets its router's per-layer settings (and dynamic skipping), and gives low-rank layers their factor
-tensors, before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs
+sets its router's per-layer settings (and dynamic skipping), and gives low-rank and dictionary-coded
+layers their tensors, before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs
 only transformers (and moe_compress_layers.py beside this file), not moe-compress.
 Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
@@ -13,7 +13,13 @@ import torch
 from __BASE_MODULE__ import __BASE_CLASS__ as _StockForCausalLM
 from torch import nn
 
-from .moe_compress_layers import convert_to_dynamic_skip, convert_to_low_rank, empty_factors
+from .moe_compress_layers import (
+    convert_to_dictionary,
+    convert_to_dynamic_skip,
+    convert_to_low_rank,
+    empty_dictionary,
+    empty_factors,
+)
 
 
 def _get_path(root, dotted):
@@ -36,6 +42,22 @@ def _reallocate(block, path, expert_dim, num_experts):
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
 
 
+def _resize_width(experts, matrix_names, width):
+    """Give the experts' gate/up and down projections (and the gate/up bias) room for ``width`` neurons."""
+    transposed = getattr(experts, "is_transposed", False)
+    gate_up, down = matrix_names
+    # (tensor, dimension holding the neurons, elements per neuron), in the stock storage orientation
+    for name, dim, per_neuron in ((gate_up, 2 if transposed else 1, 2), (down, 1 if transposed else 2, 1),
+                                  (f"{gate_up}_bias", 1, 2)):
+        old = getattr(experts, name, None)
+        if not isinstance(old, torch.Tensor):
+            continue
+        shape = list(old.shape)
+        shape[dim] = per_neuron * width
+        setattr(experts, name, nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device),
+                                            requires_grad=old.requires_grad))
+
+
 class MoeCompressForCausalLM(_StockForCausalLM):
     @classmethod
     def _can_set_experts_implementation(cls):
@@ -47,6 +69,10 @@ class MoeCompressForCausalLM(_StockForCausalLM):
         super().__init__(config)
         layout = config.moe_compress_layout
         layers = _get_path(self, layout["layers"])
+        # widths first: the expert-count and low-rank shapes below start from the resized tensors
+        for layer_index, width in getattr(config, "moe_compress_expert_width", {}).items():
+            block = getattr(layers[int(layer_index)], layout["moe_block"])
+            _resize_width(getattr(block, layout["experts"]), layout["expert_matrices"], width)
         for layer_index, num_experts in getattr(config, "moe_compress_experts_per_layer", {}).items():
             block = getattr(layers[int(layer_index)], layout["moe_block"])
             for path, expert_dim in layout["per_expert_tensors"]:
@@ -67,3 +93,7 @@ class MoeCompressForCausalLM(_StockForCausalLM):
             experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
             factors = empty_factors(experts, specs, experts.num_experts)
             convert_to_low_rank(experts, factors, specs, layout["expert_matrices"])
+        for layer_index, specs in getattr(config, "moe_compress_dictionary", {}).items():
+            experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
+            tensors = empty_dictionary(experts, specs, experts.num_experts, layout["expert_matrices"])
+            convert_to_dictionary(experts, tensors, specs, layout["expert_matrices"])

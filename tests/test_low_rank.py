@@ -1,31 +1,42 @@
 """Low-rank experts: full rank reproduces every expert, the factored forward equals the dense forward
 of the rebuilt weights (for every factor layout, with skipped slots, on the grouped_mm kernel and on its
-fallback, in fp32 and bf16), parameter counts are the saved tensors', and checkpoints round-trip."""
+fallback, in fp32 and bf16), parameter counts are the saved tensors', and checkpoints round-trip. The
+most-used-expert basis is the layer's most selected expert's, reproduces that expert, and round-trips."""
 
 import copy
 import functools
 
+import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from helpers import (
     ARCHITECTURE_TYPES,
+    all_tensors,
     assert_same_model,
     context_with_inputs,
     logits,
+    make_tokenizer,
+    per_layer_checkpoint,
     saved_tensor_count,
     tiny_model_of,
+    validated_steps,
+    whole_model_checkpoint,
 )
 from moe_compress.architectures import adapter_for
+from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.low_rank import energy_rank, factorize
+from moe_compress.methods.low_rank import basis_of, energy_rank, factorize, most_used_expert
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.moe_block import block_output
 from moe_compress.remote_code import moe_compress_layers as layers
 from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, factor_names, is_low_rank
+from moe_compress.stats import expert_frequency
+from moe_compress.streaming import LayerStream
 
 pytestmark = pytest.mark.numeric
 
@@ -53,7 +64,7 @@ def test_truncated_svd_is_the_best_rank_r_approximation_and_energy_picks_the_ran
     u = torch.linalg.qr(torch.randn(3, 16, 16, generator=generator, dtype=torch.float64)).Q
     singular = torch.tensor([8.0, 4.0, 2.0, 1.0] + [1e-3] * 12, dtype=torch.float64)
     matrices = u * singular  # singular values known by construction
-    left, right, facts = factorize(matrices, rank=2, energy=None, shared=None)
+    _, _, facts = factorize(matrices, rank=2, energy=None, shared=None)
     # Eckart-Young: the error of the best rank-2 approximation is the norm of the dropped singular values
     expected = singular[2:].norm() / singular.norm()
     assert facts["weight_error"] == pytest.approx(float(expected), rel=1e-9)
@@ -315,3 +326,161 @@ def test_odd_rank_falls_back_once_per_forward_and_keeps_the_kernel_where_it_can(
     with torch.no_grad():
         experts(hidden, index, weights)
     assert len(calls) == 2 and len(reads) == 1
+
+
+# --- basis: most_used_expert --------------------------------------------------------------------------------
+
+STATS_IDS = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+def routed_stats(model, tmp_path) -> pd.DataFrame:
+    """The expert frequency table of ``model`` on STATS_IDS, through the router cache as the workflow builds it."""
+    build_cache(model, STATS_IDS, 2, tmp_path / "cache")
+    return expert_frequency(read_router_cache(tmp_path / "cache"))
+
+
+def counted_most_used(model) -> dict[int, tuple[int, int]]:
+    """Per MoE layer, (the expert the router's top-k picks most often on STATS_IDS, its count): counted from
+    the routers' own outputs in a forward pass, not from the statistics table (argmax: ties to the lowest id)."""
+    adapter = adapter_for(model.config)
+    counts, handles = {}, []
+    for layer, block in adapter.moe_blocks(model).items():
+        num_experts = adapter.block_num_experts(block)
+
+        def count(module, args, output, layer=layer, num_experts=num_experts):
+            picked = torch.bincount(output[2].reshape(-1).cpu(), minlength=num_experts)
+            counts[layer] = counts.get(layer, 0) + picked
+        handles.append(adapter.router_of(block).register_forward_hook(count))
+    logits(model, STATS_IDS)
+    for handle in handles:
+        handle.remove()
+    return {layer: (int(torch.argmax(c)), int(c.max())) for layer, c in counts.items()}
+
+
+def test_basis_options_and_the_share_basis_alias():
+    assert basis_of(svd_step(rank=2)) == "per_expert"
+    assert basis_of(svd_step(rank=2, share_basis=True)) == "joint" == basis_of(svd_step(rank=2, basis="joint"))
+    assert basis_of(svd_step(rank=2, share_basis=False)) == "per_expert"
+    assert basis_of(svd_step(rank=2, basis="joint", share_basis=True)) == "joint"  # both, agreeing
+    assert basis_of(svd_step(rank=2, basis="most_used_expert")) == "most_used_expert"
+    for basis, share_basis in [("most_used_expert", True), ("most_used_expert", False), ("joint", False),
+                               ("per_expert", True)]:
+        with pytest.raises(ConfigError, match=rf"steps\[0\]\.share_basis': share_basis: {str(share_basis).lower()} "
+                                              rf"contradicts basis: {basis}"):
+            svd_step(rank=2, basis=basis, share_basis=share_basis)
+    with pytest.raises(ConfigError, match="'shared' is not one of"):
+        svd_step(rank=2, basis="shared")
+
+
+def test_the_most_used_expert_is_the_most_selected_of_the_experts_a_layer_holds_ties_to_the_lowest_id():
+    selected = [3, 9, 4, 9, 1, 9]
+    stats = pd.DataFrame({"layer": 0, "expert": range(6), "tokens": 20, "selected": selected,
+                          "frequency": [count / 20 for count in selected]})
+    context = CompressionContext(stats=stats, original_expert_ids={0: torch.arange(6)})
+    assert most_used_expert(context, 0) == {"slot": 1, "original_id": 1, "selected": 9, "frequency": 0.45}
+    context.original_expert_ids[0] = torch.tensor([2, 3, 4, 5])  # after a pruning: slot 1 holds expert 3
+    assert most_used_expert(context, 0) == {"slot": 1, "original_id": 3, "selected": 9, "frequency": 0.45}
+    context.original_expert_ids[0] = torch.tensor([0, 2, 4])
+    assert most_used_expert(context, 0)["original_id"] == 2
+    context.original_expert_ids[7] = torch.arange(6)
+    with pytest.raises(ModelError, match="layer 7: no statistics for this MoE layer"):
+        most_used_expert(context, 7)
+
+
+def test_most_used_expert_needs_the_statistics():
+    model = tiny_model_of("qwen3_moe")
+    with pytest.raises(ModelError, match="basis: most_used_expert needs the expert statistics table"):
+        apply_steps(model, [svd_step(rank=4, basis="most_used_expert")], CompressionContext.for_model(model))
+
+
+@pytest.mark.parametrize("shared", ["right", "left"])
+def test_a_donor_basis_reproduces_the_donor_and_at_full_size_every_expert(shared):
+    generator = torch.Generator().manual_seed(4)
+    matrices = torch.randn(5, 12, 20, generator=generator, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(12, 3, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(20, 3, generator=generator, dtype=torch.float64)).Q
+    matrices[2] = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ v.mT  # rank 3, known spectrum
+    left, right, facts = factorize(matrices, rank=3, energy=None, shared=shared, donor=2)
+    torch.testing.assert_close((left @ right)[2], matrices[2])  # one factor shared, the other per expert
+    assert facts["donor_energy_kept"] == pytest.approx(1.0) and facts["weight_error"] > 0.5  # the others lose
+    assert left.shape[0] == (1 if shared == "left" else 5) and right.shape[0] == (1 if shared == "right" else 5)
+    # the donor's squared singular values 9, 4, 1 of 14: 93% at rank 2, all at rank 3
+    assert factorize(matrices, rank=None, energy=0.9, shared=shared, donor=2)[2]["rank"] == 2
+    assert factorize(matrices, rank=None, energy=0.95, shared=shared, donor=2)[2]["rank"] == 3
+    # the basis spans the whole hidden side at its full size, past the donor's rank (its null space completes it)
+    full = 20 if shared == "right" else 12
+    left, right, facts = factorize(matrices, rank=full + 5, energy=None, shared=shared, donor=2)
+    assert facts["rank"] == full and facts["weight_error"] < 1e-12
+    torch.testing.assert_close(left @ right, matrices)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_most_used_expert_basis_at_full_rank_keeps_the_model(tmp_path, model_type, device):
+    model = tiny_model_of(model_type).to(device)
+    stats = routed_stats(model, tmp_path)
+    most_used = counted_most_used(model)
+    expected = logits(model, IDS)
+    hidden = model.config.hidden_size  # the basis lives in the hidden space: r = H spans it
+    report = apply_steps(model, [svd_step(rank=hidden, basis="most_used_expert")],
+                         CompressionContext.for_model(model, stats))[0]
+    tokens = STATS_IDS.numel()
+    assert report["basis_experts"] == {str(layer): {"original_id": expert, "selected": count, "frequency": count / tokens}
+                                       for layer, (expert, count) in most_used.items()}
+    for layer, matrices in report["layers"].items():
+        for facts in matrices.values():
+            assert facts["rank"] == hidden and facts["basis"] == "most_used_expert" and facts["weight_error"] < 1e-6
+            assert facts["basis_expert"] == most_used[int(layer)][0]
+    torch.testing.assert_close(logits(model, IDS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_most_used_expert_basis_reproduces_its_donor_and_the_checkpoint_round_trips(tmp_path, tokenizer, device):
+    # qwen3_moe: gate_up [32, 32] (rank 32), down [32, 16] (rank 16): rank 16 keeps the donor's down exactly
+    model = tiny_model_of("qwen3_moe").to(device)
+    adapter = adapter_for(model.config)
+    stats = routed_stats(model, tmp_path)
+    dense = {layer: {name: getattr(adapter.experts_of(block), name).detach().clone() for name in adapter.expert_matrices}
+             for layer, block in adapter.moe_blocks(model).items()}
+    report = apply_steps(model, [svd_step(rank=16, basis="most_used_expert")],
+                         CompressionContext.for_model(model, stats))[0]
+    for layer, block in adapter.moe_blocks(model).items():
+        donor = report["basis_experts"][str(layer)]["original_id"]  # no pruning: slot = original id
+        facts = report["layers"][str(layer)]
+        assert facts["down_proj"]["donor_energy_kept"] == pytest.approx(1.0)
+        assert facts["gate_up_proj"]["donor_energy_kept"] < 1 and facts["gate_up_proj"]["rank"] == 16
+        rebuilt = adapter.experts_of(block).down_proj  # the property rebuilds the dense tensor
+        torch.testing.assert_close(rebuilt[donor], dense[layer]["down_proj"][donor])
+        assert not torch.allclose(rebuilt, dense[layer]["down_proj"], atol=1e-3)  # the other experts lose
+    record = save_checkpoint(model, tokenizer, tmp_path / "ckpt", {})
+    assert record["parameters"] == saved_tensor_count(tmp_path / "ckpt")
+    assert record["low_rank_per_layer"]["0"] == {"gate_up_proj": {"rank": 16, "shared": "right"},
+                                                 "down_proj": {"rank": 16, "shared": "left"}}
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as handle:
+        for layer, matrices in report["layers"].items():
+            for name, facts in matrices.items():
+                saved = sum(handle.get_tensor(f"model.layers.{layer}.mlp.experts.{factor}").numel()
+                            for factor in factor_names(name))
+                assert saved == facts["parameters_after"]
+    assert_same_model(load_model(tmp_path / "ckpt", device=str(device)), model, IDS)
+
+
+def test_most_used_expert_per_layer_jobs_save_what_the_whole_model_job_saves(tmp_path):
+    """A per-layer job sees the statistics of its own layer only: it must pick the same donor."""
+    model_dir = tmp_path / "model"
+    tiny_model_of("qwen3_moe").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    build_cache(LayerStream(model_dir), STATS_IDS, 4, tmp_path / "cache")
+    stats = expert_frequency(read_router_cache(tmp_path / "cache"))
+    steps = validated_steps({"method": "svd_experts", "rank": 6, "basis": "most_used_expert"})
+    whole = whole_model_checkpoint(model_dir, tmp_path / "cache", stats, steps, tmp_path / "whole")
+    layered = per_layer_checkpoint(model_dir, tmp_path / "cache", stats, steps, tmp_path / "parts", tmp_path / "layered")
+    ours, theirs = all_tensors(tmp_path / "layered"), all_tensors(tmp_path / "whole")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert layered == whole
+    donors = whole["step_reports"][0]["basis_experts"]
+    for layer, donor in donors.items():
+        rows = stats[stats["layer"] == int(layer)]
+        assert donor["original_id"] == int(rows.sort_values(["selected", "expert"], ascending=[False, True])["expert"].iloc[0])
+    table = pd.read_csv(tmp_path / "whole" / "low_rank.csv")
+    assert (table["basis"] == "most_used_expert").all()
+    assert sorted(set(zip(table["layer"], table["basis_expert"]))) == sorted(
+        (int(layer), donor["original_id"]) for layer, donor in donors.items())

@@ -4,11 +4,21 @@ L_e [out, r] @ R_e [r, in], r (out + in) parameters instead of out * in.
 - ``rank``: r for every matrix (capped at the matrix's own rank), or ``energy``: per layer and
   matrix, the smallest r keeping that fraction of the layer's squared singular values (summed over
   its experts), so the rank adapts to how compressible each layer is.
-- ``share_basis``: one basis per layer on the hidden-size side (the input basis of the gate/up
-  projection, the output basis of the down projection), from a joint SVD of all experts' matrices;
-  each expert keeps only its own coefficients in that basis (optimal given the basis: W_e R^T R or
-  L L^T W_e). The experts of a layer read from and write to the same residual stream, so a shared
-  hidden-side subspace is where sharing loses least.
+- ``basis``: where the factors' bases come from.
+  - ``per_expert`` (the default): each expert's own truncated SVD;
+  - ``joint``: one basis per layer on the hidden-size side (the input basis of the gate/up projection,
+    the output basis of the down projection), from a joint SVD of all experts' matrices; each expert
+    keeps only its own coefficients in that basis (optimal given the basis: W_e R^T R or L L^T W_e).
+    The experts of a layer read from and write to the same residual stream, so a shared hidden-side
+    subspace is where sharing loses least;
+  - ``most_used_expert`` (the low-rank study's "shared V"): the same shared hidden-side layout, the basis
+    taken from one expert, the one the router selects most often in the layer (``selected`` in the
+    original model's expert frequency table; ties to the lowest original id): the top-r right singular
+    vectors of its gate/up matrix, the top-r left singular vectors of its down matrix. The energy rank
+    is read from that expert's spectrum. The basis lives in the hidden space, so r is capped at the hidden
+    size, not at the donor's rank: past its rank the basis is completed by its null space (arbitrary
+    orthonormal directions), so r = hidden size reproduces every expert.
+  ``share_basis`` is the older alias: true is ``joint``, false ``per_expert``.
 
 Singular values are split evenly (sqrt) between the two factors, so neither factor's scale runs away
 in low precision. The factored experts run as factors (moe_compress_layers.py), in memory and in the
@@ -19,11 +29,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.methods.registry import EXPERT_FACTORS, Method, exactly_one_of
+from moe_compress.methods.pruning import stats_rows
+from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem, exactly_one_of
 from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, is_low_rank
 
 log = logging.getLogger(__name__)
@@ -166,17 +178,23 @@ def _relative_error(weights: torch.Tensor, left: torch.Tensor, right: torch.Tens
 
 
 def factorize(matrices: torch.Tensor, rank: int | None, energy: float | None,
-              shared: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+              shared: str | None, donor: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Factor [experts, out, in] matrices; return (left [E or 1, out, r], right [E or 1, r, in], facts).
 
     ``shared``: None (each expert its own SVD), "right" (one input basis) or "left" (one output basis).
-    The truncated SVD (Eckart-Young optimal), computed on the device of ``matrices`` from a Gram matrix (above)."""
+    The truncated SVD (Eckart-Young optimal), computed on the device of ``matrices`` from a Gram matrix (above).
+    ``donor``: with a shared side, the expert whose own singular vectors on that side are the basis (instead
+    of the joint SVD of all experts); r may then reach the whole side (the donor's null space completes it)."""
     experts, rows, cols = matrices.shape
     weights = matrices.double()
     if shared is None:  # the Gram of the smaller side, per expert
         by_rows = rows <= cols
         gram = weights @ weights.mT if by_rows else weights.mT @ weights
         count = min(rows, cols)
+    elif donor is not None and shared in ("right", "left"):  # W_d = U S V^T: V (right) or U (left) of one expert
+        one = weights[donor]
+        gram = (one.mT @ one if shared == "right" else one @ one.mT).unsqueeze(0)
+        count = gram.shape[-1]  # every eigenvector of the Gram, the null space's too: a basis of the whole side
     elif shared == "right":  # [W_1; ...; W_E] = U S V^T: V spans the inputs every expert reads
         stacked = weights.reshape(experts * rows, cols)
         gram = (stacked.mT @ stacked).unsqueeze(0)
@@ -218,37 +236,83 @@ def factorize(matrices: torch.Tensor, rank: int | None, energy: float | None,
         "parameters_before": experts * rows * cols,
         "parameters_after": left.numel() + right.numel(),
     }
+    if donor is not None:  # how much of its own matrix the donor keeps (all of it once r reaches its rank)
+        facts["donor_energy_kept"] = float(coefficients[donor].square().sum()
+                                           / weights[donor].square().sum().clamp_min(1e-300))
     return left.to(matrices.dtype).contiguous(), right.to(matrices.dtype).contiguous(), facts
+
+
+def basis_of(step: dict) -> str:
+    """The step's ``basis``, its alias ``share_basis`` resolved (neither given: per_expert)."""
+    if step.get("basis") is not None:
+        return step["basis"]
+    return "joint" if step.get("share_basis") else "per_expert"
+
+
+def most_used_expert(context, layer: int) -> dict:
+    """The expert of ``layer`` the router selects most often in the original model (``selected`` in the
+    statistics table; ties to the lowest original id): its current slot, original id, count and frequency."""
+    if context.stats is None:
+        raise ModelError("svd_experts with basis: most_used_expert needs the expert statistics table "
+                         "(results/stats/expert_frequency.parquet): it picks each layer's most selected expert")
+    original_ids = context.original_expert_ids[layer]
+    selected = stats_rows(context.stats, layer, "selected", original_ids)
+    frequency = stats_rows(context.stats, layer, "frequency", original_ids)
+    slot = int(np.lexsort((original_ids.numpy(), -selected))[0])  # most selected first, then lowest id
+    return {"slot": slot, "original_id": int(original_ids[slot]), "selected": int(selected[slot]),
+            "frequency": float(frequency[slot])}
 
 
 def svd_experts(model, step: dict, context) -> dict:
     adapter = adapter_for(model.config)
     rank, energy = step.get("rank"), step.get("energy")
+    basis = basis_of(step)
     report = {"layers": {}}
+    if basis == "most_used_expert":
+        report["basis_experts"] = {}
     for layer, block in context.each_block(model):
         experts = adapter.experts_of(block)
         if is_low_rank(experts):
             raise ModelError(f"svd_experts: layer {layer} is already low-rank (a checkpoint this pipeline factored)")
         transposed = getattr(experts, "is_transposed", False)
+        donor = most_used_expert(context, layer) if basis == "most_used_expert" else None
         factors, specs, layer_report = {}, {}, {}
         # the hidden-size side: the input of the first projection, the output of the second
         for name, hidden_side in zip(adapter.expert_matrices, ("right", "left")):
             stored = getattr(experts, name).data
             matrices = stored.transpose(-1, -2) if transposed else stored  # nn.Linear orientation [E, out, in]
-            shared = hidden_side if step["share_basis"] else None
-            left, right, facts = factorize(matrices, rank, energy, shared)
+            shared = None if basis == "per_expert" else hidden_side
+            left, right, facts = factorize(matrices, rank, energy, shared, None if donor is None else donor["slot"])
             factors[name] = (left, right)
             specs[name] = {"rank": facts["rank"], "shared": shared}
-            layer_report[name] = {**facts, "shared": shared}
+            layer_report[name] = {**facts, "shared": shared, "basis": basis}
+            if donor is not None:
+                layer_report[name].update(basis_expert=donor["original_id"], basis_expert_frequency=donor["frequency"])
             if facts["parameters_after"] >= facts["parameters_before"]:
                 log.warning("layer %d %s: rank %d stores %d parameters, not fewer than the dense %d", layer, name,
                             facts["rank"], facts["parameters_after"], facts["parameters_before"])
         convert_to_low_rank(experts, factors, specs, adapter.expert_matrices)
         report["layers"][str(layer)] = layer_report
+        if donor is not None:
+            report["basis_experts"][str(layer)] = {key: donor[key] for key in ("original_id", "selected", "frequency")}
+            log.info("layer %d: basis from expert %d (selected %d times, frequency %.4f)", layer,
+                     donor["original_id"], donor["selected"], donor["frequency"])
         log.info("layer %d: %s", layer, {name: (r["rank"], round(r["weight_error"], 4))
                                          for name, r in layer_report.items()})
     return report
 
 
-METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}),
-                  check_options=lambda step: exactly_one_of(step, "rank", "energy")),)
+def _svd_options(step: dict) -> Problem | None:
+    """One of rank or energy; ``share_basis`` (the alias) only where it says what ``basis`` says."""
+    problem = exactly_one_of(step, "rank", "energy")
+    if problem:
+        return problem
+    basis, share_basis = step.get("basis"), step.get("share_basis")
+    if basis is not None and share_basis is not None and basis != ("joint" if share_basis else "per_expert"):
+        return Problem("share_basis", f"share_basis: {str(share_basis).lower()} contradicts basis: {basis} "
+                                      f"(share_basis is the older name of basis: true is joint, false per_expert); "
+                                      f"give basis alone")
+    return None
+
+
+METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}), check_options=_svd_options),)

@@ -3,6 +3,9 @@ low-weight experts per token. Written by moe-compress into the checkpoints that 
 by the library itself, so the in-memory model and the reloaded checkpoint run the same code.
 Self-contained on purpose: it needs only torch.
 
+Dictionary-coded experts (``DictionaryExpertsMixin``, below) are a sparse special case of the shared-basis
+low-rank layout and run through the same factored forward.
+
 Low-rank experts
 
 Each expert matrix W_e [out, in] (nn.Linear orientation, whatever the stock storage) is stored as
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 _LOW_RANK_CLASSES = {}
+_DICTIONARY_CLASSES = {}
 _SKIP_CLASSES = {}
 
 
@@ -34,7 +38,19 @@ def factor_names(name):
 
 
 def is_low_rank(experts):
-    return isinstance(experts, LowRankExpertsMixin)
+    """Whether the experts are stored factored (low-rank factors or a dictionary code), not as the stock dense
+    matrices: such experts keep their count but cannot be pruned, merged or factored again. Only low-rank
+    experts have ``low_rank_specs``; dictionary-coded ones have ``dictionary_specs`` (``low_rank_specs`` None)."""
+    return isinstance(experts, (LowRankExpertsMixin, DictionaryExpertsMixin))
+
+
+def is_dictionary_coded(experts):
+    return isinstance(experts, DictionaryExpertsMixin)
+
+
+def dictionary_names(name):
+    """The dictionary [hidden, atoms], the code values [E, n, sparsity] and their atom indices [E, n, sparsity]."""
+    return f"dictionary_{name}_atoms", f"dictionary_{name}_values", f"dictionary_{name}_indices"
 
 
 def _kernel_strides_ok(tensor):
@@ -110,6 +126,55 @@ def _sum_slots(pairs, token_of_pair, num_tokens):
     return pairs.new_zeros(num_tokens, pairs.shape[-1]).index_add_(0, token_of_pair, pairs)
 
 
+def _factored_forward(hidden_states, top_k_index, top_k_weights, num_groups, gate_up, down, biases, apply_gate):
+    """The routed experts' weighted output [tokens, hidden] from factored matrices.
+
+    ``gate_up`` and ``down``: (left [G or 1, out, r], right [G or 1, r, in]) in nn.Linear orientation, a
+    leading 1 a factor shared by every expert; ``top_k_index`` [tokens, k] holds group ids 0..G-1, G for a
+    skipped slot; ``biases``: (gate/up bias [G, out] or None, down bias [G, hidden] or None), by group id;
+    ``apply_gate``: the stock experts' activation of the gate/up output."""
+    num_tokens, top_k = top_k_index.shape
+    if num_tokens == 0:
+        return torch.zeros_like(hidden_states)
+    (gate_up_left, gate_up_right), (down_left, down_right) = gate_up, down
+    gate_up_bias, down_bias = biases
+    inputs = hidden_states.to(gate_up_right.dtype)
+
+    # sort the (token, slot) pairs by expert; a skipped slot (index num_groups) sorts behind every expert
+    expert_ids, order = torch.sort(top_k_index.reshape(-1))
+    token_of_pair = order // top_k
+    bounds = torch.arange(1, num_groups + 1, device=expert_ids.device, dtype=expert_ids.dtype)
+    groups = _ExpertGroups(torch.searchsorted(expert_ids, bounds, out_int32=True))
+    # no product writes the rows of skipped slots (the kernel leaves them uninitialised): masked_fill,
+    # not a product with their zero weight (which keeps a NaN), clears them before the slots are summed
+    skipped = (expert_ids >= num_groups).unsqueeze(-1)
+    expert_ids = expert_ids.clamp(max=num_groups - 1)  # in range for the bias gathers
+    weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(inputs.dtype)
+
+    if gate_up_right.shape[0] == 1:  # shared input basis: project each token once, then form the pairs
+        hidden = nn.functional.linear(inputs, gate_up_right[0])[token_of_pair]
+    else:
+        hidden = _grouped_linear(inputs[token_of_pair], gate_up_right, groups)
+    hidden = _grouped_linear(hidden, gate_up_left.expand(num_groups, -1, -1), groups)
+    if gate_up_bias is not None:
+        hidden.add_(gate_up_bias[expert_ids])
+    hidden = apply_gate(hidden)
+
+    hidden = _grouped_linear(hidden, down_right.expand(num_groups, -1, -1), groups)
+    hidden = hidden * weights  # weighted before the left factor (exact by linearity): r columns, not out
+    if down_left.shape[0] != 1:
+        hidden = _grouped_linear(hidden, down_left, groups)
+    per_token = _sum_slots(hidden.masked_fill_(skipped, 0), token_of_pair, num_tokens)
+    if down_left.shape[0] == 1:  # shared output basis: once per token, on the weighted sum of its slots
+        per_token = nn.functional.linear(per_token, down_left[0])
+    if down_bias is not None:  # each pair's bias, weighted like its output
+        kept_weights = torch.where(top_k_index < num_groups, top_k_weights, 0)
+        slot_bias = down_bias[top_k_index.clamp(max=num_groups - 1)]
+        per_token = per_token + torch.bmm(kept_weights.unsqueeze(1).to(per_token.dtype),
+                                          slot_bias.to(per_token.dtype)).squeeze(1)
+    return per_token.to(hidden_states.dtype)
+
+
 class LowRankExpertsMixin:
     """Mixed in front of a stock experts class; ``low_rank_specs`` maps each factored matrix name to
     ``{"rank": r, "shared": None | "left" | "right"}``."""
@@ -138,49 +203,11 @@ class LowRankExpertsMixin:
         return dense.transpose(-1, -2) if getattr(self, "is_transposed", False) else dense
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        num_tokens, top_k = top_k_index.shape
-        if num_tokens == 0:
-            return torch.zeros_like(hidden_states)
         gate_up, down = self.low_rank_matrices
-        gate_up_left, gate_up_right = (getattr(self, name) for name in factor_names(gate_up))
-        down_left, down_right = (getattr(self, name) for name in factor_names(down))
-        inputs = hidden_states.to(gate_up_right.dtype)
-
-        # sort the (token, slot) pairs by expert; a skipped slot (index num_experts) sorts behind every expert
-        expert_ids, order = torch.sort(top_k_index.reshape(-1))
-        token_of_pair = order // top_k
-        bounds = torch.arange(1, self.num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype)
-        groups = _ExpertGroups(torch.searchsorted(expert_ids, bounds, out_int32=True))
-        # no product writes the rows of skipped slots (the kernel leaves them uninitialised): masked_fill,
-        # not a product with their zero weight (which keeps a NaN), clears them before the slots are summed
-        skipped = (expert_ids >= self.num_experts).unsqueeze(-1)
-        expert_ids = expert_ids.clamp(max=self.num_experts - 1)  # in range for the bias gathers
-        weights = top_k_weights.reshape(-1)[order].unsqueeze(-1).to(inputs.dtype)
-
-        if gate_up_right.shape[0] == 1:  # shared input basis: project each token once, then form the pairs
-            hidden = nn.functional.linear(inputs, gate_up_right[0])[token_of_pair]
-        else:
-            hidden = _grouped_linear(inputs[token_of_pair], gate_up_right, groups)
-        hidden = _grouped_linear(hidden, gate_up_left.expand(self.num_experts, -1, -1), groups)
-        bias = self._bias(gate_up)
-        if bias is not None:
-            hidden.add_(bias[expert_ids])
-        hidden = self._apply_gate(hidden)
-
-        hidden = _grouped_linear(hidden, down_right.expand(self.num_experts, -1, -1), groups)
-        hidden = hidden * weights  # weighted before the left factor (exact by linearity): r columns, not out
-        if down_left.shape[0] != 1:
-            hidden = _grouped_linear(hidden, down_left, groups)
-        per_token = _sum_slots(hidden.masked_fill_(skipped, 0), token_of_pair, num_tokens)
-        if down_left.shape[0] == 1:  # shared output basis: once per token, on the weighted sum of its slots
-            per_token = nn.functional.linear(per_token, down_left[0])
-        bias = self._bias(down)
-        if bias is not None:  # each pair's bias, weighted like its output
-            kept_weights = torch.where(top_k_index < self.num_experts, top_k_weights, 0)
-            slot_bias = bias[top_k_index.clamp(max=self.num_experts - 1)]
-            per_token = per_token + torch.bmm(kept_weights.unsqueeze(1).to(per_token.dtype),
-                                              slot_bias.to(per_token.dtype)).squeeze(1)
-        return per_token.to(hidden_states.dtype)
+        return _factored_forward(hidden_states, top_k_index, top_k_weights, self.num_experts,
+                                 tuple(getattr(self, name) for name in factor_names(gate_up)),
+                                 tuple(getattr(self, name) for name in factor_names(down)),
+                                 (self._bias(gate_up), self._bias(down)), self._apply_gate)
 
 
 def low_rank_class(stock_class, matrix_names):
@@ -226,6 +253,127 @@ def empty_factors(experts, specs, num_experts):
         factors[name] = (torch.empty(left_count, out_features, rank, dtype=stock.dtype, device=stock.device),
                          torch.empty(right_count, rank, in_features, dtype=stock.dtype, device=stock.device))
     return factors
+
+
+class DictionaryExpertsMixin:
+    """Mixed in front of a stock experts class: each expert matrix is coded over one dictionary per layer and
+    matrix (methods/ksvd.py). Its hidden-size-side vectors, the rows of gate/up W_e [2I, H] and the columns
+    of down W_e [H, I], n of them per expert, each in R^H, are sparse combinations of the dictionary's
+    atoms D [H, atoms]: V_e ~ C_e D^T, C_e [n, atoms] with ``sparsity`` nonzeros per row, stored as their
+    values and atom indices [E, n, sparsity] (the indices a buffer, int16 or int32).
+
+    So gate/up W_e = C_e D^T is a low-rank product with the shared input basis D^T, and down W_e = D C_e^T
+    one with the shared output basis D: the forward is the low-rank forward (x D once per token, D once per
+    token on the weighted sum of its slots), with the per-expert factor C_e scattered dense from its codes
+    for the experts the batch routes to, and only those (they are renumbered 0..hit-1 for it).
+    ``dictionary_specs``: {matrix name: {"atoms", "sparsity", "index_dtype"}}."""
+
+    dictionary_specs = None  # set per instance by convert_to_dictionary
+    low_rank_specs = None  # not low-rank factors: the checkpoint's low-rank specs leave this layer out
+
+    _bias = LowRankExpertsMixin._bias
+
+    def dense_codes(self, name, experts):
+        """The codes C_e [len(experts), n, atoms] of matrix ``name``, zero but for each row's ``sparsity`` entries."""
+        atoms_name, values_name, indices_name = dictionary_names(name)
+        values = getattr(self, values_name)[experts]
+        indices = getattr(self, indices_name)[experts].long()
+        codes = values.new_zeros(*values.shape[:-1], getattr(self, atoms_name).shape[1])
+        return codes.scatter_add_(-1, indices, values)  # an atom listed twice in a row would add, as the code means
+
+    def all_experts(self):
+        return torch.arange(self.num_experts, device=getattr(self, dictionary_names(self.dictionary_matrices[0])[1]).device)
+
+    def dense_matrix(self, name):
+        """The dense [E, ...] tensor in the stock storage orientation (for inspection, not the forward)."""
+        vectors = self.dense_codes(name, self.all_experts()) @ getattr(self, dictionary_names(name)[0]).mT  # [E, n, H]
+        dense = vectors if name == self.dictionary_matrices[0] else vectors.mT  # nn.Linear orientation
+        return dense.transpose(-1, -2) if getattr(self, "is_transposed", False) else dense
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gate_up, down = self.dictionary_matrices
+        routed = top_k_index[top_k_index < self.num_experts]
+        hit = torch.unique(routed)  # sorted; the experts this batch runs, the only ones whose codes are expanded
+        if hit.numel() == 0:
+            return torch.zeros_like(hidden_states)
+        group_of_expert = torch.full((self.num_experts + 1,), hit.numel(), dtype=top_k_index.dtype,
+                                     device=top_k_index.device)  # a skipped slot stays behind every group
+        group_of_expert[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
+        gate_up_atoms, down_atoms = (getattr(self, dictionary_names(name)[0]) for name in (gate_up, down))
+        gate_up_factors = (self.dense_codes(gate_up, hit), gate_up_atoms.mT.unsqueeze(0))  # C_e, shared D^T
+        down_factors = (down_atoms.unsqueeze(0), self.dense_codes(down, hit).mT)  # shared D, C_e^T
+        biases = tuple(None if bias is None else bias[hit] for bias in (self._bias(gate_up), self._bias(down)))
+        return _factored_forward(hidden_states, group_of_expert[top_k_index], top_k_weights, hit.numel(),
+                                 gate_up_factors, down_factors, biases, self._apply_gate)
+
+
+def dictionary_class(stock_class, matrix_names):
+    """The dictionary-coded subclass of ``stock_class`` (one per stock class and matrix names).
+
+    The stock name of each matrix reads as the rebuilt dense tensor, and the low-rank factor names read as
+    the factors these codes are (see ``DictionaryExpertsMixin``), so code written for low-rank experts reads
+    them alike: the dictionary sides, ``lowrank_<gate_up>_right`` = D^T [1, atoms, H] and ``lowrank_<down>_left``
+    = D [1, H, atoms], are views of the dictionary (scaling the latter's rows in place, as the adapter scales
+    expert outputs, scales every expert's output); the code sides [E, ...] are rebuilt on each read (for
+    inspection, like the dense matrices)."""
+    key = (stock_class, tuple(matrix_names))
+    if key not in _DICTIONARY_CLASSES:
+        gate_up, down = matrix_names
+        attributes = {name: property(lambda self, name=name: self.dense_matrix(name)) for name in matrix_names}
+        attributes.update({
+            factor_names(gate_up)[0]: property(lambda self: self.dense_codes(gate_up, self.all_experts())),
+            factor_names(gate_up)[1]: property(lambda self: getattr(self, dictionary_names(gate_up)[0]).mT.unsqueeze(0)),
+            factor_names(down)[0]: property(lambda self: getattr(self, dictionary_names(down)[0]).unsqueeze(0)),
+            factor_names(down)[1]: property(lambda self: self.dense_codes(down, self.all_experts()).mT),
+        })
+        _DICTIONARY_CLASSES[key] = type(f"Dictionary{stock_class.__name__}", (DictionaryExpertsMixin, stock_class),
+                                        {**attributes, "dictionary_matrices": tuple(matrix_names)})
+    return _DICTIONARY_CLASSES[key]
+
+
+def convert_to_dictionary(experts, tensors, specs, matrix_names):
+    """Turn a stock experts module into its dictionary-coded form in place.
+
+    ``tensors``: {matrix name: (atoms [H, atoms], values [E, n, sparsity], indices [E, n, sparsity])};
+    ``specs``: {matrix name: {"atoms", "sparsity", "index_dtype"}}; ``matrix_names``: (gate/up projection,
+    down projection), in that order."""
+    names = list(matrix_names)
+    for name in names:
+        if name in experts._parameters:
+            del experts._parameters[name]
+        atoms_name, values_name, indices_name = dictionary_names(name)
+        atoms, values, indices = tensors[name]
+        setattr(experts, atoms_name, nn.Parameter(atoms, requires_grad=False))
+        setattr(experts, values_name, nn.Parameter(values, requires_grad=False))
+        experts.register_buffer(indices_name, indices)  # integers: a buffer, saved with the weights
+    experts.__class__ = dictionary_class(type(experts), names)
+    experts.dictionary_specs = {name: dict(specs[name]) for name in names}
+    return experts
+
+
+def empty_dictionary(experts, specs, num_experts, matrix_names):
+    """Uninitialised dictionary tensors of the shapes ``specs`` describe, for a checkpoint about to load them."""
+    tensors = {}
+    names = list(matrix_names)
+    for name in names:
+        spec = specs[name]
+        stock = getattr(experts, name)
+        if getattr(experts, "is_transposed", False):  # stored [E, in, out]
+            in_features, out_features = stock.shape[1:]
+        else:
+            out_features, in_features = stock.shape[1:]
+        # the first matrix reads the hidden state (rows in R^H), the second writes it (columns in R^H)
+        hidden, count = (in_features, out_features) if name == names[0] else (out_features, in_features)
+        code_shape = (num_experts, count, spec["sparsity"])
+        tensors[name] = (torch.empty(hidden, spec["atoms"], dtype=stock.dtype, device=stock.device),
+                         torch.empty(code_shape, dtype=stock.dtype, device=stock.device),
+                         torch.empty(code_shape, dtype=getattr(torch, spec["index_dtype"]), device=stock.device))
+    return tensors
+
+
+def dictionary_specs_of(experts):
+    """The dictionary specs of dictionary-coded experts, None for any others."""
+    return experts.dictionary_specs if is_dictionary_coded(experts) else None
 
 
 class DynamicSkipRouterMixin:

@@ -22,6 +22,7 @@ include: "rules/calibration.smk"
 include: "rules/cache.smk"
 include: "rules/stats.smk"
 include: "rules/compress.smk"
+include: "rules/analyze.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
@@ -31,4 +32,6 @@ rule all:
     input:
         rules.final_table.output.csv,
         rules.plots.output.quality,
+        rules.analyze.output.json,
+        rules.analyze.output.md,
         [rules.track_mlflow.output.runs] if config["tracking"]["mlflow_uri"] else [],

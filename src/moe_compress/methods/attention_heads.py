@@ -25,6 +25,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
+from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import ATTENTION_HEADS, Method, Problem, exactly_one_of
 from moe_compress.methods.resize import Axis, adopt_config, cut_tensors, follow_map, layer_of
 
@@ -106,7 +107,6 @@ def head_importance(model, projections: dict[int, str], heads: int, input_ids: t
         weight = model.get_submodule(name).weight.double()  # [hidden, heads * head_dim]
         per_head = weight.reshape(weight.shape[0], heads, -1).permute(1, 0, 2)  # [heads, hidden, head_dim]
         grams[layer] = per_head.mT @ per_head  # [heads, head_dim, head_dim]
-    count = 0
 
     def accumulate(layer):
         def hook(module, args):
@@ -118,10 +118,7 @@ def head_importance(model, projections: dict[int, str], heads: int, input_ids: t
     handles = [model.get_submodule(name).register_forward_pre_hook(accumulate(layer))
                for layer, name in projections.items()]
     try:
-        for start in range(0, len(input_ids), batch_size):
-            batch = input_ids[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            count += batch.numel()
+        count = calibration_forward(model, input_ids, batch_size)
     finally:
         for handle in handles:
             handle.remove()

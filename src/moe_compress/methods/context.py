@@ -92,3 +92,16 @@ class CompressionContext:
     def require_inputs(self, method: str) -> None:
         if not self.moe_inputs:
             raise ModelError(f"{method} needs the cached MoE-block inputs (results/cache/moe_inputs)")
+
+
+@torch.no_grad()
+def calibration_forward(model, input_ids: torch.Tensor, batch_size: int = 8) -> int:
+    """Run ``model`` over the calibration windows [samples, seq_len] in batches, for the hooks a step has
+    registered to measure something; return the number of tokens seen."""
+    device = next(model.parameters()).device
+    count = 0
+    for start in range(0, len(input_ids), batch_size):
+        batch = input_ids[start:start + batch_size].to(device)
+        model(input_ids=batch, use_cache=False)
+        count += batch.numel()
+    return count

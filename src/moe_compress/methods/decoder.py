@@ -15,6 +15,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
+from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import DECODER_LAYERS, DTYPE, Method, Problem, exactly_one_of
 from moe_compress.modelio import DTYPES
 
@@ -27,7 +28,6 @@ def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> t
     layers = adapter_for(model.config).decoder_layers(model)
     device = next(model.parameters()).device
     sums = torch.zeros(len(layers), dtype=torch.float64, device=device)  # beside the hidden states it sums
-    count = 0
     inputs = {}
 
     def remember_input(index):
@@ -46,10 +46,7 @@ def layer_similarities(model, input_ids: torch.Tensor, batch_size: int = 8) -> t
         layer.register_forward_pre_hook(remember_input(index), with_kwargs=True),
         layer.register_forward_hook(compare_output(index), with_kwargs=True))]
     try:
-        for start in range(0, len(input_ids), batch_size):
-            batch = input_ids[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            count += batch.numel()
+        count = calibration_forward(model, input_ids, batch_size)
     finally:
         for handle in handles:
             handle.remove()

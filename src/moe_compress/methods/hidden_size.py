@@ -25,6 +25,7 @@ from torch import nn
 
 from moe_compress.errors import ModelError
 from moe_compress.methods.attention_heads import head_counts
+from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import (
     ALIGNMENT,
     HIDDEN_SIZE,
@@ -75,7 +76,6 @@ def _stream_norms(model, follows: dict) -> dict[str, nn.Module]:
 def stream_energy(model, norms: dict[str, nn.Module], input_ids: torch.Tensor,
                   batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Per norm, the summed squared activation of every channel at its input [hidden] (float64)."""
-    device = next(model.parameters()).device
     sums = {}
 
     def accumulate(name):
@@ -86,8 +86,7 @@ def stream_energy(model, norms: dict[str, nn.Module], input_ids: torch.Tensor,
 
     handles = [module.register_forward_pre_hook(accumulate(name)) for name, module in norms.items()]
     try:
-        for start in range(0, len(input_ids), batch_size):
-            model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+        calibration_forward(model, input_ids, batch_size)
     finally:
         for handle in handles:
             handle.remove()

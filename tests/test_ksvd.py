@@ -267,7 +267,7 @@ def test_later_expert_edits_are_refused():
     adapter = adapter_for(model.config)
     block = adapter.moe_blocks(model)[0]
     assert adapter.block_num_experts(block) == 8
-    with pytest.raises(ModelError, match="already low-rank factors"):
+    with pytest.raises(ModelError, match="already factored; put expert pruning"):
         adapter.select_experts(block, torch.arange(4))
     with pytest.raises(ModelError, match="already factored"):
         apply_steps(model, [ksvd_step(atoms=8, sparsity=2)], CompressionContext.for_model(model))

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
-from moe_compress.remote_code.moe_compress_layers import is_low_rank, is_skip_router
+from moe_compress.remote_code.moe_compress_layers import (
+    dictionary_names,
+    is_dictionary_coded,
+    is_low_rank,
+    is_skip_router,
+)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,8 @@ class MoEArchitecture:
         """The intermediate width of the block's routed experts (the down projection's input size)."""
         experts = self.experts_of(block)
         name = self.expert_matrices[1]
+        if is_dictionary_coded(experts):  # one code row [E, n, sparsity] per intermediate neuron
+            return int(getattr(experts, dictionary_names(name)[1]).shape[1])
         if is_low_rank(experts):  # the right factor [E or 1, r, in] reads the intermediate neurons
             return int(getattr(experts, f"lowrank_{name}_right").shape[-1])
         down = getattr(experts, name, None)
@@ -302,8 +309,8 @@ class MoEArchitecture:
 
     def _refuse_low_rank(self, block: nn.Module) -> None:
         if is_low_rank(self.experts_of(block)):
-            raise ModelError("the experts of this layer are already low-rank factors; put expert pruning and "
-                             "merging steps before svd_experts in the variant")
+            raise ModelError("the experts of this layer are already factored; put expert pruning and merging steps "
+                             "before svd_experts and ksvd_experts in the variant")
 
     def layout(self) -> dict:
         """The fields the checkpoint's remote-code loader needs (written into config.json)."""

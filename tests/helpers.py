@@ -248,11 +248,13 @@ def validated_step(method: str, **options) -> dict:
 
 
 def saved_tensor_count(path: Path) -> int:
-    """Elements stored in a checkpoint's safetensors files."""
+    """Weights (floating-point elements) stored in a checkpoint's safetensors files; integer tensors (a
+    dictionary code's atom indices) are bookkeeping."""
     total = 0
     for shard in path.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
-            total += sum(handle.get_tensor(key).numel() for key in handle.keys())
+            tensors = [handle.get_tensor(key) for key in handle.keys()]
+            total += sum(tensor.numel() for tensor in tensors if tensor.is_floating_point())
     return total
 
 

@@ -215,6 +215,9 @@ def test_compressed_checkpoints_reload_as_the_model_in_memory(tmp_path, model_ty
     for name, steps, loader in (
             ("merged", [validated_step("hc_merge", merges_per_layer=2, merge="frequency")], None),
             ("low_rank", [validated_step("svd_experts", rank=4)], "remote_code"),
+            # per-layer widths, then codes over a dictionary: the loader resizes before it codes
+            ("width_dictionary", [validated_step("prune_expert_width", keep=8, allocation="global"),
+                                  validated_step("ksvd_experts", atoms=8, sparsity=2, iterations=2)], "remote_code"),
             ("whole_model_steps", whole_model_steps(adapter_for(model.config)), "remote_code")):
         compressed = tiny_model_of(model_type)
         apply_steps(compressed, steps, context_with_inputs(compressed))

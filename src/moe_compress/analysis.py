@@ -377,7 +377,8 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
     for saved in sorted(tensors):
         facts, model_name = tensors[saved], model_names[saved]
         kind, layer, mixer = layout.classify(model_name, saved)
-        count = numel(facts["shape"])
+        # weights only: an integer tensor (a dictionary code's atom indices) is bookkeeping, counted in bytes
+        count = numel(facts["shape"]) if facts["dtype"].startswith(("F", "BF")) else 0
         parameters[kind] += count
         stored[kind] += facts["bytes"]
         dtypes[facts["dtype"]] += count

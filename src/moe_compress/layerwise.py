@@ -154,7 +154,7 @@ def assemble_checkpoint(model_dir: str | Path, parts: dict[int, str | Path], out
             save_file(tensors, tmp / shard_name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, shard_name))
             total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-            parameters += sum(tensor.numel() for tensor in tensors.values())
+            parameters += sum(tensor.numel() for tensor in tensors.values() if tensor.is_floating_point())
             log.info("wrote %s (%d tensors)", shard_name, len(tensors))
             del tensors
         write_json({"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))},

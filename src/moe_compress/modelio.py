@@ -180,11 +180,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """What the checkpoint stores: distinct parameters (tied weights once) plus persistent buffers
-    (e.g. DeepSeek-V3's routing correction bias); rotary tables and other derived buffers are not saved."""
+    """The weights the checkpoint stores: distinct parameters (tied weights once) plus persistent floating-point
+    buffers (e.g. DeepSeek-V3's routing correction bias). Integer buffers are bookkeeping, not weights
+    (dictionary-coded experts' atom indices: their bytes are in the step report and the analysis); rotary
+    tables and other derived buffers are not saved."""
     parameters = sum(p.numel() for p in model.parameters())
     buffers = sum(buffer.numel() for module in model.modules() for name, buffer in module._buffers.items()
-                  if buffer is not None and name not in module._non_persistent_buffers_set)
+                  if buffer is not None and name not in module._non_persistent_buffers_set
+                  and buffer.is_floating_point())
     return parameters + buffers
 
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, make_tokenizer, tiny_model_of
 from moe_compress.config import read_config_file
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.hub import OFFLINE_ENVIRONMENT
@@ -154,3 +154,17 @@ def test_hub_environment_is_set_in_remote_jobs_too(tmp_path):
         assert (offline <= set(environ.items())) == is_offline, (raw["calibration"], remote_job)
     assert planned.calibration_corpus == HUB_CALIBRATION_CORPUS
     assert environ["HF_HOME"] == str(tmp_path / "hf")
+
+
+def test_a_dense_model_plans_no_per_layer_jobs(tmp_path):
+    """compress.per_layer_jobs splits a variant by MoE layer; a dense decoder has none, so every variant is one
+    whole-model job."""
+    model_dir = tmp_path / "llama"
+    tiny_model_of("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    raw = {**copy.deepcopy(DEMO), "model": {"path": str(model_dir)}, "compress": {"per_layer_jobs": True},
+           "variants": {"base": {"steps": []}, "heads": {"method": "prune_heads", "keep": 2}}}
+    del raw["demo_model"]
+    planned = plan(raw)
+    assert not planned.is_moe
+    assert planned.layerwise_variants == [] and planned.whole_model_variants == ["base", "heads"]

@@ -181,11 +181,11 @@ def plan_workflow(config: dict, configfiles: Iterable[str | Path] = (), remote_j
     Raises ``ConfigError`` naming the offending key."""
     check_config_files(configfiles)
     plan = WorkflowPlan.from_config(validate_config(config))
-    if plan.layerwise_variants and not plan.is_moe:  # no MoE layer to give a job of its own
-        plan = dataclasses.replace(plan, layerwise_variants=[], whole_model_variants=list(plan.variants))
     check_reference(plan.config)
     # before the model checks: a hub model's config.json is fetched into (or read from) this HF_HOME
     configure_hub_environment(plan.config, remote_job=remote_job, environ=environ)
+    if plan.layerwise_variants and not plan.is_moe:  # no MoE layer to give a job of its own
+        plan = dataclasses.replace(plan, layerwise_variants=[], whole_model_variants=list(plan.variants))
     if not remote_job:
         plan.check_input_files()
         plan.check_model_files()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,42 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return train_tokenizer(TEXTS, vocab_size)
 
 
+# the tiny sizes every architecture shares
 _COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2)
+_HEAD_SIZE = 8  # where a flagship states its head size (head_dim), the tiny one
+
+MODEL_CONFIGS = REPO / "tests/data/model_configs"
+# the published config.json (tests/data/model_configs/<folder>) each architecture's tiny config is built from
+FLAGSHIP_CONFIGS = {
+    "qwen3_moe": "Qwen--Qwen3-30B-A3B", "qwen2_moe": "Qwen--Qwen1.5-MoE-A2.7B",
+    "qwen3_next": "Qwen--Qwen3-Next-80B-A3B-Thinking", "qwen3_5_moe_text": "Qwen--Qwen3.5-397B-A17B",
+    "mixtral": "mistralai--Mixtral-8x7B-v0.1", "olmoe": "allenai--OLMoE-1B-7B-0924",
+    "flex_olmo": "allenai--FlexOlmo-7x7B-1T", "deepseek_v3": "deepseek-ai--DeepSeek-V3",
+    "deepseek_v32": "deepseek-ai--DeepSeek-V3.2", "kimi_linear": "moonshotai--Kimi-Linear-48B-A3B-Instruct",
+    "glm4_moe": "zai-org--GLM-4.5", "glm4_moe_lite": "zai-org--GLM-4.7-Flash", "solar_open": "upstage--Solar-Open-100B",
+    "exaone_moe": "LGAI-EXAONE--K-EXAONE-236B-A23B", "dots1": "rednote-hilab--dots.llm1.inst",
+    "deepseek_v2": "deepseek-ai--DeepSeek-V2", "minimax_m2": "MiniMaxAI--MiniMax-M2.5",
+    "afmoe": "arcee-ai--Trinity-Mini",
+    "lfm2_moe": "LiquidAI--LFM2-8B-A1B", "ernie4_5_moe": "baidu--ERNIE-4.5-21B-A3B-PT",
+    "phimoe": "microsoft--Phi-3.5-MoE-instruct", "granitemoe": "ibm-granite--granite-3.0-3b-a800m-base",
+    "hunyuan_v1_moe": "tencent--Hunyuan-A13B-Instruct", "cohere2_moe": "CohereLabs--command-a-plus-05-2026",
+    "gpt_oss": "openai--gpt-oss-120b",
+    "llama": "meta-llama--Llama-3.1-8B", "mistral": "mistralai--Mistral-7B-v0.1", "qwen2": "Qwen--Qwen2-7B-Instruct",
+    "qwen3": "Qwen--Qwen3-8B", "exaone4": "LGAI-EXAONE--EXAONE-4.0-32B", "olmo2": "allenai--OLMo-2-1124-7B",
+    "granite": "ibm-granite--granite-3.0-8b-base", "phi3": "microsoft--Phi-3-mini-4k-instruct",
+}
+# never copied into a tiny config: quantized checkpoints are built by their own helper, remote code never runs
+_NOT_COPIED = ("quantization_config", "auto_map", "_name_or_path")
+
+
+def flagship_config(model_type: str) -> dict:
+    """The published config.json of the architecture's flagship checkpoint, as a dict (for a vision-language
+    release, e.g. Qwen3.5, its text model's config)."""
+    raw = json.loads((MODEL_CONFIGS / FLAGSHIP_CONFIGS[model_type] / "config.json").read_text())
+    if raw.get("model_type") != model_type and isinstance(raw.get("text_config"), dict):
+        raw = raw["text_config"]
+    return raw
 
 
 def tiny_config(model_type: str, num_experts: int = 8, top_k: int = 2, **overrides):
@@ -63,79 +98,74 @@ _MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_di
 
 
 def _tiny_config(model_type: str, num_experts: int, top_k: int):
-    """Each architecture's own config class, small, with its unusual options switched on: dense layers,
-    shared experts, hybrid (linear-attention / convolution) layers, groups, scaling, biases."""
+    """Each architecture's config built from its flagship's published config.json: the same field names, types
+    and nesting (a per-layer list stays a list, with one entry per tiny layer), only the sizes shrunk, and the
+    unusual options switched on: dense layers, shared experts, hybrid (linear-attention / convolution) layers,
+    groups, scaling, biases. The expert count and top-k go into the adapter's config fields, in their form."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    experts = {"num_experts": num_experts, "num_experts_per_tok": top_k}
-    local = {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
-    routed = {"n_routed_experts": num_experts, "num_experts_per_tok": top_k}
     pattern = ["linear_attention", "full_attention", "linear_attention"]
     options = {
         # a dense layer in the middle (mlp_only_layers)
-        "qwen3_moe": dict(head_dim=8, moe_intermediate_size=16, **experts, norm_topk_prob=True, mlp_only_layers=[1]),
+        "qwen3_moe": dict(head_dim=8, moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[1]),
         # shared expert + its sigmoid gate, no top-k renormalisation
-        "qwen2_moe": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
-                          norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]),
-        "qwen3_next": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
+        "qwen2_moe": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, norm_topk_prob=False,
+                          decoder_sparse_step=1, mlp_only_layers=[1]),
+        "qwen3_next": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                            layer_types=pattern, linear_num_value_heads=4, linear_num_key_heads=2,
                            linear_key_head_dim=8, linear_value_head_dim=8, mlp_only_layers=[2]),
-        "qwen3_5_moe_text": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, **experts,
+        "qwen3_5_moe_text": dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                                  layer_types=pattern, linear_num_value_heads=4, linear_num_key_heads=2,
                                  linear_key_head_dim=8, linear_value_head_dim=8),
-        "mixtral": dict(head_dim=8, **local),
-        "olmoe": dict(**experts, norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
-        "flex_olmo": dict(**experts, norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
+        "mixtral": dict(head_dim=8),
+        "olmoe": dict(norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
+        "flex_olmo": dict(norm_topk_prob=False, eos_token_id=0, pad_token_id=0),
         # groups, sigmoid + correction bias, scaling, dense first layer, shared expert
-        "deepseek_v3": dict(moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
-                            n_shared_experts=1, **_MLA),
-        "deepseek_v32": dict(moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
-                             n_shared_experts=1, **_MLA, index_n_heads=2, index_head_dim=8, index_topk=4,
-                             num_key_value_heads=4,
+        "deepseek_v3": dict(moe_intermediate_size=16, **_GROUPED, first_k_dense_replace=1, n_shared_experts=1, **_MLA),
+        "deepseek_v32": dict(moe_intermediate_size=16, **_GROUPED, first_k_dense_replace=1, n_shared_experts=1, **_MLA,
+                             index_n_heads=2, index_head_dim=8, index_topk=4, num_key_value_heads=4,
                              mlp_layer_types=["dense", "sparse", "sparse"]),
-        "glm4_moe": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
-                         n_shared_experts=1),
-        "glm4_moe_lite": dict(moe_intermediate_size=16, **routed, **_GROUPED, n_shared_experts=1, **_MLA,
+        "glm4_moe": dict(head_dim=8, moe_intermediate_size=16, **_GROUPED, first_k_dense_replace=1, n_shared_experts=1),
+        "glm4_moe_lite": dict(moe_intermediate_size=16, **_GROUPED, n_shared_experts=1, **_MLA,
                               mlp_layer_types=["dense", "sparse", "sparse"]),
-        "solar_open": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, n_shared_experts=1),
-        "exaone_moe": dict(head_dim=8, moe_intermediate_size=16, **experts, **_GROUPED, num_shared_experts=1,
+        "solar_open": dict(head_dim=8, moe_intermediate_size=16, **_GROUPED, n_shared_experts=1),
+        "exaone_moe": dict(head_dim=8, moe_intermediate_size=16, **_GROUPED, num_shared_experts=1,
                            layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=8,
                            mlp_layer_types=["dense", "sparse", "sparse"]),
-        "dots1": dict(head_dim=8, moe_intermediate_size=16, **routed, **_GROUPED, first_k_dense_replace=1,
-                      n_shared_experts=1, layer_types=["full_attention"] * 3),
-        "kimi_linear": dict(moe_intermediate_size=16, num_experts=num_experts, num_experts_per_token=top_k,
-                            num_expert_group=2, topk_group=1, routed_scaling_factor=2.5, moe_renormalize=True,
-                            num_shared_experts=1, first_k_dense_replace=1, **_MLA, pad_token_id=0,
+        "dots1": dict(head_dim=8, moe_intermediate_size=16, **_GROUPED, first_k_dense_replace=1, n_shared_experts=1,
+                      layer_types=["full_attention"] * 3),
+        "kimi_linear": dict(moe_intermediate_size=16, num_expert_group=2, topk_group=1, routed_scaling_factor=2.5,
+                            moe_renormalize=True, num_shared_experts=1, first_k_dense_replace=1, **_MLA, pad_token_id=0,
                             linear_attn_config={"kda_layers": [1, 3], "full_attn_layers": [2],
                                                 "num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4}),
-        "deepseek_v2": dict(moe_intermediate_size=16, **routed, n_group=2, topk_group=1,
-                            topk_method="group_limited_greedy", routed_scaling_factor=2.0, first_k_dense_replace=1,
-                            n_shared_experts=1, **_MLA),
-        "minimax_m2": dict(head_dim=8, **local),
-        "afmoe": dict(head_dim=8, moe_intermediate_size=16, **experts, num_dense_layers=1, num_shared_experts=1,
+        "deepseek_v2": dict(moe_intermediate_size=16, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                            routed_scaling_factor=2.0, first_k_dense_replace=1, n_shared_experts=1, **_MLA),
+        "minimax_m2": dict(head_dim=8),
+        "afmoe": dict(head_dim=8, moe_intermediate_size=16, num_dense_layers=1, num_shared_experts=1,
                       route_scale=1.5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                       sliding_window=8),
-        "lfm2_moe": dict(moe_intermediate_size=16, **experts, num_dense_layers=1, use_expert_bias=True,
+        "lfm2_moe": dict(moe_intermediate_size=16, num_dense_layers=1, use_expert_bias=True,
                          routed_scaling_factor=1.5, norm_topk_prob=True,
                          layer_types=["conv", "full_attention", "conv"]),
-        "ernie4_5_moe": dict(moe_intermediate_size=16, moe_num_experts=num_experts, moe_k=top_k,
-                             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2),
-        "phimoe": dict(head_dim=8, **local),
-        "granitemoe": dict(**local),
-        "hunyuan_v1_moe": dict(head_dim=8, num_experts=num_experts, moe_topk=top_k, use_qk_norm=True),
+        "ernie4_5_moe": dict(moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1,
+                             moe_layer_end_index=2),
+        "phimoe": dict(head_dim=8),
+        "granitemoe": dict(),
+        "hunyuan_v1_moe": dict(head_dim=8, use_qk_norm=True),
         # sigmoid scoring with renormalisation, and a shared expert averaged with the routed output
-        "cohere2_moe": dict(head_dim=8, **experts, expert_selection_fn="sigmoid", norm_topk_prob=True,
+        "cohere2_moe": dict(head_dim=8, expert_selection_fn="sigmoid", norm_topk_prob=True,
                             num_shared_experts=1, shared_expert_combination_strategy="average",
                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                             sliding_window=8),
         # router bias, transposed/interleaved gate_up with biases, attention sinks
-        "gpt_oss": dict(head_dim=8, **local, sliding_window=8),
+        "gpt_oss": dict(head_dim=8, sliding_window=8),
         # dense decoders: attention biases, q/k norms, sliding layers, multipliers, a fused q/k/v projection
         "llama": dict(head_dim=8),
         "mistral": dict(head_dim=8),
         "qwen2": dict(),
         "qwen3": dict(head_dim=8),
-        "exaone4": dict(head_dim=8, sliding_window=8, sliding_window_pattern=2),
+        "exaone4": dict(head_dim=8, sliding_window=8, sliding_window_pattern=2,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
         "olmo2": dict(),
         "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                         logits_scaling=4.0),
@@ -143,7 +173,67 @@ def _tiny_config(model_type: str, num_experts: int, top_k: int):
     }
     if model_type not in options:
         raise ValueError(model_type)
-    return CONFIG_MAPPING[model_type](**{**_COMMON, **options[model_type]})
+    config_class = CONFIG_MAPPING[model_type]
+    adapter = ARCHITECTURES[model_type]
+    flagship = flagship_config(model_type)
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    tiny = {key: value for key, value in flagship.items() if key not in _NOT_COPIED}
+    layers = flagship["num_hidden_layers"]
+    for key, value in tiny.items():  # per-layer lists: the first layers' entries
+        if isinstance(value, list) and len(value) == layers and key != "architectures":
+            tiny[key] = value[:_COMMON["num_hidden_layers"]]
+    tiny.update({key: value for key, value in _COMMON.items() if key in flagship or key in fields})
+    tiny.update(_shrunk_head_sizes(flagship, options[model_type].get("head_dim", _HEAD_SIZE)))
+    tiny.update(_small_token_ids(tiny, _COMMON["vocab_size"]))
+    for key in ("torch_dtype", "dtype"):  # models are built in the config's dtype: float32, as the tests compare
+        if key in tiny:
+            tiny[key] = "float32"
+    if adapter.moe:
+        sizes = {adapter.config_num_experts: num_experts, adapter.config_top_k: top_k}
+        tiny.update({key: _in_form(flagship, key, value) for key, value in sizes.items()})
+    tiny.update({key: _in_form(flagship, key, value) for key, value in options[model_type].items()})
+    if adapter.moe:  # every field stating the experts' width or top-k agrees with the one the class reads
+        width = tiny.get(adapter.config_expert_width, _COMMON["intermediate_size"])
+        tiny.update({key: _in_form(flagship, key, width) for key in adapter.config_width_mirrors if key in flagship})
+        tiny.update({key: _in_form(flagship, key, top_k) for key in adapter.config_top_k_mirrors if key in flagship})
+    config = config_class.from_dict(tiny)
+    # token ids the flagship leaves to the class's defaults, inside the tiny vocabulary too
+    defaults = {key: getattr(config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    for key, value in _small_token_ids(defaults, _COMMON["vocab_size"]).items():
+        if value is not None:
+            setattr(config, key, value)
+    return config
+
+
+def _in_form(flagship: dict, key: str, value):
+    """``value`` in the form the flagship gives ``key``: one entry per tiny layer where it is a per-layer list."""
+    if isinstance(flagship.get(key), list) and len(flagship[key]) == flagship["num_hidden_layers"] \
+            and not isinstance(value, list):
+        return [value] * _COMMON["num_hidden_layers"]
+    return value
+
+
+def _shrunk_head_sizes(flagship: dict, head_size: int) -> dict:
+    """The head-size fields the flagship states, at the tiny head size; a partial rotary width (``rotary_dim``)
+    and long-RoPE factor lists (one per rotary frequency) shrink with it."""
+    shrunk = {key: head_size for key in ("head_dim", "attention_head_dim") if isinstance(flagship.get(key), int)}
+    full = flagship.get("head_dim") or flagship["hidden_size"] // flagship["num_attention_heads"]
+    if isinstance(flagship.get("rotary_dim"), int):
+        shrunk["rotary_dim"] = max(2, flagship["rotary_dim"] * head_size // full)
+    rope = flagship.get("rope_scaling")
+    if isinstance(rope, dict) and any(isinstance(value, list) for value in rope.values()):
+        shrunk["rope_scaling"] = {key: value[:head_size // 2] if isinstance(value, list) else value
+                                  for key, value in rope.items()}
+    return shrunk
+
+
+def _small_token_ids(config: dict, vocab_size: int) -> dict:
+    """Token-id fields (``*_id``) inside the tiny vocabulary, each id or list of ids in its own form."""
+    def small(value):
+        if isinstance(value, list):
+            return [small(item) for item in value]
+        return value % vocab_size if isinstance(value, int) and not isinstance(value, bool) else value
+    return {key: small(value) for key, value in config.items() if key.endswith("_id")}
 
 
 ARCHITECTURE_TYPES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
@@ -314,10 +404,13 @@ def write_config(path: Path, config: dict) -> Path:
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
+    """The workflow on a test's own config, run in ``workdir`` (``--directory``), not in the repository: each test
+    needs a results/ of its own (a fresh one, or one it damages on purpose), and a run in the checkout would mix
+    its outputs with the user's. With a ``--configfile`` the run reads nothing of config/config.yaml, as from the
+    repository root. The README's own commands run from a clone's root instead (``user_clone``)."""
     command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(configfile), "--cores", "2", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, env=offline_environment(), timeout=900)
 
 
 def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
@@ -397,3 +490,41 @@ def per_layer_checkpoint(model_dir, cache_dir, stats, steps, parts_dir, out_dir)
 def all_tensors(model_dir):
     tensors = CheckpointTensors(model_dir)
     return tensors.read(list(tensors.weight_map))
+
+
+# --- where the user stands: a clone of the repository -------------------------------------------------------
+
+def user_clone(destination: Path) -> Path:
+    """The repository as a user's clone has it (the files git tracks, and new ones it does not ignore), with this
+    checkout's set-up (.venv) linked in: a test of a README command runs it from the clone's root, as written.
+    Nothing this checkout made (results/, .snakemake/, caches) comes along."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if not (source.is_file() or source.is_symlink()):  # tracked, but deleted in this checkout
+            continue
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+    (destination / ".venv").symlink_to(REPO / ".venv")
+    return destination
+
+
+def offline_environment(**extra: str) -> dict[str, str]:
+    """The environment CI runs in: no hub."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+
+# --- statistics that make a pruning differ between layers -----------------------------------------------------
+
+def non_uniform_min_count(stats, floor: int = 2) -> int:
+    """A frequency_prune ``min_count`` that keeps a different number of experts in the MoE layers of ``stats``
+    (each layer floored at ``floor``, its top-k), found from the table itself rather than hoped for."""
+    layers = sorted(stats["layer"].unique())
+    for threshold in sorted(stats["selected"].unique()):
+        kept = stats[stats["selected"] >= threshold].groupby("layer").size().reindex(layers, fill_value=0)
+        if kept.clip(lower=floor).nunique() > 1:
+            return int(threshold)
+    raise AssertionError("no frequency threshold keeps different expert counts in these layers")

@@ -17,6 +17,7 @@ from helpers import (
     SNAKEMAKE,
     TINY,
     context_with_inputs,
+    non_uniform_min_count,
     planned_jobs,
     saved_tensor_count,
     snakemake,
@@ -147,7 +148,7 @@ def stats(tmp_path, tiny_model, token_batch):
 
 
 def test_pruned_checkpoint_reports_its_experts_per_layer(tmp_path, tiny_model, tokenizer, stats):
-    step = {"method": "frequency_prune", "min_count": int(stats["selected"].quantile(0.4))}
+    step = {"method": "frequency_prune", "min_count": non_uniform_min_count(stats)}
     reports = apply_steps(tiny_model, [step], CompressionContext.for_model(tiny_model, stats))
     assert len(set(reports[0]["kept_per_layer"].values())) > 1, "fixture should give a non-uniform pruning"
     record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "pruned"})

@@ -267,8 +267,8 @@ def test_a_layout_that_differs_from_the_table_is_refused_naming_the_layer():
     with pytest.raises(ModelError, match=r"layer 1: mlp.e_score_correction_bias has shape \(5,\), not 8 experts"):
         check_structure(model)
     model = tiny_model_of("hunyuan_v1_moe")
-    model.config.moe_topk = [2, 2, 2]
-    with pytest.raises(ModelError, match="hunyuan_v1_moe: config field 'moe_topk' is per layer"):
+    model.config.moe_topk = [2, 2]  # a per-layer list one entry short of the decoder layers
+    with pytest.raises(ModelError, match="hunyuan_v1_moe: config field 'moe_topk' has 2 entries for 3 decoder layers"):
         check_structure(model)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from helpers import assert_same_model, logits, saved_tensor_count
+from helpers import assert_same_model, logits, non_uniform_min_count, saved_tensor_count
 from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.errors import ModelError
 from moe_compress.methods import CompressionContext, apply_steps
@@ -47,7 +47,7 @@ def test_pruning_changes_logits_and_drops_rarely_used(tiny_model, token_batch, s
 
 def test_non_uniform_checkpoint_reloads_with_remote_code(tmp_path, tiny_model, tokenizer, token_batch, stats, device):
     tiny_model.to(device)
-    reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": int(stats["selected"].quantile(0.4))}], stats)
+    reports = compress(tiny_model, [{"method": "frequency_prune", "min_count": non_uniform_min_count(stats)}], stats)
     assert len(set(reports[0]["kept_per_layer"].values())) > 1, "fixture should give a non-uniform pruning"
     record = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt", {"variant": "t"})
     assert record["loader"] == "remote_code"

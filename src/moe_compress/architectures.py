@@ -3,7 +3,8 @@ the MoE decoders, and the dense decoders the decoder-wide steps (layer dropping,
 reduction, dtype) and the evaluation apply to.
 
 No other module names a model type. Methods ask an adapter where the decoder layers, MoE blocks,
-routers and fused expert tensors are, and which config fields hold the expert count and top-k.
+routers and fused expert tensors are, and which config fields hold the expert count, top-k and expert
+width (one value for all layers, or a list with one entry per decoder layer: ``top_k(config, layer)``).
 
 In transformers 5.x the routed experts of a block are one module with fused tensors whose first
 dimension is the expert index (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), and the router
@@ -82,7 +83,13 @@ class MoEArchitecture:
     # gate and up rows of one neuron: "halves" ([gate; up]) or "interleaved" (gate, up, gate, up, ...)
     config_expert_width: str = "moe_intermediate_size"
     gate_up_layout: str = "halves"
-    # for the README's generated table
+    # config fields that state the routed experts' width, or the top-k, for other readers (the release's own
+    # code, inference engines) beside the field the stock class reads; rewritten with it, so they agree
+    config_width_mirrors: tuple[str, ...] = ()
+    config_top_k_mirrors: tuple[str, ...] = ()
+    # the config field holding the number of shared experts (None where the config states no count)
+    config_shared_experts: str | None = None
+    # for the generated table of docs/architectures.md
     examples: str = ""
     notes: str = ""
 
@@ -114,14 +121,72 @@ class MoEArchitecture:
     def experts_of(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.experts)
 
-    def num_experts(self, config) -> int:
-        return int(getattr(config, self.config_num_experts)) if self.moe else 0
+    # --- config fields, per decoder layer ------------------------------------------------------
+    # A field may hold one value for all layers or a list with one entry per decoder layer (Hunyuan-A13B's
+    # moe_topk, moe_intermediate_size, num_shared_expert). Every reader asks for a layer's value here.
 
-    def top_k(self, config) -> int:
-        return int(getattr(config, self.config_top_k)) if self.moe else 0
+    @staticmethod
+    def is_per_layer(config, field: str | None) -> bool:
+        """Whether config ``field`` is a list with one entry per decoder layer."""
+        return field is not None and isinstance(getattr(config, field, None), (list, tuple))
 
-    def expert_width(self, config) -> int | None:
-        return int(getattr(config, self.config_expert_width)) if self.moe else None
+    def layer_value(self, config, field: str, layer: int | None = None):
+        """Config ``field`` for decoder layer ``layer``: its entry where the field is per layer, else the value.
+        ``layer`` None: the value every layer shares (a per-layer field whose entries differ is refused)."""
+        value = getattr(config, field)
+        if not isinstance(value, (list, tuple)):
+            return value
+        if layer is not None:
+            return value[layer]
+        if len(set(value)) > 1:
+            raise ModelError(f"{config.model_type}: config field {field!r} differs between layers ({list(value)}); "
+                             "its value is asked for per layer")
+        return value[0]
+
+    def num_experts(self, config, layer: int | None = None) -> int:
+        return int(self.layer_value(config, self.config_num_experts, layer)) if self.moe else 0
+
+    def top_k(self, config, layer: int | None = None) -> int:
+        return int(self.layer_value(config, self.config_top_k, layer)) if self.moe else 0
+
+    def expert_width(self, config, layer: int | None = None) -> int | None:
+        return int(self.layer_value(config, self.config_expert_width, layer)) if self.moe else None
+
+    def shared_experts(self, config, layer: int | None = None) -> int | None:
+        """Shared experts beside the routed ones, where the config states their number."""
+        field = self.config_shared_experts
+        if not self.moe or field is None or getattr(config, field, None) is None:
+            return None
+        return int(self.layer_value(config, field, layer))
+
+    def per_layer_values(self, config, field: str) -> list:
+        """Config ``field``'s value for every decoder layer."""
+        return [self.layer_value(config, field, layer) for layer in range(config.num_hidden_layers)]
+
+    def top_k_per_layer(self, config) -> dict[int, int]:
+        """{decoder layer: top-k} for every decoder layer (the config alone cannot tell which layers are MoE
+        layers, so a dense layer's entry is included)."""
+        return {layer: self.top_k(config, layer) for layer in range(config.num_hidden_layers)}
+
+    def write_layer_values(self, config, field: str, values: dict[int, object]) -> None:
+        """Set config ``field`` to ``values`` ({decoder layer: value}) in the field's own form: a per-layer list
+        stays a list with one entry per decoder layer (layers not in ``values`` keep theirs); a single value
+        becomes the value the layers share, or where they differ the largest (the per-layer values then go
+        through the remote-code loader)."""
+        if not values:
+            return
+        if self.is_per_layer(config, field):
+            entries = list(getattr(config, field))
+            for layer, value in values.items():
+                entries[layer] = value
+            setattr(config, field, entries)
+        else:
+            setattr(config, field, max(values.values()))
+
+    def expresses_per_layer(self, config, field: str, values: dict[int, object]) -> bool:
+        """Whether the stock config can state ``values`` ({decoder layer: value}) in ``field``: one value for all,
+        or a field the stock class reads per layer (a list)."""
+        return len(set(values.values())) <= 1 or self.is_per_layer(config, field)
 
     def scoring_for(self, config) -> str:
         if self.scoring_by_config is None:
@@ -376,6 +441,7 @@ _SIGMOID_GROUPED = dict(
     group_attrs=("num_group", "topk_group"),
     choice_bias="gate.e_score_correction_bias",
     layer_config_fields=(("first_k_dense_replace", "prefix"),),
+    config_shared_experts="n_shared_experts",
 )
 # Qwen's routed experts + one shared expert scaled by a sigmoid gate
 _QWEN_DENSE = (("mlp_only_layers", "dense_indices"), ("decoder_sparse_step", "sparse_step"))
@@ -408,6 +474,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         notes=f"DeepSeek-V3 routing with sparse-attention indexers; {_DEEPSEEK_STEPS}"),
         MoEArchitecture(model_type="kimi_linear", **{**_SIGMOID_GROUPED, "config_num_experts": "num_experts",
                                                      "config_top_k": "num_experts_per_token",
+                                                     "config_shared_experts": "num_shared_experts",
                                                      "layer_config_fields": (
                                                          ("first_k_dense_replace", "prefix"),
                                                          ("linear_attn_config.kda_layers", "indices_1based"),
@@ -420,7 +487,8 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         notes="DeepSeek-V3 routing with MLA attention; dense layers by `mlp_layer_types`"),
         MoEArchitecture(model_type="solar_open", **_SIGMOID_GROUPED, examples="Solar-Open-100B",
                         notes="DeepSeek-V3 routing; shared expert"),
-        MoEArchitecture(model_type="exaone_moe", **{**_SIGMOID_GROUPED, "config_num_experts": "num_experts"},
+        MoEArchitecture(model_type="exaone_moe", **{**_SIGMOID_GROUPED, "config_num_experts": "num_experts",
+                                                    "config_shared_experts": "num_shared_experts"},
                         examples="K-EXAONE-236B-A23B",
                         notes="DeepSeek-V3 routing; sliding-window layers; dense layers by `mlp_layer_types`"),
         MoEArchitecture(model_type="dots1", **_SIGMOID_GROUPED, examples="dots.llm1",
@@ -432,6 +500,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         scaling="routed_scaling_factor", shared_modules=("shared_experts",),
                         group_attrs=("num_group", "topk_group"), group_score="max",
                         layer_config_fields=(("first_k_dense_replace", "prefix"),),
+                        config_shared_experts="n_shared_experts",
                         examples="DeepSeek-V2, DeepSeek-V2-Lite, DeepSeek-Coder-V2",
                         notes=f"softmax, greedy or group-limited (`topk_method`), routed scaling; {_DEEPSEEK_STEPS}"),
         # sigmoid + a correction bias the block holds and passes to the router; always renormalised
@@ -443,7 +512,8 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         renormalize=True, scaling="route_scale", block_tensors=("expert_bias",),
                         router_inputs=("expert_bias",), router_input_batched=True, choice_bias="expert_bias",
                         layer_config_fields=(("num_dense_layers", "prefix"),),
-                        shared_modules=("shared_experts",), examples="Trinity (Arcee AFMoE)",
+                        shared_modules=("shared_experts",), config_shared_experts="num_shared_experts",
+                        examples="Trinity (Arcee AFMoE)",
                         notes="sigmoid + an expert bias held by the block; dense first layers; shared experts"),
         MoEArchitecture(model_type="lfm2_moe", moe_block="feed_forward", scoring="sigmoid_topk",
                         scaling="routed_scaling_factor", block_tensors=("expert_bias",),
@@ -456,6 +526,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         router_tensors=("weight", "moe_statics.e_score_correction_bias"),
                         expert_dims=(("gate.moe_statics.e_score_correction_bias", 1),), renormalize=True,
                         choice_bias="gate.moe_statics.e_score_correction_bias", shared_modules=("shared_experts",),
+                        config_shared_experts="moe_num_shared_experts",
                         layer_config_fields=(("moe_layer_start_index", "first_moe"),
                                              ("moe_layer_end_index", "last_moe")),
                         examples="ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
@@ -466,12 +537,18 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
         MoEArchitecture(model_type="granitemoe", config_expert_width="intermediate_size", moe_block="block_sparse_moe", router="router",
                         config_num_experts="num_local_experts", scoring="topk_softmax", renormalize=True,
                         examples="Granite-3.0-1B-A400M, Granite-3.0-3B-A800M", notes="top-k logits, then softmax"),
-        MoEArchitecture(model_type="hunyuan_v1_moe", config_expert_width="intermediate_size", router_tensors=("wg.weight",), config_top_k="moe_topk",
-                        renormalize=True, shared_modules=("shared_mlp",), examples="Hunyuan-A13B",
-                        notes="router weight in a float32 linear `wg`; a shared MLP; one expert count for all layers"),
+        # the stock class sizes routed experts and the shared MLP by intermediate_size and reads moe_topk per
+        # layer where it is a list; the release's moe_intermediate_size list states the experts' width too
+        MoEArchitecture(model_type="hunyuan_v1_moe", config_expert_width="intermediate_size",
+                        config_width_mirrors=("moe_intermediate_size",), router_tensors=("wg.weight",),
+                        config_top_k="moe_topk", renormalize=True, shared_modules=("shared_mlp",),
+                        config_shared_experts="num_shared_expert", examples="Hunyuan-A13B",
+                        notes="router weight in a float32 linear `wg`; a shared MLP; top-k, expert width and shared "
+                              "experts per layer (`moe_topk` lists)"),
         MoEArchitecture(model_type="cohere2_moe", config_expert_width="intermediate_size", scoring_by_config=("expert_selection_fn", (
                             ("softmax", "topk_softmax"), ("sigmoid", "sigmoid_topk"))),
-                        shared_modules=("shared_experts",), examples="Command A MoE",
+                        shared_modules=("shared_experts",), config_shared_experts="num_shared_experts",
+                        examples="Command A MoE",
                         notes="`expert_selection_fn` picks softmax or sigmoid; shared experts summed or averaged"),
         # router has a bias, top-k of logits then softmax; experts store gate_up_proj transposed
         # [E, H, 2I] with gate/up interleaved, plus per-expert biases. Dim 0 is still the expert.
@@ -479,6 +556,7 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
             model_type="gpt_oss",
             config_expert_width="intermediate_size",
             gate_up_layout="interleaved",
+            config_top_k_mirrors=("experts_per_token",),  # the release's own name for the top-k
             router="router",
             router_tensors=("weight", "bias"),
             expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
@@ -551,16 +629,38 @@ def adapter_for(config_or_type) -> MoEArchitecture:
 
 
 def check_config(adapter: MoEArchitecture, config) -> None:
-    """Refuse, in one line naming the field, a config the adapter cannot describe."""
+    """Refuse, in one line naming the field, a config the adapter cannot describe. Top-k, expert widths and
+    shared-expert counts may be per layer (a list with one entry per decoder layer); the expert count may not
+    (the stock classes build one expert count for all layers)."""
     if not adapter.moe:
         return
     for field in (adapter.config_num_experts, adapter.config_top_k):
-        value = getattr(config, field, None)
-        if isinstance(value, (list, tuple)):
-            raise ModelError(f"{config.model_type}: config field {field!r} is per layer ({value}); only one value "
-                             "for all layers is supported")
-        if value is None:
+        if getattr(config, field, None) is None:
             raise ModelError(f"{config.model_type}: config field {field!r} is missing")
+    if adapter.is_per_layer(config, adapter.config_num_experts):
+        raise ModelError(f"{config.model_type}: config field {adapter.config_num_experts!r} is per layer "
+                         f"({list(getattr(config, adapter.config_num_experts))}); one expert count for all layers "
+                         "is supported")
+    layers = getattr(config, "num_hidden_layers", None)
+    num_experts = adapter.num_experts(config)
+    smallest = {adapter.config_top_k: 1, adapter.config_expert_width: 1, adapter.config_shared_experts: 0,
+                **dict.fromkeys(adapter.config_width_mirrors, 1), **dict.fromkeys(adapter.config_top_k_mirrors, 1)}
+    for field, minimum in smallest.items():
+        if not adapter.is_per_layer(config, field):
+            continue
+        values = list(getattr(config, field))
+        if len(values) != layers:
+            raise ModelError(f"{config.model_type}: config field {field!r} has {len(values)} entries for "
+                             f"{layers} decoder layers (num_hidden_layers)")
+        wrong = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < minimum]
+        if wrong:
+            raise ModelError(f"{config.model_type}: config field {field!r} holds {wrong[0]!r}; each layer's entry "
+                             f"must be an integer of at least {minimum}")
+    too_many = {layer: k for layer, k in adapter.top_k_per_layer(config).items() if k > num_experts}
+    if too_many:
+        layer, k = next(iter(too_many.items()))
+        raise ModelError(f"{config.model_type}: config field {adapter.config_top_k!r} routes each token to {k} "
+                         f"experts in layer {layer}, more than its {num_experts} experts")
     if adapter.scoring_by_config is not None:
         field, rules = adapter.scoring_by_config
         if getattr(config, field, None) not in dict(rules):

@@ -6,7 +6,10 @@ Layout of a cache directory:
   = sample * seq_len + position), ``logits`` (fixed-size list of float32, one per expert),
   ``topk_indices`` (fixed-size list of int16) and ``topk_weights`` (fixed-size list of float32, the
   weights the block applied), in rank order: the router's first choice first, by its own choice score
-  (``MoEArchitecture.rank_order``), whatever order its top-k kernel returned them in.
+  (``MoEArchitecture.rank_order``), whatever order its top-k kernel returned them in. Where layers route
+  to different numbers of experts (a per-layer top-k), the lists have the largest top-k's length and a
+  layer's extra slots are skipped ones (index = expert count, weight 0); the manifest holds each layer's
+  own top-k, and the reader gives each layer its own.
 - ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
 - ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, and
   every file with its CRC-32 (the checksum gzip and zip use against accidental corruption, cheaper than
@@ -114,7 +117,7 @@ def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_d
     The directory appears only complete: it is written under a temporary name and moved into place."""
     layers = decoder_layers_of(model_or_layers)
     with atomic_directory(out_dir) as tmp:
-        writer = CacheWriter(tmp)
+        writer = CacheWriter(tmp, top_k_width=_largest_top_k(layers))
         try:
             for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype):
                 writer.add_layer(index, capture)
@@ -123,12 +126,21 @@ def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_d
         return writer.write_manifest(meta or {})
 
 
+def _largest_top_k(layers: DecoderLayers) -> int | None:
+    """The most experts any MoE layer's router picks per token: the length of the cache's top-k lists."""
+    adapter = layers.adapter
+    return max((adapter.router_settings(block)["top_k"] for block in adapter.moe_blocks(layers.model).values()),
+               default=None)
+
+
 class CacheWriter:
     """Writes the files of a cache into ``directory`` one MoE layer at a time, so the pass never holds
-    more than one layer's capture; ``write_manifest`` completes it."""
+    more than one layer's capture; ``write_manifest`` completes it. ``top_k_width``: the length of the
+    top-k lists (the model's largest top-k; a layer with a smaller one is padded with skipped slots)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, top_k_width: int | None = None):
         self.directory = directory
+        self.top_k_width = top_k_width
         (directory / INPUTS_DIR).mkdir()
         self._router = None
         self._layers = {}
@@ -143,13 +155,17 @@ class CacheWriter:
         check_finite(hidden, f"MoE-block input hidden states of layer {layer}")
         tokens, num_experts = logits.shape
         top_k = indices.shape[1]
+        width = max(top_k, self.top_k_width or top_k)
+        if width > top_k:  # skipped slots: the expert count as index, no weight
+            indices = torch.cat([indices, indices.new_full((tokens, width - top_k), num_experts)], dim=1)
+            weights = torch.cat([weights, weights.new_zeros(tokens, width - top_k)], dim=1)
         table = pa.table(
             {
                 "layer": pa.array(np.full(tokens, layer, np.int16)),
                 "token": pa.array(np.arange(tokens, dtype=np.int32)),
                 "logits": pa.FixedSizeListArray.from_arrays(logits.numpy().ravel(), num_experts),
-                "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), top_k),
-                "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), top_k),
+                "topk_indices": pa.FixedSizeListArray.from_arrays(indices.numpy().ravel(), width),
+                "topk_weights": pa.FixedSizeListArray.from_arrays(weights.numpy().ravel(), width),
             }
         )
         if self._router is None:
@@ -235,10 +251,11 @@ class CacheReader:
         for layer in np.unique(layers):
             part = table.filter(pa.compute.equal(table.column("layer"), pa.scalar(layer, pa.int16())))
             part = part.sort_by("token")
+            top_k = self.manifest["layers"][str(layer)]["top_k"]  # the layer's own (the lists may be padded)
             routing[int(layer)] = LayerRouting(
                 logits=_fixed_list(part.column("logits")),
-                topk_indices=_fixed_list(part.column("topk_indices")).astype(np.int64),
-                topk_weights=_fixed_list(part.column("topk_weights")),
+                topk_indices=_fixed_list(part.column("topk_indices"))[:, :top_k].astype(np.int64),
+                topk_weights=np.ascontiguousarray(_fixed_list(part.column("topk_weights"))[:, :top_k]),
             )
         return routing
 

@@ -2,8 +2,10 @@
 
 ``expert_frequency`` has one row per (layer, expert) with
 - ``tokens``: calibration tokens seen by the layer;
+- ``top_k``: the experts the layer routes each token to (layers may differ: a per-layer top-k);
 - ``selected_rank_<r>``: how often the expert was the router's r-th choice (r = 1..top-k), so the
-  count "selected within the top-k'" for any k' <= top-k is the sum of the first k' rank columns;
+  count "selected within the top-k'" for any k' <= top-k is the sum of the first k' rank columns (0 for
+  ranks beyond the layer's own top-k);
 - ``selected``: selected within the model's top-k; ``frequency`` = selected / tokens;
 - ``mean_weight_when_selected``: mean routing weight applied when selected;
 - ``routing_mass``: total routing weight applied to the expert over all tokens;
@@ -68,6 +70,7 @@ def layer_frequency(layer: int, routing: LayerRouting, scoring: str = "softmax_t
             "layer": layer,
             "expert": np.arange(num_experts),
             "tokens": tokens,
+            "top_k": top_k,
             **{rank_column(rank + 1): counts[rank] for rank in range(top_k)},
             "selected": selected,
             "frequency": selected / tokens,
@@ -82,18 +85,27 @@ def layer_frequency(layer: int, routing: LayerRouting, scoring: str = "softmax_t
 def expert_frequency(routing: dict[int, LayerRouting], scoring: str = "softmax_topk") -> pd.DataFrame:
     """The frequency table; ``scoring``: the architecture's (``MoEArchitecture.scoring``), for
     ``mean_router_prob``."""
-    return pd.concat([layer_frequency(layer, routing[layer], scoring) for layer in sorted(routing)],
-                     ignore_index=True)
+    table = pd.concat([layer_frequency(layer, routing[layer], scoring) for layer in sorted(routing)],
+                      ignore_index=True)
+    # a layer with a smaller top-k never chose an expert at the higher ranks: 0, not missing
+    ranks = [column for column in table.columns if column.startswith("selected_rank_")]
+    table[ranks] = table[ranks].fillna(0).astype(np.int64)
+    order = ["layer", "expert", "tokens", "top_k", *sorted(ranks, key=lambda c: int(c.rsplit("_", 1)[1]))]
+    return table[order + [column for column in table.columns if column not in order]]
 
 
 def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
-    """Per row, how often the expert was chosen within the router's first ``k`` ranks."""
-    columns = [rank_column(rank) for rank in range(1, k + 1)]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        available = sum(c.startswith("selected_rank_") for c in table.columns)
+    """Per row, how often the expert was chosen within the router's first ``k`` ranks; ``k`` may not exceed
+    the top-k of any layer in the table (the ranks beyond a layer's own top-k were never recorded)."""
+    available = sum(c.startswith("selected_rank_") for c in table.columns)
+    layer_top_k = table.groupby("layer")["top_k"].first() if "top_k" in table.columns else None
+    if layer_top_k is not None and (layer_top_k < k).any():
+        layer = int(layer_top_k.index[layer_top_k < k][0])
+        raise DataError(f"top_k={k} is more than layer {layer}'s top-k ({int(layer_top_k[layer])}) recorded in the "
+                        "statistics")
+    if k > available:
         raise DataError(f"top_k={k} is more than the model's top-k ({available}) recorded in the statistics")
-    return table[columns].sum(axis=1)
+    return table[[rank_column(rank) for rank in range(1, k + 1)]].sum(axis=1)
 
 
 @torch.no_grad()

@@ -122,8 +122,9 @@ def width_field_is_private(model) -> bool:
     rewrite it and stay stock): a skeleton with the field changed differs in nothing else."""
     adapter = adapter_for(model.config)
     field = adapter.config_expert_width
-    width = int(getattr(model.config, field))
-    changed = type(model.config).from_dict({**model.config.to_dict(), field: width + 1})
+    value = getattr(model.config, field)  # one width, or one per decoder layer
+    wider = [width + 1 for width in value] if adapter.is_per_layer(model.config, field) else int(value) + 1
+    changed = type(model.config).from_dict({**model.config.to_dict(), field: wider})
     before, after = skeleton(model.config).state_dict(), skeleton(changed).state_dict()
     expert_paths = {f"{adapter.moe_block}.{adapter.experts}.{name}" for name in adapter.expert_tensors}
     for name, tensor in before.items():
@@ -184,8 +185,8 @@ def prune_expert_width(model, step: dict, context) -> dict:
                                         "importance_kept": round(float(kept_share), 6)}
     widths = set(targets.values())
     stock = len(widths) == 1 and context.layers is None and width_field_is_private(model)
-    if stock:
-        setattr(model.config, adapter.config_expert_width, widths.pop())
+    if stock:  # in the field's own form: a per-layer list stays a list
+        adapter.write_layer_values(model.config, adapter.config_expert_width, targets)
     report["config_field"] = adapter.config_expert_width if stock else None
     log.info("expert widths: %s", targets)
     return report

@@ -334,9 +334,10 @@ def _merge_shape(step: dict, shape) -> Problem | None:
     if "merges_per_layer" not in step:
         return None
     left = shape.num_experts - step["merges_per_layer"]
-    if left < shape.top_k:
+    if left < shape.top_k:  # the largest top-k where layers differ: every layer keeps its own
+        where = "" if not shape.top_k_per_layer else " in the layers with the largest top-k"
         return Problem("merges_per_layer", f"{step['merges_per_layer']} leaves {left} of the {shape.num_experts} "
-                                           f"experts, fewer than the {shape.top_k} each token is routed to")
+                                           f"experts, fewer than the {shape.top_k} each token is routed to{where}")
     return None
 
 

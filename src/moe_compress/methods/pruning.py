@@ -114,8 +114,10 @@ def frequency_prune(model, step: dict, context) -> dict:
     (``keep``, or the rounded mean of what the threshold keeps)."""
     if context.stats is None:
         raise ModelError("frequency_prune needs the expert statistics table")
-    top_k = step.get("top_k", adapter_for(model.config).top_k(model.config))
-    stats = context.stats.assign(selected_within=selected_within_top(context.stats, top_k))
+    # without top_k, each layer's selections within its own top-k (which may differ per layer)
+    selected = (context.stats["selected"] if step.get("top_k") is None
+                else selected_within_top(context.stats, step["top_k"]))
+    stats = context.stats.assign(selected_within=selected)
     usage, thresholds_kept = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
         counts = stats_rows(stats, layer, "selected_within", original_ids)
@@ -144,8 +146,10 @@ def _frequency_options(step: dict) -> Problem | None:
 
 
 def _frequency_shape(step: dict, shape) -> Problem | None:
-    if step.get("top_k") is not None and step["top_k"] > shape.top_k:
-        return Problem("top_k", f"{step['top_k']} is more than the {shape.top_k} experts each token is routed to")
+    if step.get("top_k") is not None and step["top_k"] > shape.fewest_routed:
+        fewest = ("experts each token is routed to" if not shape.top_k_per_layer
+                  else "experts each token is routed to in the layers with the smallest top-k")
+        return Problem("top_k", f"{step['top_k']} is more than the {shape.fewest_routed} {fewest}")
     return check_keep(step, shape)
 
 

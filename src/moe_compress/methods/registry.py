@@ -33,7 +33,7 @@ class ModelShape:
     layer's current shape (after the variant's earlier steps) when the step runs."""
 
     num_experts: int
-    top_k: int
+    top_k: int  # experts each token is routed to; where layers differ, the largest
     num_layers: int
     fixed_top_k: int | None = None  # the router's top-k cannot change (MoEArchitecture.fixed_top_k)
     # the decoder's widths (None where the check runs per MoE layer, which does not need them)
@@ -42,7 +42,25 @@ class ModelShape:
     hidden_size: int | None = None
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
-    expert_width: int | None = None  # intermediate neurons per expert
+    expert_width: int | None = None  # intermediate neurons per expert (the narrowest layer's)
+    # each decoder layer's top-k where the config states them per layer and they differ (empty: all top_k)
+    top_k_per_layer: tuple[int, ...] = ()
+
+    @property
+    def fewest_routed(self) -> int:
+        """The smallest top-k of any layer: what every layer routes each token to at least."""
+        return min(self.top_k_per_layer or (self.top_k,))
+
+    @property
+    def mean_top_k(self) -> float:
+        values = self.top_k_per_layer or (self.top_k,)
+        return sum(values) / len(values)
+
+    def describe_top_k(self) -> str:
+        """"top-8", or where layers differ "top-k 2 to 4 by layer"."""
+        if not self.top_k_per_layer:
+            return f"top-{self.top_k}"
+        return f"top-k {self.fewest_routed} to {self.top_k} by layer"
 
 
 @dataclass(frozen=True)

@@ -203,9 +203,11 @@ def _active_shape(step: dict, shape) -> Problem | None:
         return Problem(option, f"this router always picks {shape.fixed_top_k} experts (SparseMixer); its top-k "
                                "cannot change (dynamic_skip can still lower the active experts)")
     if option == "target_mean":
-        if step["target_mean"] > shape.top_k:
-            return Problem("target_mean", f"{step['target_mean']} is more than the {shape.top_k} experts each token "
-                                          "is routed to")
+        # each layer's k only goes down from its own top-k, so the mean cannot exceed theirs
+        if step["target_mean"] > shape.mean_top_k:
+            routed = (f"{shape.top_k} experts each token is routed to" if not shape.top_k_per_layer
+                      else f"{shape.mean_top_k:g} experts each token is routed to on average over the layers")
+            return Problem("target_mean", f"{step['target_mean']} is more than the {routed}")
         return None
     if step["k"] > shape.num_experts:
         return Problem("k", f"{step['k']} is more than the {shape.num_experts} experts per layer")
@@ -219,9 +221,11 @@ def _skip_options(step: dict) -> Problem | None:
 
 
 def _skip_shape(step: dict, shape) -> Problem | None:
-    if step.get("target_active") is not None and step["target_active"] > shape.top_k:
-        return Problem("target_active", f"{step['target_active']} is more than the {shape.top_k} experts each token "
-                                        f"is routed to")
+    # every layer aims at target_active, so it may not exceed the smallest top-k of any layer
+    if step.get("target_active") is not None and step["target_active"] > shape.fewest_routed:
+        where = "" if not shape.top_k_per_layer else " in the layers with the smallest top-k"
+        return Problem("target_active", f"{step['target_active']} is more than the {shape.fewest_routed} experts each "
+                                        f"token is routed to{where}")
     return None
 
 

@@ -131,13 +131,24 @@ def test_pickled_weights_are_never_loaded(tmp_path):
         load_model(path)
 
 
-def test_a_checkpoint_that_asks_to_run_its_own_code_is_refused_unless_trusted(tmp_path):
+def test_a_checkpoints_own_code_is_never_run_unless_trusted(tmp_path):
+    """A release of a type transformers implements may name its own code (DeepSeek-V3's auto_map): untrusted, it
+    loads with transformers' class and its code is never imported. A type only its own code knows is refused."""
     path = write_checkpoint(tmp_path / "model")
-    edit_config_json(path, auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    auto_map = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    edit_config_json(path, auto_map=auto_map)
+    marker = tmp_path / "the checkpoint's code ran"
+    (path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    assert type(load_model(path)) is type(tiny_model_of("qwen3_moe"))
+    LayerStream(path).load_layer(0)
+    assert model_shape(path)["num_experts"] == 8
+    assert not marker.exists()
+    edit_config_json(path, model_type="evil_moe")
     with pytest.raises(ModelError, match=r"asks to run the checkpoint's own code.*model.trust_remote_code: true"):
         load_model(path)
     with pytest.raises(ModelError, match="asks to run the checkpoint's own code"):
         LayerStream(path)
+    assert not marker.exists()
 
 
 # ---- data ---------------------------------------------------------------------------------------------------

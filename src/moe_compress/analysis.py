@@ -43,6 +43,7 @@ from moe_compress.modelio import (
     needs_remote_code,
     read_compression_record,
 )
+from moe_compress.quantized import check_source_quantization, dense_tensor_facts
 from moe_compress.remote_code.moe_compress_layers import dictionary_names, factor_names
 
 FORMAT_VERSION = 1
@@ -99,9 +100,14 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict]:
 def checkpoint_tensors(path: str | Path) -> dict[str, dict]:
     """{name: {"dtype", "shape", "bytes", "file"}} of every tensor a checkpoint stores: one
     ``model.safetensors``, or the shards its ``model.safetensors.index.json`` names (each tensor from the
-    shard the index names, as loading reads it). Raises naming the file: no config.json, no weights, a
-    shard missing, unreadable or without a tensor the index puts in it."""
+    shard the index names, as loading reads it); a quantized source's as the dense tensors they hold
+    (``quantized.dense_tensor_facts``). Raises naming the file: no config.json, no weights, a shard missing,
+    unreadable or without a tensor the index puts in it."""
     path = check_model_dir(path, weights=True)
+    return dense_tensor_facts(_stored_tensors(path), check_source_quantization(path))
+
+
+def _stored_tensors(path: Path) -> dict[str, dict]:
     index = path / SAFETENSORS_INDEX_FILE
     if not index.is_file():
         return {name: {**facts, "file": SAFETENSORS_FILE}
@@ -237,6 +243,14 @@ def _layer_keyed(raw: dict, key: str) -> dict[str, object]:
 
 def _int_or_none(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _layer_int(config, field: str | None, layer: int) -> int | None:
+    """Config ``field`` for decoder layer ``layer``: its entry where the field is a per-layer list."""
+    value = getattr(config, field, None) if field else None
+    if isinstance(value, (list, tuple)):
+        value = value[layer] if layer < len(value) else None
+    return _int_or_none(value)
 
 
 def _head_sizes(config) -> tuple[int | None, int | None, int | None]:
@@ -378,7 +392,7 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
         facts, model_name = tensors[saved], model_names[saved]
         kind, layer, mixer = layout.classify(model_name, saved)
         # weights only: an integer tensor (a dictionary code's atom indices) is bookkeeping, counted in bytes
-        count = numel(facts["shape"]) if facts["dtype"].startswith(("F", "BF")) else 0
+        count = 0 if facts["dtype"].startswith(("I", "U", "BOOL")) else numel(facts["shape"])
         parameters[kind] += count
         stored[kind] += facts["bytes"]
         dtypes[facts["dtype"]] += count
@@ -426,14 +440,12 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
     config_experts = _layer_keyed(raw, "moe_compress_experts_per_layer")
     config_widths = _layer_keyed(raw, "moe_compress_expert_width")
     width_field = getattr(adapter, "config_expert_width", None)
-    config_width = _int_or_none(getattr(config, width_field, None)) if width_field else None
     other_codings = {key.removeprefix("moe_compress_"): _layer_keyed(raw, key) for key in sorted(raw)
                      if key.startswith("moe_compress_") and key not in _KNOWN_LAYER_KEYS and _layer_keyed(raw, key)
                      and all(str(index).isdigit() for index in _layer_keyed(raw, key))}
     record = read_compression_record(path) or {}
     reports = record.get("step_reports") or []
     measured = (reports[-1].get("active_experts_mean") or {}) if reports else {}
-    config_top_k = _int_or_none(getattr(config, adapter.config_top_k, None))
     config_num_experts = _int_or_none(getattr(config, adapter.config_num_experts, None))
     config_heads = _int_or_none(getattr(config, "num_attention_heads", None))
     config_kv_heads = _int_or_none(getattr(config, "num_key_value_heads", None))
@@ -463,7 +475,7 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
         if row["kind"] == "moe":
             row.update(_expert_facts(adapter, index, entry["block"], hidden, notes))
             settings = router_settings.get(key) if isinstance(router_settings.get(key), dict) else {}
-            top_k = _int_or_none(settings.get("top_k")) or config_top_k
+            top_k = _int_or_none(settings.get("top_k")) or _layer_int(config, adapter.config_top_k, index)
             row["top_k"] = adapter.fixed_top_k or top_k
             skip = dynamic_skip.get(key)
             row["dynamic_skip"] = skip if skip else None
@@ -476,7 +488,7 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
                 notes.append(f"layer {index}: {row['experts']} experts in the router, {expected} in config.json "
                              f"({field})")
             expected, field = ((_int_or_none(config_widths.get(key)), "moe_compress_expert_width")
-                               if config_widths else (config_width, width_field))
+                               if config_widths else (_layer_int(config, width_field, index), width_field))
             if row["expert_width"] is not None and expected is not None and row["expert_width"] != expected:
                 notes.append(f"layer {index}: experts {row['expert_width']} wide in the tensors, {expected} in "
                              f"config.json ({field})")

@@ -30,9 +30,11 @@ from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import CompressionContext, apply_steps, merge_layer_reports, whole_model_reason
 from moe_compress.modelio import (
     DTYPES,
+    SOURCE_QUANTIZATION,
     apply_checkpoint_layout,
     block_facts,
     load_tokenizer,
+    source_quantization_of,
     write_checkpoint_record,
 )
 from moe_compress.streaming import INDEX_FILE, LayerStream, build_skeleton, load_into
@@ -164,8 +166,9 @@ def assemble_checkpoint(model_dir: str | Path, parts: dict[int, str | Path], out
         if model.can_generate():
             _generation_config(model_dir, model).save_pretrained(tmp)
         load_tokenizer(model_dir).save_pretrained(tmp)
-        return write_checkpoint_record(tmp, {**record, "step_reports": reports}, layout, remote_code, num_layers,
-                                       parameters)
+        return write_checkpoint_record(tmp, {**record, "step_reports": reports,
+                                             SOURCE_QUANTIZATION: source_quantization_of(model)},
+                                       layout, remote_code, num_layers, parameters)
 
 
 def _generation_config(model_dir: str | Path, model: nn.Module):

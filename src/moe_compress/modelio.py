@@ -13,9 +13,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from moe_compress.architectures import adapter_for
+from moe_compress.architectures import ARCHITECTURES, adapter_for
 from moe_compress.atomic import atomic_directory, write_json
 from moe_compress.errors import ModelError
+from moe_compress.quantized import check_source_quantization
 from moe_compress.remote_code.moe_compress_layers import dictionary_specs_of
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ REMOTE_CODE_CLASS = "MoeCompressForCausalLM"
 LAYERS_FILE = "moe_compress_layers.py"  # imported by the modeling file; also the library's own code
 LOADER_STOCK = "stock"
 LOADER_REMOTE_CODE = "remote_code"
+# compression.json's record of the source checkpoint's quantization (null for an unquantized source); a model
+# loaded from a quantized source carries it as this attribute (not saved with the model)
+SOURCE_QUANTIZATION = "source_quantization"
+SOURCE_QUANTIZATION_ATTRIBUTE = "moe_compress_source_quantization"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,32 +126,77 @@ def needs_remote_code(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM for inference. Remote code is trusted only when asked for, or for our own checkpoints."""
+    """Load a causal LM for inference. Remote code is trusted only when asked for, or for our own checkpoints.
+    A quantized source (block-scaled FP8, MXFP4) loads dequantized into ``dtype`` (``load_dequantized``)."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path, weights=True)
     trust = trust_remote_code or needs_remote_code(path)
     load_checkpoint_config(path, trust)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust,
-                                                 use_safetensors=True)
+    if check_source_quantization(path) is not None:
+        model = load_dequantized(path, dtype, device, trust)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust,
+                                                     use_safetensors=True)
     return model.to(resolve_device(device)).eval()
 
 
+def load_dequantized(path: Path, dtype: str, device: str, trust: bool) -> nn.Module:
+    """A quantized source, whole, dequantized on ``device`` into ``dtype`` by the layer stream's own code: the
+    plain model's skeleton, then every tensor read, dequantized and converted as ``LayerStream`` does, so each
+    weight is bitwise the one the calibration cache pass and a per-layer job load. (transformers' own
+    ``dequantize=True`` load computes the same products, but refuses FP8 blocks that are partial at a matrix's
+    edge, as DeepSeek-V3's are, and an FP8 model it loads does not save: the reverse of its conversion
+    quantizes again.) Peak memory: the model + one layer."""
+    from itertools import chain
+
+    from moe_compress.streaming import LayerStream, load_into
+
+    stream = LayerStream(path, dtype, device, trust, read_ahead=False)
+    model, layers = stream.model, stream.adapter.layers + "."
+    outer = [name for name in stream.tensors.weight_map if not name.startswith(layers)]
+    load_into(model, stream.tensors.read(outer), stream.device)
+    for index in range(len(stream.layers)):
+        stream.load_layer(index)
+    model.tie_weights()
+    unloaded = sorted(name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta)
+    if unloaded:
+        raise ModelError(f"model path {path}: the checkpoint has no tensors for {unloaded[:5]}")
+    if model.can_generate() and (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)  # as from_pretrained attaches it
+    return model
+
+
+def source_quantization_of(model: nn.Module) -> dict | None:
+    """What compression.json records of the quantization of the checkpoint ``model`` was loaded from."""
+    return getattr(model, SOURCE_QUANTIZATION_ATTRIBUTE, None)
+
+
 def load_checkpoint_config(path: Path, trust: bool):
-    """The checkpoint's config, refusing custom code unless trusted, and an architecture we support."""
+    """The checkpoint's config, refusing custom code unless trusted, an architecture we do not support and a
+    quantization we do not read. A quantized checkpoint's config comes without its ``quantization_config``:
+    the model is built, used and saved unquantized, its tensors dequantized as they are read."""
     from transformers import AutoConfig
 
     try:
         raw = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"model path {path}: config.json is not valid JSON ({err})") from err
-    if not raw.get("auto_map"):
+    # A release of a type transformers implements often still names its own code (DeepSeek-V3, Phi-3.5-MoE,
+    # MiniMax-M2 ship an auto_map): untrusted, transformers' own class loads it, the one the adapter describes.
+    native = raw.get("model_type") in ARCHITECTURES
+    if native or not raw.get("auto_map"):
         adapter_for(raw.get("model_type"))  # before transformers: one line listing the supported types
-    if raw.get("auto_map") and not trust:
+    if raw.get("auto_map") and not trust and not native:
         raise ModelError(f"model path {path}: its config.json asks to run the checkpoint's own code (auto_map); "
                          f"set model.trust_remote_code: true only if you trust that code")
+    quantization = check_source_quantization(path)  # one line naming a format not read, and what to do
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     adapter_for(config)  # fail early, listing the supported types
+    if quantization is not None:
+        del config.quantization_config
     return config
 
 
@@ -156,13 +206,19 @@ def model_shape(path: str | Path, trust_remote_code: bool = False) -> dict[str, 
     path = check_model_dir(path)
     config = load_checkpoint_config(path, trust_remote_code or needs_remote_code(path))
     adapter = adapter_for(config)
-    return {"num_experts": adapter.num_experts(config), "top_k": adapter.top_k(config),
-            "num_layers": config.num_hidden_layers, "fixed_top_k": adapter.fixed_top_k,
-            "model_type": config.model_type, "moe": adapter.moe, "hidden_size": config.hidden_size,
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_key_value_heads": getattr(config, "num_key_value_heads", None)
-            or getattr(config, "num_attention_heads", None),
-            "expert_width": adapter.expert_width(config)}
+    shape = {"num_experts": adapter.num_experts(config), "top_k": 0, "num_layers": config.num_hidden_layers,
+             "fixed_top_k": adapter.fixed_top_k, "model_type": config.model_type, "moe": adapter.moe,
+             "hidden_size": config.hidden_size, "num_attention_heads": getattr(config, "num_attention_heads", None),
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+             or getattr(config, "num_attention_heads", None), "expert_width": None}
+    if adapter.moe:
+        # per-layer fields (a list per decoder layer): the largest top-k, each layer's where they differ, and
+        # the narrowest expert width (what a cut must fit in every layer)
+        top_k = list(adapter.top_k_per_layer(config).values())
+        shape.update(top_k=max(top_k), expert_width=min(adapter.per_layer_values(config, adapter.config_expert_width)))
+        if len(set(top_k)) > 1:
+            shape["top_k_per_layer"] = tuple(top_k)
+    return shape
 
 
 def load_tokenizer(path: str | Path):
@@ -224,20 +280,23 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     """Write into ``config`` how the MoE layers look after compression (``facts``: ``block_facts`` per
     MoE layer); return (the record's layout fields, remote-code files to add: none for a stock checkpoint).
 
-    When every MoE layer has the same expert count and routing settings and no expert is factored or
-    skipped dynamically, the checkpoint is the stock architecture (plain ``from_pretrained``, the hub
-    tensor layout vLLM reads). Otherwise it carries ``modeling_moe_compress.py`` (+ the low-rank experts
-    module) and an ``auto_map``, and loads with ``trust_remote_code=True``."""
+    When every MoE layer has the same expert count and routing settings (or the config states a setting per
+    layer, as Hunyuan's ``moe_topk`` list does) and no expert is factored or skipped dynamically, the
+    checkpoint is the stock architecture (plain ``from_pretrained``, the hub tensor layout vLLM reads).
+    Otherwise it carries ``modeling_moe_compress.py`` (+ the low-rank experts module) and an ``auto_map``, and
+    loads with ``trust_remote_code=True``. Every config field keeps its form: a per-layer list stays a list."""
     counts = {index: fact["experts"] for index, fact in facts.items()}
     settings = {index: fact["router_settings"] for index, fact in facts.items()}
     low_rank = {index: fact["low_rank"] for index, fact in facts.items() if fact["low_rank"] is not None}
     dictionary = {index: fact["dictionary"] for index, fact in facts.items() if fact.get("dictionary") is not None}
     dynamic_skip = {index: fact["dynamic_skip"] for index, fact in facts.items() if fact["dynamic_skip"] is not None}
-    uniform = len(set(counts.values())) <= 1 and len({tuple(s.items()) for s in settings.values()}) <= 1
-    # a width the config's field does not state (per layer, or a field that also sizes other MLPs)
-    stock_width = adapter.expert_width(config) if counts else None
+    # a routing setting that differs between layers is stock where its config field is read per layer (a list)
+    routing_stock = all(adapter.expresses_per_layer(config, field, {index: s[attr] for index, s in settings.items()})
+                        for attr, field in adapter.routing_fields())
+    uniform = len(set(counts.values())) <= 1 and routing_stock
+    # a width the config's field does not state (a field that also sizes other MLPs)
     widths = {index: fact["expert_width"] for index, fact in facts.items()
-              if fact["expert_width"] is not None and fact["expert_width"] != stock_width}
+              if fact["expert_width"] is not None and fact["expert_width"] != adapter.expert_width(config, index)}
     stock = uniform and not low_rank and not dynamic_skip and not widths and not dictionary
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
                   "moe_compress_low_rank", "moe_compress_dynamic_skip", "moe_compress_expert_width", "moe_compress_dictionary",
@@ -245,11 +304,19 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
-        # the stock config holds one value per field: the largest count (layers are resized from it)
-        setattr(config, adapter.config_num_experts, max(counts.values()))
-        first = next(iter(settings.values()))
+        # each field in its own form: a per-layer list gets each layer's value; a single value is the one all
+        # layers share, or the largest (layers are resized from it by the remote-code loader)
+        adapter.write_layer_values(config, adapter.config_num_experts, counts)
         for attr, field in adapter.routing_fields():
-            setattr(config, field, first[attr] if uniform else max(s[attr] for s in settings.values()))
+            adapter.write_layer_values(config, field, {index: s[attr] for index, s in settings.items()})
+        # the fields that state the experts' width or the top-k beside the ones the stock class reads follow
+        mirrored = {field: {index: fact["expert_width"] for index, fact in facts.items()
+                            if fact["expert_width"] is not None} for field in adapter.config_width_mirrors}
+        mirrored.update({field: {index: s["top_k"] for index, s in settings.items() if "top_k" in s}
+                         for field in adapter.config_top_k_mirrors})
+        for field, values in mirrored.items():
+            if getattr(config, field, None) is not None:
+                adapter.write_layer_values(config, field, values)
     remote_code = {}
     if not stock:
         config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
@@ -268,7 +335,7 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
-        "active_experts": adapter.top_k(config),
+        "active_experts": _active_experts(adapter, config, settings),
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
         "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
         "dynamic_skip_per_layer": {str(index): skip for index, skip in dynamic_skip.items()},
@@ -276,6 +343,14 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         "expert_width_per_layer": {str(index): fact["expert_width"] for index, fact in facts.items()},
     }
     return record, remote_code
+
+
+def _active_experts(adapter, config, settings: dict[int, dict]) -> int | float:
+    """The experts each token is routed to: the MoE layers' common top-k, or where they differ their mean."""
+    top_k = [s["top_k"] for s in settings.values() if "top_k" in s]
+    if not top_k:
+        return adapter.top_k(config, next(iter(settings), None))
+    return top_k[0] if len(set(top_k)) == 1 else round(sum(top_k) / len(top_k), 6)
 
 
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: dict) -> dict:
@@ -287,8 +362,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        return write_checkpoint_record(tmp, record, layout, remote_code, len(adapter.decoder_layers(model)),
-                                       count_parameters(model))
+        return write_checkpoint_record(tmp, {**record, SOURCE_QUANTIZATION: source_quantization_of(model)}, layout,
+                                       remote_code, len(adapter.decoder_layers(model)), count_parameters(model))
 
 
 def write_checkpoint_record(directory: Path, record: dict, layout: dict, remote_code: dict[str, str], num_layers: int,

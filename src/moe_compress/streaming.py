@@ -1,9 +1,10 @@
 """A model larger than memory, one decoder layer at a time.
 
 The model is built as a skeleton on the meta device (no memory). A decoder layer's tensors are read from
-the checkpoint's safetensors shards with ``safe_open`` (only that layer's bytes), converted from the hub
-layout to the in-memory one by transformers' own loading code (per-expert tensors -> fused experts),
-used, and returned to meta. While a layer computes, a background thread reads the next one from disk
+the checkpoint's safetensors shards with ``safe_open`` (only that layer's bytes), dequantized on the
+device where the checkpoint is quantized (block-scaled FP8, MXFP4: ``moe_compress.quantized``), converted
+from the hub layout to the in-memory one by transformers' own loading code (per-expert tensors -> fused
+experts), used, and returned to meta. While a layer computes, a background thread reads the next one from disk
 (``LayerStream``'s read-ahead), so a pass over the layers in order can take as little as reading the
 checkpoint once, when the disk is the bottleneck. Peak memory is two layers' weights (the one in use,
 and the next one's bytes in the page cache) + the embeddings + the activations of the calibration
@@ -34,22 +35,30 @@ from moe_compress.modelio import (
     DTYPES,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX_FILE,
+    SOURCE_QUANTIZATION_ATTRIBUTE,
     check_model_dir,
     load_checkpoint_config,
     needs_remote_code,
     resolve_device,
 )
+from moe_compress.quantized import check_source_quantization, dequantize_tensors
 
 SINGLE_FILE = SAFETENSORS_FILE
 INDEX_FILE = SAFETENSORS_INDEX_FILE
 
 
 class CheckpointTensors:
-    """Where each tensor of a safetensors checkpoint lives; reads only the tensors asked for."""
+    """Where each tensor of a safetensors checkpoint lives; reads only the tensors asked for.
 
-    def __init__(self, model_dir: str | Path):
+    A quantized checkpoint (``quantization``: block-scaled FP8 or MXFP4, see ``moe_compress.quantized``) is read
+    dequantized, on ``device`` into ``dtype``: ``read`` gives the tensors an unquantized checkpoint stores;
+    ``read_stored`` and ``prefetch`` give them as stored, ``dequantized`` turns those into ``read``'s."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         # the refusal and advice of every loader: pickled weights only, other file names, a shard missing
         self.model_dir = check_model_dir(model_dir, weights=True)
+        self.quantization = check_source_quantization(self.model_dir)
+        self.device, self.dtype = torch.device(device), dtype
         index = self.model_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -68,6 +77,16 @@ class CheckpointTensors:
         return by_file
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (stored names, whole quantized groups) as an unquantized checkpoint holds them:
+        ``read_stored``'s, dequantized where the checkpoint is quantized."""
+        return self.dequantized(self.read_stored(names))
+
+    def dequantized(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``read_stored``'s tensors with each quantized group dequantized (on ``device``, into ``dtype``); those
+        of an unquantized checkpoint unchanged."""
+        return dequantize_tensors(stored, self.quantization, self.device, self.dtype)
+
+    def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` as safetensors gives them: views of the files, mapped into memory, whose bytes
         are read from disk when first used."""
         tensors = {}
@@ -82,10 +101,11 @@ class CheckpointTensors:
         return tensors
 
     def prefetch(self, names: list[str], cancelled: threading.Event | None = None) -> dict[str, torch.Tensor] | None:
-        """``read``'s tensors, with their bytes read from disk now, into the page cache, so that whoever uses
-        them next finds them in memory. Plain file reads into a small reused buffer, which release the GIL:
-        in a background thread they overlap the main thread's compute. None as soon as ``cancelled`` is set."""
-        tensors = self.read(names)  # safe_open checks each file (header, size) first
+        """``read_stored``'s tensors, with their bytes read from disk now, into the page cache, so that whoever
+        uses them next finds them in memory. Plain file reads into a small reused buffer, which release the GIL:
+        in a background thread they overlap the main thread's compute. None as soon as ``cancelled`` is set.
+        Nothing is dequantized here: that is compute, for the thread that loads the layer, on its device."""
+        tensors = self.read_stored(names)  # safe_open checks each file (header, size) first
         # into the page cache, not into new tensors: filling fresh memory would cost page faults and a second
         # copy of the layer, on the CPU the compute needs; and the tensors stay those ``read`` gives
         scratch = memoryview(bytearray(_CHUNK_BYTES))
@@ -133,15 +153,27 @@ def _merged(ranges) -> list[tuple[int, int]]:
 
 def build_skeleton(model_dir: str | Path, dtype: str, trust_remote_code: bool = False) -> nn.Module:
     """The model with every parameter on the meta device; non-persistent buffers (rotary tables) are
-    rebuilt for real, on CPU, as loading would make them."""
+    rebuilt for real, on CPU, as loading would make them. A quantized checkpoint's skeleton is the plain
+    model (its config without ``quantization_config``): its tensors are loaded dequantized."""
     from transformers import AutoModelForCausalLM
 
     model_dir = check_model_dir(model_dir)
     trust = trust_remote_code or needs_remote_code(model_dir)
     config = load_checkpoint_config(model_dir, trust)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust)
-    rebuild_derived_buffers(model)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust)
+        rebuild_derived_buffers(model)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        # a field the class needs is missing or of another form: transformers fails deep inside the class
+        import transformers
+
+        raise ModelError(f"{model_dir / 'config.json'}: transformers {transformers.__version__} cannot build a "
+                         f"{config.model_type} model from it ({type(err).__name__}: {err}): a field its class reads is "
+                         f"missing or of another form than this version expects") from err
+    quantization = check_source_quantization(model_dir)
+    if quantization is not None:  # for compression.json
+        setattr(model, SOURCE_QUANTIZATION_ATTRIBUTE, quantization.record)
     return model.eval()
 
 
@@ -190,16 +222,19 @@ class _Recorder(nn.Module):
     """Stands in for a decoder layer: records the keyword arguments the decoder passes it, passes the
     hidden states through unchanged."""
 
-    def __init__(self, layer: nn.Module, calls: list):
+    def __init__(self, layer: nn.Module, calls: list, inputs: list | None = None):
         super().__init__()
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
         self.calls = calls
+        self.inputs = inputs  # where given, the hidden states it is passed are recorded too
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise ModelError("layer streaming expects decoder layers to be called with keyword arguments")
         self.calls.append(kwargs)
+        if self.inputs is not None:
+            self.inputs.append(hidden_states)
         return hidden_states
 
 
@@ -226,6 +261,23 @@ class DecoderLayers:
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def first_layer_input(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """What the decoder passes its first layer for these input embeddings: a decoder may transform them
+        first (Granite multiplies them by ``embedding_multiplier``). From a pass of the decoder with recorders
+        in place of the layers."""
+        inputs: list[torch.Tensor] = []
+        recorders = nn.ModuleList(_Recorder(layer, [], inputs) for layer in self.layers)
+        self.adapter.set_decoder_layers(self.model, recorders)
+        try:
+            self.decoder(inputs_embeds=embeddings, use_cache=False)
+        except Exception:
+            if not inputs:  # a streamed decoder's final norm may still be on meta: only the first layer matters
+                raise
+        finally:
+            self.adapter.set_decoder_layers(self.model, self.layers)
+        return inputs[0]
 
     def moe_block(self, index: int) -> nn.Module:
         """The MoE block of decoder layer ``index`` (loaded)."""
@@ -276,7 +328,7 @@ class LoadedModel(DecoderLayers):
         pass
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.get_input_embeddings()(input_ids.to(self.device))
+        return self.first_layer_input(self.decoder.get_input_embeddings()(input_ids.to(self.device)))
 
 
 def decoder_layers_of(model_or_layers) -> DecoderLayers:
@@ -307,7 +359,7 @@ class LayerStream(DecoderLayers):
         self.model = build_skeleton(model_dir, dtype, trust_remote_code)
         self.adapter: MoEArchitecture = adapter_for(self.model.config)
         self.device = resolve_device(str(device))
-        self.tensors = CheckpointTensors(model_dir)
+        self.tensors = CheckpointTensors(model_dir, self.device, DTYPES[dtype])
         self.layers = self.adapter.decoder_layers(self.model)
         self._prefix = self.adapter.layers + "."
         self.read_ahead = read_ahead
@@ -324,12 +376,17 @@ class LayerStream(DecoderLayers):
         return names
 
     def load_layer(self, index: int) -> nn.Module:
-        tensors = self._ahead.take(index)
-        in_order = tensors is not None or (self._last_loaded is not None and index == self._last_loaded + 1)
-        if tensors is None:
-            tensors = _layer_tensors(self.tensors, self.layer_tensor_names(index), index)
+        stored = self._ahead.take(index)
+        in_order = stored is not None or (self._last_loaded is not None and index == self._last_loaded + 1)
+        if stored is None:
+            stored = _layer_tensors(self.tensors, self.layer_tensor_names(index), index)
         else:
             self.layers_read_ahead += 1
+        try:  # a quantized checkpoint's layer: dequantized here, on the device, before the conversion
+            tensors = self.tensors.dequantized(stored)
+        except ModelError as err:
+            raise ModelError(f"decoder layer {index}: {err}") from err
+        del stored
         load_into(self.model, tensors, self.device)
         del tensors  # before reading ahead: two layers at most, the one loaded and the next
         self._last_loaded = index
@@ -345,14 +402,14 @@ class LayerStream(DecoderLayers):
         _return_freed_memory()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The input embeddings of ``input_ids`` (the embedding table is loaded once, on first use)."""
+        """The first decoder layer's input for ``input_ids`` (the embedding table is loaded once, on first use)."""
         embeddings = self.decoder.get_input_embeddings()
         if not _materialised(embeddings):
             path = next(name for name, module in self.model.named_modules() if module is embeddings)
             load_into(self.model, self.tensors.read(self.tensors.names_under(f"{path}.")), self.device)
         if self._ahead.index is None:  # a pass through the decoder starts here: layer 0 comes next
             self._start_read_ahead(0)
-        return embeddings(input_ids.to(self.device))
+        return self.first_layer_input(embeddings(input_ids.to(self.device)))
 
     def close(self) -> None:
         """Stop reading ahead: a read in progress stops at its next chunk, what it read is dropped. The stream
@@ -378,10 +435,10 @@ class LayerStream(DecoderLayers):
 
 def _layer_tensors(tensors: CheckpointTensors, names: list[str], index: int,
                    cancelled: threading.Event | None = None) -> dict[str, torch.Tensor] | None:
-    """Decoder layer ``index``'s tensors (``read``, or ``prefetch`` with ``cancelled``: the read-ahead
-    thread); a read error names the layer and the file."""
+    """Decoder layer ``index``'s tensors as stored (``read_stored``, or ``prefetch`` with ``cancelled``: the
+    read-ahead thread); a read error names the layer and the file."""
     try:
-        return tensors.read(names) if cancelled is None else tensors.prefetch(names, cancelled)
+        return tensors.read_stored(names) if cancelled is None else tensors.prefetch(names, cancelled)
     except ModelError as err:
         raise ModelError(f"decoder layer {index}: {err}") from err
 

@@ -3,14 +3,22 @@
 # from moe_compress.plan); each rule's script in workflow/scripts/ has the rule's name and only
 # translates the snakemake object; the logic is the moe_compress package. Map: docs/code-organisation.md
 
+import sys
 
-# Snakemake's own reader names neither the file nor the line of a YAML error: read the file strictly first
-from moe_compress.config import check_config_files
+from moe_compress.config import DEFAULT_CONFIG_FILE, check_config_files, describe_config_files
 
-check_config_files(["config/config.yaml"])
+# A --configfile names the whole experiment: the demo's config/config.yaml is read only when none is given,
+# so the user's variants are never merged with the demo's (docs/design-notes.md, "One config, one experiment").
+if not workflow.overwrite_configfiles:
+    # Snakemake's own reader names neither the file nor the line of a YAML error: read the file strictly first
+    check_config_files([DEFAULT_CONFIG_FILE])
+
+    configfile: DEFAULT_CONFIG_FILE
 
 
-configfile: "config/config.yaml"
+if not workflow.remote_exec:
+    print(describe_config_files(workflow.overwrite_configfiles, overrides=bool(workflow.config_settings.config)),
+          file=sys.stderr)
 
 
 report: "workflow/report/workflow.rst"

@@ -3,7 +3,12 @@ import copy
 import pytest
 
 from helpers import REPO
-from moe_compress.config import load_config, validate_config
+from moe_compress.config import (
+    describe_config_files,
+    load_config,
+    load_schema,
+    validate_config,
+)
 from moe_compress.errors import ConfigError
 
 MINIMAL = {
@@ -62,3 +67,28 @@ def test_unknown_method_lists_allowed():
 def test_threshold_required_exactly_once():
     assert "exactly one" in check(lambda c: c["variants"]["p"].update(min_fraction=0.1))
     assert "only valid with uniform" in check(lambda c: c["variants"].update(p={"method": "frequency_prune", "keep": 3}))
+
+
+# ---- a config names the whole experiment -------------------------------------------------------------------
+
+def test_a_config_of_model_and_variants_alone_takes_the_schema_defaults():
+    config = validate_config({"model": {"path": "demo"}, "variants": {"base": {"steps": []}}})
+    schema = load_schema()["properties"]
+    assert config["calibration"]["path"] == schema["calibration"]["properties"]["path"]["default"]
+    assert config["evaluation"]["tasks"] == schema["evaluation"]["properties"]["tasks"]["default"]
+    assert list(config["variants"]) == ["base"]
+
+
+def test_a_config_without_variants_is_refused_saying_what_a_config_holds():
+    message = check(lambda raw: raw.pop("variants"))
+    assert message.startswith("config key 'variants': missing, and required (a config names the whole experiment")
+
+
+def test_a_run_says_which_config_files_it_reads(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    assert describe_config_files([]) == ("moe-compress: config from config/config.yaml (the demo); --configfile FILE "
+                                         "runs your own experiment instead")
+    assert describe_config_files([mine, tmp_path / "more.yaml"], overrides=True) == (
+        f"moe-compress: config from {mine}, {tmp_path / 'more.yaml'} merged in this order; --config values on top; "
+        f"config/config.yaml (the demo) is not read, keys not set take the schema's defaults")
+

@@ -278,7 +278,7 @@ def test_later_expert_edits_are_refused():
         validated_steps({"method": "ksvd_experts", "atoms": 8, "sparsity": 2}, {"method": "svd_experts", "rank": 2})
     with pytest.raises(ConfigError, match=r"steps\[0\].sparsity': 9 nonzeros per code need at least as many atoms"):
         ksvd_step(atoms=8, sparsity=9)
-    with pytest.raises(ConfigError, match="'atoms' is a required property"):
+    with pytest.raises(ConfigError, match=r"steps\[0\].atoms': missing, and required"):
         validated_step("ksvd_experts", sparsity=2)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import make_tokenizer, put_in_hub_cache, snakemake, write_config
+from helpers import REPO, SNAKEMAKE, make_tokenizer, put_in_hub_cache, write_jsonl
 from moe_compress.config import read_config_file, validate_config
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.modelio import check_model_dir
@@ -226,9 +227,11 @@ def test_a_yaml_syntax_error_in_a_config_file_is_one_line_at_planning(tmp_path):
 
 @pytest.mark.slow  # a Snakemake run; needs the Snakefile to check config/config.yaml before `configfile:`
 def test_a_syntax_error_in_the_default_config_file_is_named_by_the_workflow(tmp_path):
+    """Without --configfile the run reads config/config.yaml of the directory it runs in (here tmp_path)."""
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text("model:\n  path: demo\n\tdevice: cpu\n")
-    result = snakemake(tmp_path, write_config(tmp_path / "override.yaml", DEMO), "-n")
+    result = subprocess.run([str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                             "--cores", "1", "-n"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert ("config/config.yaml, line 3, column 1: not valid YAML: found character '\\t' that cannot start any "
             "token") in result.stdout + result.stderr
@@ -248,3 +251,81 @@ def test_a_data_path_that_names_nothing_is_refused_at_planning(section, key, val
     message = refusal(DEMO, **changes)
     assert message.startswith(f"config key '{section}.{key}': {value} is not a ")
     assert "relative path starts in the directory Snakemake runs in" in message
+
+
+def test_a_corpus_smaller_than_its_held_out_part_is_refused_at_planning(tmp_path):
+    corpus = write_jsonl(tmp_path / "five.jsonl", [f"document {index} " * 20 for index in range(5)] + ["  "])
+    calibration = {**DEMO["calibration"], "path": str(corpus)}
+    message = refusal(DEMO, calibration={**calibration, "heldout_docs": 5})
+    assert message == (f"config key 'calibration.heldout_docs': 5 held-out documents leave none of the 5 non-empty "
+                       f"documents of {corpus} (calibration.path) to calibrate on; hold out at most 4")
+    assert plan(DEMO, calibration={**calibration, "heldout_docs": 4})
+
+
+# ---- sweeps and variant names -------------------------------------------------------------------------------
+
+def test_a_sweep_over_methods_is_refused_naming_the_key():
+    message = refusal(DEMO, variants={"base": {"steps": []},
+                                      "pick": {"method": ["reap_prune", "frequency_prune"], "keep": 4}})
+    assert message.startswith("config key 'variants.pick.steps[0].method': ['reap_prune', 'frequency_prune'] is not "
+                              "one method")
+
+
+def test_a_list_of_targets_names_each_variant_by_its_target():
+    variants = plan(DEMO, variants={"base": {"steps": []}, "t": {
+        "method": "reap_prune", "target": [{"experts": 12}, {"experts_fraction": 0.5}]}}).variants
+    assert list(variants) == ["base", "t-experts12", "t-experts_fraction0.5"]
+    assert variants["t-experts_fraction0.5"][0]["target"] == {"experts_fraction": 0.5}
+
+
+def test_a_variant_name_too_long_for_a_file_name_is_refused_before_any_job():
+    # .<variant>.checksums.json must fit the 255 bytes of a file name: 239 for the variant itself
+    longest = "v" * 239
+    assert longest in plan(DEMO, variants={"base": {"steps": []}, longest: {"method": "active_experts", "k": 1}}).variants
+    message = refusal(DEMO, variants={"base": {"steps": []}, "v" * 240: {"method": "active_experts", "k": 1}})
+    assert message.startswith(f"config key 'variants.{'v' * 60}...': the name is 240 bytes")
+    assert "use a name of at most 239" in message
+    # a sweep's variants are longer than the name written: the sweep is named
+    message = refusal(DEMO, variants={"base": {"steps": []}, "s" * 237: {"method": "active_experts", "k": [1, 2]}})
+    assert message.startswith(f"config key 'variants.{'s' * 60}...': the sweep's variant {'s' * 60}...")
+
+
+# ---- whole-model targets against the model's experts and parameters ------------------------------------------
+
+@pytest.mark.parametrize("target, expected", [
+    ({"experts": 1000}, "1000 is more than the model's 16 routed experts (2 MoE layers): the variant would prune "
+                        "nothing"),
+    ({"experts": 3}, "3 is fewer than the 4 experts the 2 MoE layers keep at their top-k floors; ask for at least 4"),
+    ({"experts_fraction": 0.2}, "0.2 (3 experts) is fewer than the 4 experts"),
+], ids=["above", "below", "fraction_below"])
+def test_an_experts_target_the_demo_cannot_meet_is_refused(target, expected):
+    (kind, _), = target.items()
+    message = refusal(DEMO, variants={"base": {"steps": []}, "t": {"method": "reap_prune", "target": target}})
+    assert message.startswith(f"config key 'variants.t.steps[0].target.{kind}': {expected}")
+    # after a step that lowers the top-k the floor is the new one's: the job keeps what it can
+    assert plan(DEMO, variants={"base": {"steps": []}, "t": {"steps": [
+        {"method": "active_experts", "k": 1}, {"method": "reap_prune", "target": {"experts": 3}}]}})
+
+
+def test_a_parameter_budget_is_checked_against_the_model_at_planning(tiny_model_dir, tiny_model):
+    # the reference, from the module tree: each MoE layer's experts are gate_up_proj, down_proj and a router row
+    blocks = [layer.mlp for layer in tiny_model.model.layers if hasattr(layer.mlp, "experts")]
+    per_expert = [(block.experts.gate_up_proj.numel() + block.experts.down_proj.numel() + block.gate.weight.numel())
+                  // block.experts.num_experts for block in blocks]
+    total = sum(parameter.numel() for parameter in tiny_model.parameters())
+    top_k = tiny_model.config.num_experts_per_tok
+    floor = total - sum((block.experts.num_experts - top_k) * size for block, size in zip(blocks, per_expert))
+    local = {**DEMO, "model": {"path": str(tiny_model_dir)}, "demo_model": {}}
+
+    def budget(value, steps=()):
+        return {"base": {"steps": []}, "t": {"steps": [*steps, {"method": "frequency_prune",
+                                                                "target": {"parameters": value}}]}}
+
+    assert refusal(local, variants=budget(floor - 1)) == (
+        f"config key 'variants.t.steps[0].target.parameters': {floor - 1} is below what the model keeps with every "
+        f"MoE layer at its top-k floor ({floor} parameters); raise the budget to at least {floor}")
+    assert refusal(local, variants=budget(total + 1)).startswith(
+        f"config key 'variants.t.steps[0].target.parameters': {total + 1} is more than the model's {total} parameters")
+    assert plan(local, variants=budget(floor)) and plan(local, variants=budget(total))
+    # an earlier step removes parameters: the floor is then known only in the job
+    assert plan(local, variants=budget(floor - 1, steps=[{"method": "active_experts", "k": 1}]))

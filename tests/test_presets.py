@@ -1,13 +1,17 @@
-"""config/presets/: ready configs for real models. Each validates against the schema, and plans with
-`snakemake -n` from the model's config.json alone (tests/data/model_configs, put in an offline hub cache)."""
+"""config/presets/: ready configs for real models. Each validates against the schema, and the README's line
+for it plans as a dry run from the root of a clone, from the model's config.json alone (tests/data/model_configs,
+put in an offline hub cache)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
 
 import pytest
 
-from helpers import REPO, planned_jobs, put_in_hub_cache, snakemake, write_config
+from helpers import REPO, offline_environment, planned_jobs, put_in_hub_cache, user_clone
 from moe_compress.config import load_config, read_config_file
 
 PRESETS = sorted((REPO / "config/presets").glob("*.yaml"))
@@ -30,23 +34,36 @@ def test_the_presets_cover_the_seed_recipe_and_the_published_sizes():
         "frequency_prune", "active_experts", "output_rescale"]
 
 
+def readme_preset_command(preset) -> str:
+    """The README's line for ``preset`` (the line naming another preset, with this one's file, where the README
+    shows one line for all)."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if "snakemake" in line and "--configfile config/presets/" in line and not line.lstrip().startswith("#")]
+    assert lines, "the README shows no command running a preset"
+    command = next((line for line in lines if f"config/presets/{preset.name}" in line), lines[0])
+    command = command.split(" #")[0].strip()
+    return re.sub(r"config/presets/[\w.-]+\.yaml", f"config/presets/{preset.name}", command)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=[path.stem for path in PRESETS])
 def test_each_preset_plans_from_the_model_config_alone(tmp_path, preset):
+    """The README's line, run from the root of a clone (the demo's config/config.yaml present) as a dry run,
+    with the model's config.json alone in an offline hub cache: every variant of the preset, and only those."""
     repo_id = read_config_file(preset)["model"]["path"]
     model_config = MODEL_CONFIGS / repo_id.replace("/", "--") / "config.json"
     hf_home = tmp_path / "hf_home"
     put_in_hub_cache(hf_home, repo_id, {"config.json": model_config})
-    config = read_config_file(preset)
-    # a preset runs from the repository root, where its relative paths are; here from tmp_path
-    wikitext = str(REPO / "data/wikitext2/wikitext-2-raw-v1_test.joined.txt.gz")
-    config = {**config, "hf_home": str(hf_home), "perplexity": {**config["perplexity"], "wikitext2_path": wikitext}}
-    result = snakemake(tmp_path, write_config(tmp_path / "preset.yaml", config), "-n")
+    clone = user_clone(tmp_path / "moe-compress")
+    result = subprocess.run([*shlex.split(readme_preset_command(preset)), "-n"], cwd=clone, capture_output=True,
+                            text=True, timeout=600, env=offline_environment(HF_HOME=str(hf_home)), check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    jobs = planned_jobs(result.stdout + result.stderr)
-    variants = load_config(tmp_path / "preset.yaml")["variants"]
-    compressed = {name for rule, name in jobs if rule in ("compress", "assemble_checkpoint")}
-    assert compressed == set(variants)  # every variant, each planned once
+    output = result.stdout + result.stderr
+    assert f"moe-compress: config from config/presets/{preset.name}; config/config.yaml (the demo) is not read" in output
+    jobs = planned_jobs(output)
+    variants = load_config(preset)["variants"]
+    compressed = [name for rule, name in jobs if rule in ("compress", "assemble_checkpoint")]
+    assert sorted(compressed) == sorted(variants)  # every variant of the preset, each planned once, no other
     layers = json.loads(model_config.read_text())["num_hidden_layers"]
     per_layer = [name for rule, name in jobs if rule == "compress_layer"]
     assert all(per_layer.count(name) == layers for name in set(per_layer))  # every layer is an MoE layer

@@ -17,9 +17,12 @@ import jsonschema
 import yaml
 
 from moe_compress.errors import ConfigError
+from moe_compress.integrity import record_path
 from moe_compress.methods.registry import ModelShape, method, shape_problem, variant_problems
 
 BASE_VARIANT = "base"
+# the demo's experiment: what a run without --configfile does
+DEFAULT_CONFIG_FILE = "config/config.yaml"
 
 
 def _is_strict_integer(checker, instance) -> bool:
@@ -109,6 +112,22 @@ def check_config_files(paths: Iterable[str | Path]) -> None:
             read_config_file(path)
 
 
+def describe_config_files(command_line_files: Iterable[str | Path], overrides: bool = False) -> str:
+    """The line a run prints first: which config files it reads. A ``--configfile`` names the whole experiment:
+    the demo's ``config/config.yaml`` is read only without one (merged into it, the demo's variants would run
+    beside the user's and be checked against the user's model)."""
+    given = [str(path) for path in command_line_files]
+    cwd = Path.cwd()
+    shown = [str(Path(path).relative_to(cwd)) if Path(path).is_relative_to(cwd) else path for path in given]
+    extra = "; --config values on top" if overrides else ""
+    if not given:
+        return (f"moe-compress: config from {DEFAULT_CONFIG_FILE} (the demo){extra}; "
+                f"--configfile FILE runs your own experiment instead")
+    merged = " merged in this order" if len(shown) > 1 else ""
+    return (f"moe-compress: config from {', '.join(shown)}{merged}{extra}; {DEFAULT_CONFIG_FILE} (the demo) is "
+            f"not read, keys not set take the schema's defaults")
+
+
 def _key_path(path) -> str:
     parts = []
     for part in path:
@@ -136,6 +155,11 @@ def _describe(error: jsonschema.ValidationError, root: dict) -> str:
         unexpected = sorted(set(error.instance) - set(allowed))
         keys = ", ".join(f"'{_key_path([*error.absolute_path, key])}'" for key in unexpected)
         return f"config key {keys}: unknown key (allowed here: {', '.join(allowed)})"
+    if error.validator == "required":
+        missing = next(key for key in error.validator_value if key not in error.instance)
+        hint = (" (a config names the whole experiment: at least the model and its variants; keys it does not set "
+                "take the schema's defaults)" if not error.absolute_path else "")
+        return f"config key '{_key_path([*error.absolute_path, missing])}': missing, and required{hint}"
     if error.validator == "enum":
         return f"config key '{where}': {error.instance!r} is not one of {error.validator_value}"
     if error.validator == "type":
@@ -175,17 +199,25 @@ def normalise_variants(variants) -> dict:
     return normalised
 
 
-def _sweep_axes(steps: list, schema: dict) -> list[tuple[tuple, list]]:
-    """(path into the steps, values) of every option given as a list where the method takes one value
-    (also inside a mapping such as ``target``)."""
+def _sweep_axes(name: str, steps: list, schema: dict) -> list[tuple[tuple, list]]:
+    """(path into the steps, values) of every option of its method given as a list where the method takes one
+    value (also inside a mapping such as ``target``). Only a method's options sweep: a list of methods is
+    refused, naming the key; a list under an unknown key is left for validation to name."""
     axes = []
     methods = schema["$defs"]["methods"]
     for index, step in enumerate(steps):
-        if not isinstance(step, dict) or step.get("method") not in methods:
+        if not isinstance(step, dict):
+            continue
+        if isinstance(step.get("method"), (list, dict)):
+            raise ConfigError(f"config key 'variants.{name}.steps[{index}].method': {step['method']!r} is not one "
+                              f"method; a sweep runs over the options of one method: write one variant per method")
+        if step.get("method") not in methods:
             continue
         options = methods[step["method"]]["properties"]
         for key, value in step.items():
-            if isinstance(value, list) and options.get(key, {}).get("type") != "array":
+            if key not in options:
+                continue
+            if isinstance(value, list) and options[key].get("type") != "array":
                 axes.append(((index, key), value))
             elif isinstance(value, dict):
                 axes += [((index, key, inner), values) for inner, values in value.items() if isinstance(values, list)]
@@ -193,6 +225,8 @@ def _sweep_axes(steps: list, schema: dict) -> list[tuple[tuple, list]]:
 
 
 def _value_label(value) -> str:
+    if isinstance(value, dict):  # a mapping such as a target names itself: experts16
+        return "-".join(f"{_value_label(key)}{_value_label(inner)}" for key, inner in value.items())
     if isinstance(value, bool):
         text = json.dumps(value)
     else:
@@ -200,16 +234,23 @@ def _value_label(value) -> str:
     return "".join(char if char.isalnum() or char in "._" else "_" for char in text)
 
 
+def _member_part(label: str, value) -> str:
+    """A swept value in its variant's name: a number or switch with its option (min_fraction0.01), a word
+    or a mapping on its own (global, experts16)."""
+    return _value_label(value) if isinstance(value, (str, dict)) else f"{label}{_value_label(value)}"
+
+
 def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[str]]]:
     """A variant listing several values for options expands into one variant per combination, named
-    ``<variant>-<option><value>[-...]`` in the order written (a word value stands alone: ``-global``), each
+    ``<variant>-<option><value>[-...]`` in the order written (a word value stands alone: ``-global``, a mapping
+    names itself: ``-experts16``), each
     with its own jobs and a ``sweep``: the line the plots draw it on, which runs along the first numeric
     option and is named by the other options' values (``reap-global``). Returns (variants, {each variant
     written as a sweep: the variants it expanded into})."""
     expanded, sweeps = {}, {}
     for name, variant in variants.items():
         steps = variant.get("steps") if isinstance(variant, dict) else None
-        axes = _sweep_axes(steps, schema) if isinstance(steps, list) else []
+        axes = _sweep_axes(name, steps, schema) if isinstance(steps, list) else []
         if not axes:
             expanded[name] = variant
             continue
@@ -230,10 +271,9 @@ def expand_sweeps(variants: dict, schema: dict) -> tuple[dict, dict[str, list[st
                 for part in path[:-1]:
                     holder = holder[part]
                 holder[path[-1]] = value
-            # a number or switch is named with its option (min_fraction0.01), a word stands alone (global)
-            parts = [_value_label(value) if isinstance(value, str) else f"{label}{_value_label(value)}"
-                     for label, value in zip(labels, combination)]
+            parts = [_member_part(label, value) for label, value in zip(labels, combination)]
             member_name = "-".join([name, *parts])
+            _check_name_length(name, member_name)
             member["sweep"] = "-".join([name, *(part for index, part in enumerate(parts) if index != along)])
             if member_name in sweeps[name]:
                 raise ConfigError(f"config key 'variants.{name}': a value is listed twice (variant {member_name!r})")
@@ -271,9 +311,31 @@ def _check_steps(variants: dict) -> None:
             raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message}")
 
 
+# the longest file name a variant's outputs are given: its checkpoint's checksum record, .<variant>.checksums.json
+# (a temporary, .<variant>.<8 random characters>.tmp, is shorter)
+_LONGEST_NAME_AROUND_A_VARIANT = len(record_path("x").name) - 1
+# file names longer than this many bytes are refused by the common filesystems (ext4, XFS, Lustre, NFS, APFS)
+FILE_NAME_MAX_BYTES = 255
+VARIANT_NAME_MAX_BYTES = FILE_NAME_MAX_BYTES - _LONGEST_NAME_AROUND_A_VARIANT
+
+
+def _check_name_length(written: str, name: str) -> None:
+    """``name``: a variant's name, ``written``: the variant it comes from (itself, or the sweep it expands)."""
+    size = len(name.encode())
+    if size > VARIANT_NAME_MAX_BYTES:
+        what = "the name" if written == name else f"the sweep's variant {name[:60]}..."
+        shown = written if len(written) <= 60 else f"{written[:60]}..."
+        raise ConfigError(f"config key 'variants.{shown}': {what} is {size} bytes; its outputs' file names "
+                          f"(.<variant>.checksums.json) would pass the filesystem's limit of {FILE_NAME_MAX_BYTES} "
+                          f"bytes: use a name of at most {VARIANT_NAME_MAX_BYTES}")
+
+
 def _check_variant_names(variants: dict) -> None:
-    """Each variant gets results/checkpoints/<name>/ and results/eval/<name>/: names that differ only in case
-    would share them on a case-insensitive filesystem."""
+    """Each variant gets results/checkpoints/<name>/ and results/eval/<name>/: a name too long for a file name
+    would stop the run mid-way, and names that differ only in case would share their folders on a
+    case-insensitive filesystem."""
+    for name in variants:
+        _check_name_length(name, name)
     by_folded: dict[str, str] = {}
     for name in variants:
         other = by_folded.setdefault(name.casefold(), name)
@@ -294,6 +356,34 @@ def check_variants_against_model(variants: dict, **shape) -> None:
                 option = f".{problem.option}" if problem.option else ""
                 raise ConfigError(f"config key 'variants.{name}.steps[{index}]{option}': {problem.message} "
                                   f"({describe_shape(shape)})")
+
+
+def check_targets_against_model(variants: dict, budget, parameters_known: bool = True) -> None:
+    """A whole-model ``target`` (experts, a fraction of them, a parameter budget) the model cannot meet fails
+    here: more than the model has (a variant that prunes nothing), or less than its top-k floors. ``budget``: the
+    model's ``methods.allocation.ExpertBudget`` (from a weightless skeleton). Each bound is checked where the
+    model's shape still decides it: the floors only before any step that changes the top-k (or, for parameters,
+    any step at all); parameter counts only where ``parameters_known``."""
+    from moe_compress.methods.allocation import target_above_model, target_below_floor
+    from moe_compress.methods.registry import ROUTING
+
+    for name, variant in variants.items():
+        for index, step in enumerate(variant["steps"]):
+            target = step.get("target")
+            if not target:
+                continue
+            (kind, _), = target.items()
+            earlier = variant["steps"][:index]
+            if kind == "parameters":
+                checks = [target_above_model, target_below_floor] if not earlier else [target_above_model]
+                checks = checks if parameters_known else []
+            else:
+                routed_before = any(ROUTING in method(other["method"]).edits for other in earlier)
+                checks = [target_above_model] + ([] if routed_before else [target_below_floor])
+            for check in checks:
+                problem = check(target, budget)
+                if problem:
+                    raise ConfigError(f"config key 'variants.{name}.steps[{index}].target.{kind}': {problem}")
 
 
 def check_variants_against_model_class(variants: dict, model_dir, trust_remote_code: bool = False) -> None:
@@ -320,7 +410,7 @@ def describe_shape(shape: ModelShape) -> str:
     if not shape.moe:
         return f"the model: a dense {shape.model_type} decoder, {shape.num_layers} layers{heads}{hidden}"
     width = f", {shape.expert_width} neurons per expert" if shape.expert_width else ""
-    return (f"the model: {shape.num_experts} experts per layer, top-{shape.top_k}, {shape.num_layers} "
+    return (f"the model: {shape.num_experts} experts per layer, {shape.describe_top_k()}, {shape.num_layers} "
             f"layers{heads}{hidden}{width}")
 
 

@@ -206,10 +206,11 @@ def demo_moe_layers(num_layers: int) -> list[int]:
 DEMO_MODEL_TYPE = Qwen3MoeConfig.model_type
 
 
-def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast) -> Qwen3MoeConfig:
-    """The Qwen3-MoE config of the demo model; its vocabulary is the tokenizer's actual size."""
+def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast | None) -> Qwen3MoeConfig:
+    """The Qwen3-MoE config of the demo model; its vocabulary is the tokenizer's actual size (without one, the
+    configured ``vocab_size``, an upper bound: a tokenizer has fewer tokens where the texts support fewer merges)."""
     return Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if tokenizer is not None else settings.vocab_size,
         hidden_size=settings.hidden_size,
         intermediate_size=4 * settings.hidden_size,  # unused: every layer is sparse (mlp_only_layers=[])
         num_hidden_layers=settings.num_layers,
@@ -227,10 +228,17 @@ def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast) -> 
         output_router_logits=True,
         router_aux_loss_coef=settings.router_aux_loss_coef,
         tie_word_embeddings=settings.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
     )
+
+
+def skeleton(settings: DemoSettings) -> Qwen3MoeForCausalLM:
+    """The demo model's modules on the meta device (no memory), before it is built: its shape for the checks
+    made when the workflow is parsed."""
+    with torch.device("meta"):
+        return Qwen3MoeForCausalLM(model_config(settings, tokenizer=None)).eval()
 
 
 def init_model(config: Qwen3MoeConfig, seed: int) -> Qwen3MoeForCausalLM:

@@ -19,6 +19,7 @@ from moe_compress.config import (
     check_config_files,
     check_lengths_against_model,
     check_reference,
+    check_targets_against_model,
     check_variants_against_model,
     check_variants_against_model_class,
     validate_config,
@@ -27,6 +28,7 @@ from moe_compress.errors import ConfigError
 from moe_compress.hub import configure_hub_environment, fetch_model_config, is_hub_id
 from moe_compress.methods import whole_model_reason
 from moe_compress.modelio import check_model_dir, context_length, hub_dir_name, model_shape
+from moe_compress.quantized import check_source_quantization
 
 # The paths the planner chooses between; the rules that write them use these same names as outputs.
 DEMO_MODEL_DIR = "results/models/demo"
@@ -128,6 +130,7 @@ class WorkflowPlan:
         path = self.config["model"]["path"]
         if path != "demo" and Path(path).exists():
             check_model_dir(path, weights=True, tokenizer=True)
+            check_source_quantization(path)  # a quantization that is not read fails now, naming the format
 
     def check_input_files(self) -> None:
         """A data path that names nothing fails now. Snakemake would not say it: an input no rule makes and
@@ -144,11 +147,51 @@ class WorkflowPlan:
             if not (Path(path).is_file() if key in files else Path(path).is_dir()):
                 raise ConfigError(f"config key '{key}': {path} is not {'a file' if key in files else 'a folder'} "
                                   f"(a relative path starts in the directory Snakemake runs in, {Path.cwd()})")
+        if config["calibration"]["source"] == "local":
+            self.check_heldout_documents()
+
+    def check_heldout_documents(self) -> None:
+        """The held-out documents are the corpus's last ``heldout_docs``: as many as the corpus has or more
+        would leave nothing to calibrate (or train the demo) on. A local corpus is read to count them (a
+        damaged one fails here too, naming the file and line)."""
+        from moe_compress.calibration import read_documents
+
+        calibration = self.config["calibration"]
+        documents = len(read_documents(calibration["path"], calibration["text_field"]))
+        if calibration["heldout_docs"] >= documents:
+            raise ConfigError(f"config key 'calibration.heldout_docs': {calibration['heldout_docs']} held-out documents "
+                              f"leave none of the {documents} non-empty documents of {calibration['path']} "
+                              f"(calibration.path) to calibrate on; hold out at most {documents - 1}")
+
+    @cached_property
+    def skeleton(self):
+        """The model on the meta device (no weights), built from its config.json as every job builds it: a config
+        transformers cannot build a model from fails here, before any job."""
+        from moe_compress.streaming import build_skeleton
+
+        return build_skeleton(self.model_config_dir, "float32", self.config["model"]["trust_remote_code"])
+
+    @cached_property
+    def expert_budget(self):
+        """(the model's ``ExpertBudget``: experts, top-k floors and parameters per MoE layer, from a weightless
+        skeleton; whether its parameter count is exact: the demo's vocabulary is known only once its tokenizer
+        is trained, so its parameter budgets are checked in the job)."""
+        from moe_compress.methods.allocation import expert_budget
+
+        if self.model_config_dir is None:
+            from moe_compress.demo import DemoSettings, skeleton
+
+            return expert_budget(skeleton(DemoSettings(**self.config["demo_model"]))), False
+        return expert_budget(self.skeleton), True
 
     def check_variants_against_model(self) -> None:
         """A step asking for more experts, layers or heads than the model has, or one its model class cannot
         express, fails now, not in its job."""
+        if self.model_config_dir is not None:
+            self.skeleton  # noqa: B018 (built for its check)
         check_variants_against_model(self.config["variants"], **self.model_shape)
+        if self.is_moe and any("target" in step for steps in self.variants.values() for step in steps):
+            check_targets_against_model(self.config["variants"], *self.expert_budget)
         if self.model_config_dir is not None:
             check_variants_against_model_class(self.config["variants"], self.model_config_dir,
                                                self.config["model"]["trust_remote_code"])

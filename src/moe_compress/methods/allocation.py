@@ -41,9 +41,11 @@ class ExpertBudget:
         return self.fixed + sum(kept[layer] * self.size[layer] for layer in kept)
 
 
-def expert_budget(model, context) -> ExpertBudget:
+def expert_budget(model, context=None) -> ExpertBudget:
+    """The budget of ``model``'s MoE layers (those ``context`` works on, else all); a meta-device skeleton
+    gives the same numbers as the loaded model."""
     adapter = adapter_for(model.config)
-    blocks = context.moe_blocks(model)
+    blocks = adapter.moe_blocks(model) if context is None else context.moe_blocks(model)
     count, size, floor = {}, {}, {}
     for layer, block in blocks.items():
         count[layer] = adapter.block_num_experts(block)
@@ -80,20 +82,54 @@ def _global(budget: ExpertBudget, scores: dict[int, np.ndarray], total: int | No
     return kept
 
 
+def _wanted_experts(kind: str, value, budget: ExpertBudget) -> int:
+    return int(round(value * sum(budget.count.values()))) if kind == "experts_fraction" else int(value)
+
+
+def target_above_model(target: dict, budget: ExpertBudget) -> str | None:
+    """Why ``target`` asks for more experts or parameters than a model of ``budget`` has (a pruned variant that
+    would prune nothing), or None."""
+    (kind, value), = target.items()
+    if kind == "parameters":
+        total = budget.parameters(budget.count)
+        if value > total:
+            return (f"{value:.0f} is more than the model's {total} parameters: the variant would prune nothing; "
+                    f"set a budget below {total}")
+        return None
+    total = sum(budget.count.values())
+    if _wanted_experts(kind, value, budget) > total:
+        return (f"{value} is more than the model's {total} routed experts ({len(budget.count)} MoE layers): the "
+                f"variant would prune nothing")
+    return None
+
+
+def target_below_floor(target: dict, budget: ExpertBudget) -> str | None:
+    """Why ``target`` asks for less than a model of ``budget`` keeps with every MoE layer at its top-k floor
+    (a layer keeps at least the experts it routes each token to), or None."""
+    (kind, value), = target.items()
+    if kind == "parameters":
+        floor = budget.parameters(budget.floor)
+        if value < floor:
+            return (f"{value:.0f} is below what the model keeps with every MoE layer at its top-k floor "
+                    f"({floor} parameters); raise the budget to at least {floor}")
+        return None
+    floor, wanted = sum(budget.floor.values()), _wanted_experts(kind, value, budget)
+    if wanted < floor:
+        asked = f"{value} ({wanted} experts)" if kind == "experts_fraction" else f"{value}"
+        return (f"{asked} is fewer than the {floor} experts the {len(budget.count)} MoE layers keep at their top-k "
+                f"floors; ask for at least {floor}")
+    return None
+
+
 def allocate(target: dict, allocation: str, scores: dict[int, np.ndarray], budget: ExpertBudget) -> tuple[
         dict[int, int], dict]:
     """(experts kept per layer, the report: target, allocation, what was achieved)."""
     (kind, value), = target.items()
     total_experts = sum(budget.count.values())
-    if kind == "experts_fraction":
-        wanted = int(round(value * total_experts))
-    elif kind == "experts":
-        wanted = int(value)
-    else:
-        wanted = None
-    if kind == "parameters" and value < budget.parameters(budget.floor):
-        raise ModelError(f"target parameters={value:.0f} is below what the model keeps with every MoE layer at its "
-                         f"top-k floor ({budget.parameters(budget.floor)}); raise the budget")
+    wanted = None if kind == "parameters" else _wanted_experts(kind, value, budget)
+    below_floor = target_below_floor(target, budget) if kind == "parameters" else None
+    if below_floor:
+        raise ModelError(f"target parameters={below_floor}")
     if allocation == "global":
         kept = _global(budget, scores, wanted, value if kind == "parameters" else None)
     elif wanted is not None:

@@ -1,4 +1,4 @@
-"""The ``moe-compress`` command: the README's architectures table is its output, and ``inspect`` reads a
+"""The ``moe-compress`` command: docs/architectures.md's table is its output, and ``inspect`` reads a
 checkpoint's structure without its weights."""
 
 from __future__ import annotations
@@ -11,16 +11,23 @@ import torch
 
 from helpers import REPO, make_tokenizer, tiny_model_of
 from moe_compress.architectures import ARCHITECTURES, REFUSED
-from moe_compress.cli import README_END, README_START, architectures_table, describe_checkpoint, main
+from moe_compress.cli import (
+    ARCHITECTURES_END,
+    ARCHITECTURES_PAGE,
+    ARCHITECTURES_START,
+    architectures_table,
+    describe_checkpoint,
+    main,
+)
 from moe_compress.methods import CompressionContext
 from moe_compress.methods.pruning import prune_experts
 from moe_compress.modelio import save_checkpoint
 
 
-def test_the_readme_table_is_generated_from_the_adapter_table():
-    readme = (REPO / "README.md").read_text()
-    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip("\n")
-    assert block == architectures_table(), "run `moe-compress architectures --markdown` and paste it into the README"
+def test_the_architectures_page_table_is_generated_from_the_adapter_table():
+    page = (REPO / ARCHITECTURES_PAGE).read_text()
+    block = page.split(ARCHITECTURES_START, 1)[1].split(ARCHITECTURES_END, 1)[0].strip("\n")
+    assert block == architectures_table(), f"run `moe-compress architectures --write {ARCHITECTURES_PAGE}`"
     for model_type in list(ARCHITECTURES) + list(REFUSED):
         assert f"| `{model_type}` |" in block
 

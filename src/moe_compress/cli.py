@@ -1,12 +1,15 @@
-"""``moe-compress``: the supported architectures, and what the pipeline would do with a local checkpoint.
+"""``moe-compress``: the supported architectures, what the pipeline would do with a local checkpoint, and
+the configuration reference.
 
-    moe-compress architectures [--markdown]   the adapter table (the README's table is this output)
+    moe-compress architectures [--markdown]   the adapter table (docs/architectures.md's table is this output)
     moe-compress inspect PATH [--json]        model type, MoE layers, experts, top-k, scoring, and what
-                                              each step would do; reads config.json, never the weights
+                                              each step would do; needs only config.json (no weights)
     moe-compress analyze PATH... [--json]     the structure table: layers, heads, experts, widths, and
-                                              parameters and bytes by module type, from the tensors'
-                                              headers (never the weights); what the workflow's analyze rule
-                                              writes to results/analysis/
+                                              parameters and bytes by module type, from the safetensors
+                                              headers (the weights themselves are never read); what the
+                                              workflow's analyze rule writes to results/analysis/
+    moe-compress config-reference [--markdown]  every config key and method option, from the schema
+                                              (docs/configuration.md's reference is the --markdown output)
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 from moe_compress.architectures import ARCHITECTURES, REFUSED, SCORING_RULES, MoEArchitecture, check_structure
 from moe_compress.errors import MoeCompressError
 
-README_START, README_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+ARCHITECTURES_START, ARCHITECTURES_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+ARCHITECTURES_PAGE = "docs/architectures.md"
 
 
 def _routing_summary(adapter: MoEArchitecture) -> str:
@@ -81,7 +85,7 @@ def step_support(adapter: MoEArchitecture) -> dict[str, str]:
 
 
 def architectures_table() -> str:
-    """The README's architectures section body, generated from the adapter table."""
+    """The table of docs/architectures.md, generated from the adapter table."""
     lines = ["| `model_type` | example models | what is special | routing | steps with limits |",
              "|---|---|---|---|---|"]
     for model_type in sorted(name for name, adapter in ARCHITECTURES.items() if adapter.moe):
@@ -126,6 +130,10 @@ def describe_checkpoint(path: str | Path) -> dict:
                 "loader": "remote_code" if trust else "stock",
                 "compressed_by_moe_compress": read_compression_record(path) is not None, "steps": step_support(adapter)}
     router = adapter.router_of(next(iter(blocks.values())))
+    # per MoE layer, as the built routers and experts hold them (a config may state them per layer)
+    top_k = {str(index): adapter.router_settings(block)["top_k"] for index, block in blocks.items()}
+    shared = ({str(index): adapter.shared_experts(config, index) for index in blocks}
+              if adapter.shared_experts(config, next(iter(blocks))) is not None else None)
     return {
         "path": str(path),
         "model_type": config.model_type,
@@ -134,7 +142,10 @@ def describe_checkpoint(path: str | Path) -> dict:
         "dense_layers": [index for index in range(len(layers)) if index not in blocks],
         "layer_kinds": dict(Counter(layer_types)) if isinstance(layer_types, list) else None,
         "experts_per_layer": {str(index): adapter.block_num_experts(block) for index, block in blocks.items()},
-        "top_k": adapter.top_k(config),
+        "top_k": next(iter(top_k.values())) if len(set(top_k.values())) == 1 else None,  # None: see per layer
+        "top_k_per_layer": top_k,
+        "expert_width_per_layer": {str(index): adapter.block_expert_width(block) for index, block in blocks.items()},
+        "shared_experts_per_layer": shared,
         "scoring": adapter.scoring_for(config),
         "renormalize": (getattr(router, adapter.renormalize) if isinstance(adapter.renormalize, str)
                         else adapter.renormalize),
@@ -160,17 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("architectures", help="list the supported and refused model types")
-    listing.add_argument("--markdown", action="store_true", help="the README's table")
-    inspect = commands.add_parser("inspect", help="check a local checkpoint without loading its weights")
-    inspect.add_argument("path")
+    listing.add_argument("--markdown", action="store_true", help=f"the table of {ARCHITECTURES_PAGE}")
+    listing.add_argument("--write", metavar="PAGE",
+                         help=f"put the table between the markers of PAGE ({ARCHITECTURES_PAGE})")
+    inspect = commands.add_parser(
+        "inspect", help="check a local checkpoint: needs only its config.json (no weights, no tokenizer)",
+        description="What the pipeline sees in a local checkpoint and what each step would do on it. Reads only "
+                    "config.json (a weightless skeleton holds the shapes): a folder with config.json alone is enough.")
+    inspect.add_argument("path", help="a local model folder with config.json")
     inspect.add_argument("--json", action="store_true")
-    analyze = commands.add_parser("analyze", help="the structure table of local checkpoints, from their tensors' "
-                                                  "headers (no weights loaded)")
-    analyze.add_argument("paths", nargs="+", metavar="PATH")
+    analyze = commands.add_parser(
+        "analyze", help="the structure table of local checkpoints: needs config.json and the safetensors files "
+                        "(only their headers are read)",
+        description="Layers, heads, experts, widths, and parameters and bytes by module type, from config.json and "
+                    "the safetensors headers (tensor names, shapes, dtypes); the weights themselves are never "
+                    "read. A folder without safetensors files is refused.")
+    analyze.add_argument("paths", nargs="+", metavar="PATH",
+                         help="local model folders with config.json and model.safetensors (or an index and its shards)")
     analyze.add_argument("--json", action="store_true", help="the analysis as JSON (else markdown)")
     analyze.add_argument("--trust-remote-code", action="store_true",
                          help="build checkpoints that carry their own modeling code (this pipeline's own are trusted)")
+    reference = commands.add_parser("config-reference", help="every config key and method option, from the schema")
+    reference.add_argument("--markdown", action="store_true", help="the reference of docs/configuration.md")
+    reference.add_argument("--write", metavar="PAGE",
+                           help="put the markdown reference between the markers of PAGE (docs/configuration.md)")
     args = parser.parse_args(argv)
+    if (args.command == "architectures" and args.write) or args.command == "config-reference":
+        return _reference(args)
     if args.command == "architectures":
         if args.markdown:
             print(architectures_table())
@@ -192,6 +219,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(facts, indent=2))
     else:
         _print_description(facts)
+    return 0
+
+
+def _reference(args) -> int:
+    """The generated reference pages: print the configuration reference, or write either into its page."""
+    from moe_compress import reference
+
+    if args.command == "config-reference" and not args.write:
+        print(reference.configuration_reference() if args.markdown else reference.configuration_keys())
+        return 0
+    start, end, block = ((ARCHITECTURES_START, ARCHITECTURES_END, architectures_table())
+                         if args.command == "architectures" else
+                         (reference.CONFIG_START, reference.CONFIG_END, reference.configuration_reference()))
+    try:
+        reference.write_block(args.write, start, end, block)
+    except (MoeCompressError, OSError) as error:
+        print(f"moe-compress {args.command}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

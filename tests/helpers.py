@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -432,10 +433,19 @@ def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:
     return jobs
 
 
-def measure_speed_with_hook(model, hook, repeats: int, warmup: int) -> dict:
-    """measure_speed on two random 8-token prompts, 4 new tokens, with ``hook`` run before every forward of
-    the model's decoder (``hook(module, args, kwargs)``: a sleep there makes chosen steps slower)."""
-    handle = model.model.register_forward_pre_hook(hook, with_kwargs=True)
+def measure_speed_on_a_controlled_clock(model, monkeypatch, seconds, repeats: int, warmup: int) -> dict:
+    """measure_speed on two random 8-token prompts, 4 new tokens, on a clock that stands still except where
+    ``seconds(input_ids) -> float`` moves it, before every forward of the model's decoder: each forward takes
+    exactly what the test says, whatever else the machine is doing."""
+    from moe_compress.evaluate import speed as speed_module
+
+    now = [0.0]
+    monkeypatch.setattr(speed_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def advance(module, args, kwargs):
+        now[0] += seconds(kwargs.get("input_ids", args[0] if args else None))
+
+    handle = model.model.register_forward_pre_hook(advance, with_kwargs=True)
     try:
         return measure_speed(model, np.random.default_rng(0).integers(0, 300, size=(2, 8)), decode_tokens=4,
                              repeats=repeats, warmup=warmup)

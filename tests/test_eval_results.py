@@ -3,7 +3,6 @@ PerfNorm / SpeedNorm / Score are relative to the configured reference variant.""
 
 import logging
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import measure_speed_with_hook
+from helpers import measure_speed_on_a_controlled_clock
 from moe_compress.errors import ConfigError, DataError, ModelError
 from moe_compress.evaluate import speed as speed_module
 from moe_compress.evaluate.lm_eval import tidy_results
@@ -41,21 +40,21 @@ def table_of(timings: dict[str, tuple[float, float, float]], reference: str = "b
 # --- speed: the spread of the timed repeats -----------------------------------------------------------------
 
 
-def test_speed_reports_min_median_and_max_of_the_timed_repeats(tiny_model):
-    """One timed run out of three has decode steps made 200 ms slower: the max shows it, the min does not."""
-    long_calls = []
+def test_speed_reports_min_median_and_max_of_the_timed_repeats(tiny_model, monkeypatch):
+    """On a controlled clock every forward takes 1 ms, and the decode steps of the second timed run 200 ms
+    more: the max shows them, the median and the min do not."""
+    forwards = []
 
-    def slow_second_timed_run(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[1] > 1:
-            long_calls.append(1)  # two per run: the timed prefill, then generate's own
-        elif (len(long_calls) - 1) // 2 == 2:  # run 0 is the warm-up
-            time.sleep(0.2)
+    def seconds(ids) -> float:
+        forwards.append(ids.shape[1])
+        runs_started = sum(length > 1 for length in forwards) // 2  # two per run: the timed prefill, generate's
+        return 0.201 if ids.shape[1] == 1 and runs_started == 3 else 0.001  # run 0 is the warm-up
 
-    result = measure_speed_with_hook(tiny_model, slow_second_timed_run, repeats=3, warmup=1)
-    assert result["t_token_ms_min"] <= result["t_token_ms"] <= result["t_token_ms_max"]
-    assert result["t_token_ms_max"] >= 200 > result["t_token_ms_min"]
-    assert result["prefill_tokens_per_s_min"] <= result["prefill_tokens_per_s"] <= result["prefill_tokens_per_s_max"]
+    result = measure_speed_on_a_controlled_clock(tiny_model, monkeypatch, seconds, repeats=3, warmup=1)
+    assert result["t_token_ms_max"] == pytest.approx(201)
+    assert result["t_token_ms"] == pytest.approx(1) and result["t_token_ms_min"] == pytest.approx(1)
+    # 16 prompt tokens in every 1 ms prefill
+    assert result["prefill_tokens_per_s_min"] == result["prefill_tokens_per_s"] == pytest.approx(16_000)
 
 
 def test_speed_refuses_a_non_finite_time(tiny_model, monkeypatch):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import REPO, measure_speed_with_hook
+from helpers import REPO, measure_speed_on_a_controlled_clock
 from moe_compress.errors import DataError
 from moe_compress.evaluate.lm_eval import (
     CSV_COLUMNS,
@@ -108,17 +108,13 @@ def test_speed_reports_medians_and_memory(tiny_model):
     assert 0 < result["prefill_tokens_per_s_min"] <= result["prefill_tokens_per_s"] <= result["prefill_tokens_per_s_max"]
 
 
-def test_time_per_token_counts_decode_steps_only(tiny_model):
-    """A decode step made 30 ms slower (and a prefill made 200 ms slower) must show as +30 ms per token:
-    the prefill is not in the figure, and a slow first run cannot push it to zero."""
-    import time
-
-    def slow(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        time.sleep(0.03 if ids is not None and ids.shape[1] == 1 else 0.2)
-
-    result = measure_speed_with_hook(tiny_model, slow, repeats=1, warmup=0)
-    assert 30 <= result["t_token_ms"] < 150
+def test_time_per_token_counts_decode_steps_only(tiny_model, monkeypatch):
+    """On a controlled clock a decode step takes 30 ms and a prefill 200 ms: the time per token is exactly
+    30 ms, the prefill not in it."""
+    result = measure_speed_on_a_controlled_clock(tiny_model, monkeypatch, lambda ids: 0.03 if ids.shape[1] == 1
+                                                 else 0.2, repeats=1, warmup=0)
+    assert result["t_token_ms"] == pytest.approx(30)
+    assert result["prefill_tokens_per_s"] == pytest.approx(16 / 0.2)
     with pytest.raises(DataError, match="decode_tokens must be at least 2"):
         measure_speed(tiny_model, np.zeros((1, 4), dtype=np.int64), decode_tokens=1, repeats=1, warmup=0)
 

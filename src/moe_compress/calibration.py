@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from moe_compress.atomic import atomic_path
 from moe_compress.errors import DataError
-from moe_compress.modelio import TOKENIZER_CHOICES
+from moe_compress.checkpoint_files import TOKENIZER_CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+# transformers is imported where a model or tokenizer is built: the planner reads this module's model type and layers
+# at every parse, and transformers' model classes would cost it seconds
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_compress.atomic import atomic_directory
 from moe_compress.calibration import read_documents, split_documents
@@ -121,6 +125,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     Byte level means every string is encodable (no real unknowns); the vocabulary may come out smaller
     than ``vocab_size`` when the texts support fewer merges.
     """
+    from transformers import PreTrainedTokenizerFast
+
     _check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -203,12 +209,14 @@ def demo_moe_layers(num_layers: int) -> list[int]:
     return list(range(num_layers))
 
 
-DEMO_MODEL_TYPE = Qwen3MoeConfig.model_type
+DEMO_MODEL_TYPE = "qwen3_moe"  # Qwen3MoeConfig.model_type
 
 
 def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast | None) -> Qwen3MoeConfig:
     """The Qwen3-MoE config of the demo model; its vocabulary is the tokenizer's actual size (without one, the
     configured ``vocab_size``, an upper bound: a tokenizer has fewer tokens where the texts support fewer merges)."""
+    from transformers import Qwen3MoeConfig
+
     return Qwen3MoeConfig(
         vocab_size=len(tokenizer) if tokenizer is not None else settings.vocab_size,
         hidden_size=settings.hidden_size,
@@ -237,12 +245,16 @@ def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast | No
 def skeleton(settings: DemoSettings) -> Qwen3MoeForCausalLM:
     """The demo model's modules on the meta device (no memory), before it is built: its shape for the checks
     made when the workflow is parsed."""
+    from transformers import Qwen3MoeForCausalLM
+
     with torch.device("meta"):
         return Qwen3MoeForCausalLM(model_config(settings, tokenizer=None)).eval()
 
 
 def init_model(config: Qwen3MoeConfig, seed: int) -> Qwen3MoeForCausalLM:
     """A freshly initialised model in training mode; ``seed`` fixes its weights."""
+    from transformers import Qwen3MoeForCausalLM
+
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(config)
     model.train()

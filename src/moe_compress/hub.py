@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 
 from moe_compress.atomic import atomic_directory, atomic_path
-from moe_compress.calibration import jsonl_records
+from moe_compress.checkpoint_files import check_model_dir
 from moe_compress.errors import DataError, ModelError
-from moe_compress.modelio import check_model_dir
 
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 C4_REPO = "allenai/c4"
@@ -120,6 +119,9 @@ def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_fie
     and cached like any other download."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    # here, not at the top: every job imports this module (moe_compress.workflow), this rule alone reads a corpus
+    from moe_compress.calibration import jsonl_records
 
     try:
         shard_path = hf_hub_download(repo_id=C4_REPO, filename=shard, repo_type="dataset")

@@ -8,20 +8,32 @@ import logging
 import platform
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import nn
 
 from moe_compress.architectures import ARCHITECTURES, adapter_for
 from moe_compress.atomic import atomic_directory, write_json
+from moe_compress.checkpoint_files import (  # noqa: F401 (also imported from here)
+    COMPRESSION_RECORD,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX_FILE,
+    TOKENIZER_CHOICES,
+    TOKENIZER_READS,
+    check_model_dir,
+    context_length,
+    read_compression_record,
+)
 from moe_compress.errors import ModelError
 from moe_compress.quantized import check_source_quantization
 from moe_compress.remote_code.moe_compress_layers import dictionary_specs_of
 
+if TYPE_CHECKING:  # pandas is imported by the step report tables that use it: most jobs need none
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
-COMPRESSION_RECORD = "compression.json"
 REMOTE_CODE_FILE = "modeling_moe_compress.py"
 REMOTE_CODE_CLASS = "MoeCompressForCausalLM"
 LAYERS_FILE = "moe_compress_layers.py"  # imported by the modeling file; also the library's own code
@@ -33,90 +45,6 @@ SOURCE_QUANTIZATION = "source_quantization"
 SOURCE_QUANTIZATION_ATTRIBUTE = "moe_compress_source_quantization"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# What transformers builds a tokenizer from (TokenizersBackend, Qwen2Tokenizer, GPTNeoXTokenizer, the
-# sentencepiece, tiktoken and Mistral tekken converters). Without any, AutoTokenizer returns an empty
-# tokenizer: every text becomes no tokens, and the calibration samples nothing but separators.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "tekken.json", "vocab.txt")
-TOKENIZER_FILE_PATTERNS = ("tokenizer.model.*", "*.tiktoken")
-TOKENIZER_FILE_PAIR = ("vocab.json", "merges.txt")
-TOKENIZER_CHOICES = "tokenizer.json, tokenizer.model, vocab.json + merges.txt, vocab.txt, *.tiktoken or tekken.json"
-# what loading a tokenizer reads of a model folder (a job that needs only the tokenizer checks only these)
-TOKENIZER_READS = (*TOKENIZER_FILES, *TOKENIZER_FILE_PAIR, "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "config.json")
-
-
-def check_model_dir(path: str | Path, weights: bool = False, tokenizer: bool = False) -> Path:
-    """``path`` as a checkpoint folder; with ``weights``, one whose weights are safetensors (pickled weights,
-    ``*.bin`` or ``*.pt``, can run code when loaded, so they are never read), every shard its index names
-    present; with ``tokenizer``, one with the files a tokenizer is built from."""
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model path {path} does not exist; set model.path to a local HF directory, a hub id, or 'demo'")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model path {path} is not a Hugging Face checkpoint (no config.json in it)")
-    if weights:
-        _check_weights(path)
-    if tokenizer and not has_tokenizer_files(path):
-        raise ModelError(f"model path {path}: no tokenizer files (it needs one of {TOKENIZER_CHOICES}); without them "
-                         f"transformers builds an empty tokenizer and every text becomes no tokens. Copy the model's "
-                         f"tokenizer files into {path}")
-    return path
-
-
-def _check_weights(path: Path) -> None:
-    index = path / SAFETENSORS_INDEX_FILE
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ModelError(f"model path {path}: {SAFETENSORS_INDEX_FILE} is not a safetensors index "
-                             f"(no weight_map)") from err
-        missing = sorted(shard for shard in shards if not (path / shard).is_file())
-        if missing:
-            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise ModelError(f"model path {path}: {len(missing)} of the {len(shards)} weight files that "
-                             f"{SAFETENSORS_INDEX_FILE} names are missing ({listed}); copy or download them again")
-        return
-    if (path / SAFETENSORS_FILE).is_file():
-        return
-    pickled = sorted(item.name for item in path.iterdir() if item.suffix in PICKLED_SUFFIXES)
-    if pickled:
-        raise ModelError(f"model path {path}: only pickled weights ({', '.join(pickled[:3])}); moe-compress reads "
-                         f"safetensors only. Convert it once where you trust the file, e.g. "
-                         f"AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)")
-    others = sorted(item.name for item in path.glob("*.safetensors"))
-    if others:
-        raise ModelError(f"model path {path}: safetensors files ({', '.join(others[:3])}) but no {SAFETENSORS_FILE} "
-                         f"or {SAFETENSORS_INDEX_FILE}, the names transformers loads; rename a single file to "
-                         f"{SAFETENSORS_FILE}, or copy the checkpoint's index file into it")
-    raise ModelError(f"model path {path}: no weights (no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}); copy the "
-                     f"model's safetensors files into it")
-
-
-def has_tokenizer_files(path: Path) -> bool:
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        return True
-    if any(any(path.glob(pattern)) for pattern in TOKENIZER_FILE_PATTERNS):
-        return True
-    return all((path / name).is_file() for name in TOKENIZER_FILE_PAIR)
-
-
-def context_length(path: str | Path) -> int | None:
-    """The longest sequence the model was built for (``max_position_embeddings`` of its config.json), or None
-    where the config does not say."""
-    raw = json.loads((Path(path) / "config.json").read_text())
-    value = raw.get("max_position_embeddings")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def read_compression_record(path: str | Path) -> dict | None:
-    record_path = Path(path) / COMPRESSION_RECORD
-    return json.loads(record_path.read_text()) if record_path.is_file() else None
 
 
 def needs_remote_code(path: str | Path) -> bool:
@@ -382,6 +310,8 @@ def write_checkpoint_record(directory: Path, record: dict, layout: dict, remote_
 
 def clusters_table(reports: list[dict]) -> pd.DataFrame:
     """One row per merged expert: its layer, the original experts it stands for, and their coefficients."""
+    import pandas as pd
+
     rows = []
     for report in reports:
         for layer, clusters in report.get("clusters", {}).items():
@@ -396,6 +326,8 @@ def clusters_table(reports: list[dict]) -> pd.DataFrame:
 def low_rank_table(reports: list[dict]) -> pd.DataFrame:
     """One row per (layer, expert matrix) of each svd_experts step: rank, sharing, energy and error, and where
     the basis came from (the donor expert's original id with basis most_used_expert)."""
+    import pandas as pd
+
     columns = ["rank", "shared", "energy_kept", "weight_error", "parameters_before", "parameters_after"]
     optional = ["basis", "basis_expert", "basis_expert_frequency"]  # absent from reports of older versions
     rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns},
@@ -407,6 +339,8 @@ def low_rank_table(reports: list[dict]) -> pd.DataFrame:
 
 def dictionary_table(reports: list[dict]) -> pd.DataFrame:
     """One row per (layer, expert matrix) of each ksvd_experts step: atoms, sparsity, iterations, error, size."""
+    import pandas as pd
+
     columns = ["atoms", "sparsity", "iterations", "weight_error", "parameters_before", "parameters_after",
                "index_bytes"]
     rows = [{"step": report["step"], "layer": int(layer), "matrix": name, **{key: facts[key] for key in columns}}
@@ -425,6 +359,8 @@ def step_report_tables(reports: list[dict]) -> dict[str, str]:
 
 def reconstruction_table(reports: list[dict]) -> pd.DataFrame:
     """One row per (step, layer): the MoE block's relative reconstruction error after that step."""
+    import pandas as pd
+
     rows = [{"step": report["step"], "method": report["method"], "layer": int(layer), "relative_error": error}
             for report in reports for layer, error in report.get("reconstruction_error", {}).items()]
     return pd.DataFrame(rows, columns=["step", "method", "layer", "relative_error"])

@@ -174,14 +174,20 @@ class WorkflowPlan:
     @cached_property
     def expert_budget(self):
         """(the model's ``ExpertBudget``: experts, top-k floors and parameters per MoE layer, from a weightless
-        skeleton; whether its parameter count is exact: the demo's vocabulary is known only once its tokenizer
-        is trained, so its parameter budgets are checked in the job)."""
-        from moe_compress.methods.allocation import expert_budget
+        skeleton, the demo's from its settings; whether its parameter count is exact: the demo's vocabulary is
+        known only once its tokenizer is trained, so its parameter budgets are checked in the job)."""
+        from moe_compress.methods.allocation import ExpertBudget, expert_budget
 
         if self.model_config_dir is None:
-            from moe_compress.demo import DemoSettings, skeleton
+            # no skeleton: its transformers model class would cost every parse seconds. The parameter fields stay
+            # zero, unread: the demo's parameter count is not known here (False)
+            from moe_compress.demo import demo_moe_layers
 
-            return expert_budget(skeleton(DemoSettings(**self.config["demo_model"]))), False
+            demo = self.config["demo_model"]
+            layers = demo_moe_layers(demo["num_layers"])
+            return ExpertBudget(fixed=0, count=dict.fromkeys(layers, demo["num_experts"]),
+                                size=dict.fromkeys(layers, 0),
+                                floor=dict.fromkeys(layers, min(demo["top_k"], demo["num_experts"]))), False
         return expert_budget(self.skeleton), True
 
     def check_variants_against_model(self) -> None:

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from moe_compress.checkpoint_files import read_compression_record
 from moe_compress.final_table import final_table, read_evaluation_csv, write_final_table
-from moe_compress.modelio import read_compression_record
 from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake, partial_reads={"records": ["compression.json"]})

@@ -3,7 +3,7 @@
 import pandas as pd
 
 from moe_compress import plots
-from moe_compress.modelio import read_compression_record
+from moe_compress.checkpoint_files import read_compression_record
 from moe_compress.workflow import finish_job, start_job
 
 log = start_job(snakemake, partial_reads={"records": ["compression.json"]})

@@ -136,8 +136,8 @@ def write_offline_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | P
 def task_manager(source: str, tasks: list[str], data_dir: str | Path, work_dir: str | Path):
     from lm_eval.tasks import TaskManager
 
-    if source == "bundled":
-        return TaskManager(include_path=str(write_offline_tasks(tasks, data_dir, work_dir)))
+    if source == "bundled":  # the mirrors include the official YAMLs by path: lm-eval's index of its own is not read
+        return TaskManager(include_path=str(write_offline_tasks(tasks, data_dir, work_dir)), include_defaults=False)
     return TaskManager()
 
 

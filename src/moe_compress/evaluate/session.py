@@ -112,12 +112,13 @@ class EvaluationSession:
 
     def speed(self, prompts_path: str | Path, *, num_prompts: int, prompt_tokens: int, decode_tokens: int,
               repeats: int, warmup: int) -> dict:
-        from moe_compress.evaluate.speed import measure_speed
-
         settings = {"num_prompts": num_prompts, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
                     "repeats": repeats, "warmup": warmup, "prompts": output_fingerprint(prompts_path)}
 
         def compute():
+            # imported only to compute: a result read from the memo needs neither torch nor transformers
+            from moe_compress.evaluate.speed import measure_speed
+
             windows = read_samples(prompts_path)
             if len(windows) < num_prompts or windows.shape[1] < prompt_tokens:
                 raise DataError(f"speed: {prompts_path} has {len(windows)} windows of {windows.shape[1]} tokens; "
@@ -128,11 +129,15 @@ class EvaluationSession:
         return self.remembered("speed", settings, compute)
 
     def perplexity(self, dataset: str, windows_path: str | Path, *, batch_size: int) -> dict:
-        from moe_compress.evaluate.perplexity import perplexity
-
         settings = {"dataset": dataset, "windows": output_fingerprint(windows_path), "batch_size": batch_size}
-        return self.remembered(f"perplexity_{dataset}", settings, lambda: perplexity(
-            self.model, read_samples(windows_path), batch_size, checkpoint=str(self.checkpoint), dataset=dataset))
+
+        def compute():
+            from moe_compress.evaluate.perplexity import perplexity  # as in speed: not for a remembered result
+
+            return perplexity(self.model, read_samples(windows_path), batch_size, checkpoint=str(self.checkpoint),
+                              dataset=dataset)
+
+        return self.remembered(f"perplexity_{dataset}", settings, compute)
 
     def benchmark(self, task: str, *, source: str, data_dir: str | Path, inputs: list[str], num_fewshot: int,
                   limit: int | None, batch_size: int, backend: str, seed: int) -> dict:

@@ -6,6 +6,11 @@
 import sys
 
 from moe_compress.config import DEFAULT_CONFIG_FILE, check_config_files, describe_config_files
+from moe_compress.workflow import set_openmp_waiting
+
+# every job's torch threads spin briefly, then sleep, while they wait for each other (a busy machine's cores go
+# to work, not to spinning); a policy the user set is kept
+set_openmp_waiting()
 
 # A --configfile names the whole experiment: the demo's config/config.yaml is read only when none is given,
 # so the user's variants are never merged with the demo's (docs/design-notes.md, "One config, one experiment").

@@ -63,3 +63,17 @@ subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('from a chil
     text = log.read_text()
     for expected in ("a library warning", "progress 50%", "written by native code", "from a child process"):
         assert expected in text
+
+
+def test_jobs_wait_with_a_short_openmp_spin_unless_the_user_chose_how():
+    """The Snakefile gives every job the short spin (docs/benchmarks.md, "Threads that wait"); a wait policy or a
+    spin count already in the environment is the user's and is kept."""
+    from moe_compress.workflow import OPENMP_SPIN_COUNT, set_openmp_waiting
+
+    environment = {"PATH": "/usr/bin"}
+    set_openmp_waiting(environment)
+    assert environment == {"PATH": "/usr/bin", "GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}
+    for users in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "0"}):
+        environment = dict(users)
+        set_openmp_waiting(environment)
+        assert environment == users

@@ -3,6 +3,7 @@ checksum check of the inputs and record of the outputs, and stopping with Snakem
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,14 +14,29 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import torch
-
 from moe_compress.errors import MoeCompressError
 from moe_compress.hub import hub_offline
 from moe_compress.integrity import verify_output, write_record
 
 # every output of a rule lies under this folder (relative to where snakemake runs); nothing else does
 RESULTS_DIR = "results"
+
+
+# How long (libgomp's spin iterations, microseconds) one of torch's OpenMP threads that waits for another spins
+# before it sleeps. libgomp's default spins for milliseconds: on a machine busy with other work a spinning thread
+# holds the core that the thread it waits for needs, and a job's many small parallel regions each pay for it.
+# Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every region pay a wake-up instead, on an idle machine too. A
+# short spin costs little either way (docs/benchmarks.md, "Threads that wait"); the numbers are the same bits.
+OPENMP_SPIN_COUNT = "10000"
+
+
+def set_openmp_waiting(environ: dict | None = None) -> None:
+    """Give the processes started from here (Snakemake's jobs; in tests, the test process itself) the short
+    OpenMP spin; a wait policy or spin count the user set is kept. It takes effect in a process that loads torch
+    after it: OpenMP reads it once, when it loads."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("OMP_WAIT_POLICY") and not environ.get("GOMP_SPINCOUNT"):
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def start_job(snakemake, partial_reads: Mapping[str, Iterable[str]] | None = None) -> logging.Logger:
@@ -34,7 +50,10 @@ def start_job(snakemake, partial_reads: Mapping[str, Iterable[str]] | None = Non
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         handlers=[logging.StreamHandler(sys.stderr)], force=True)
     logging.captureWarnings(True)
-    torch.set_num_threads(max(1, int(snakemake.threads)))
+    # every job imports this module first: torch is set here only where the script imported it (a job that
+    # imports it later starts with Snakemake's OMP_NUM_THREADS, the same count)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, int(snakemake.threads)))
     logger = logging.getLogger(f"moe_compress.rule.{snakemake.rule}")
     logger.info("rule %s, wildcards %s, threads %s", snakemake.rule, dict(snakemake.wildcards), snakemake.threads)
     logger.info("hub %s, HF_HOME=%s", "offline" if hub_offline() else "online", os.environ.get("HF_HOME"))
@@ -79,6 +98,9 @@ def finish_job(snakemake) -> None:
         write_record(path)
     logging.getLogger(f"moe_compress.rule.{snakemake.rule}").info("checksums recorded for %d outputs",
                                                                   len(snakemake.output))
+    # the process exits next: spare the exit's garbage collection its walk over every object that torch and
+    # transformers created (it frees nothing the exit does not; atexit handlers and buffered files are unaffected)
+    gc.freeze()
 
 
 def _as_list(paths) -> list[str]:

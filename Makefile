@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
+# pytest-xdist workers for the CPU suites: independent tests run side by side (a Snakemake test's jobs and a
+# unit test's kernels rarely keep both cores busy at once); TEST_WORKERS=0 runs them in one process
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
 
-.PHONY: setup demo test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench bench-gpu lint dag clean
+.PHONY: setup demo study test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench bench-gpu lint dag clean
 
 setup: $(STAMP)
 
@@ -22,13 +26,20 @@ demo: setup
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --report results/report.html
 
+# the full demo study (every variant of docs/2026-11-30-*.md); shares results/ with the demo, so after
+# `make demo` the demo model, the router cache, the statistics and the demo's variants are reused
+STUDY := config/studies/demo-full.yaml
+study: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile $(STUDY)
+	$(BIN)/snakemake --report results/report.html --configfile $(STUDY)
+
 test: setup
-	$(BIN)/python -m pytest -m "not slurm" tests
+	$(BIN)/python -m pytest $(XDIST) -m "not slurm" tests
 
 # the edit loop: the unit tests on one architecture, without Snakemake or lm-eval runs (slow), the cluster
 # (slurm) or a GPU; make test runs everything
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not slurm and not gpu and not other_architectures" -q tests
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not slurm and not gpu and not other_architectures" -q tests
 
 # on a GPU node: every method and statistics test on CUDA, CPU/CUDA agreement (fp32) and every step in bf16,
 # and the tiny DAG with model.device: cuda; each test says why it skipped where CUDA is absent (-rs)
@@ -44,7 +55,7 @@ test-narrow-isa: setup
 	case "$$isa" in AVX512*) narrow="$(NARROW_ISA_AVX2)";; *) narrow="$(NARROW_ISA_BASE)";; esac; \
 	echo "this CPU: $$isa; the numeric tests again with $$narrow"; \
 	env $$narrow $(BIN)/python -c "import torch; print('torch now dispatches to', torch.backends.cpu.get_cpu_capability())"; \
-	env $$narrow $(BIN)/python -m pytest -m "numeric and not gpu and not slurm" tests
+	env $$narrow $(BIN)/python -m pytest $(XDIST) -m "numeric and not gpu and not slurm" tests
 
 # a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing);
 # -rP prints what the cluster ran (job ids and rules)
@@ -62,6 +73,7 @@ bench: setup
 	$(BIN)/python bench/streaming_memory.py
 	$(BIN)/python bench/dry_run_scale.py
 	$(BIN)/python bench/per_layer_cost.py
+	$(BIN)/python bench/openmp_wait.py
 	$(BIN)/python bench/rerun_ratio.py $(BENCH_RERUN_FLAGS)
 
 # the real-shape suite (issue #19): Qwen3-30B-A3B's layer shapes (8 layers by default) on a CUDA device; without
@@ -79,3 +91,10 @@ dag: setup
 
 clean:
 	rm -rf results .snakemake
+
+# where a finished run's time goes (per rule: jobs' wall times, start-up, imports) and, given a pytest
+# --durations output or junit XML, the slowest tests; results/bench/time_breakdown_*.csv.
+# TIMINGS_FLAGS: e.g. --results /tmp/run/results --pytest durations.txt
+.PHONY: timings
+timings: setup
+	$(BIN)/python bench/time_breakdown.py $(TIMINGS_FLAGS)

@@ -1,4 +1,6 @@
-"""The embedded demo model: trains on a tiny corpus, saves a loadable HF directory, deterministically."""
+"""The embedded demo model: trains on a tiny corpus, saves a loadable HF directory, deterministically. The demo's
+config (one variant of every family) and the full study's (every variant of the dated figures), which shares its
+results."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import REPO
 from moe_compress import demo
 from moe_compress.architectures import adapter_for
+from moe_compress.config import load_config
 from moe_compress.errors import DataError
 from moe_compress.evaluate.perplexity import next_token_loss
 
@@ -206,3 +210,75 @@ def test_too_small_corpus_is_a_data_error(tmp_path):
     assert not (tmp_path / "model").exists()
     # a failed build leaves torch's settings as it found them
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+
+
+# ------------------------------------------------------------------------------------ the demo and the study
+
+DEMO_CONFIG = REPO / "config" / "config.yaml"
+STUDY_CONFIG = REPO / "config" / "studies" / "demo-full.yaml"
+# the sections the demo model, the calibration sample, the router cache, the statistics, the checkpoints and
+# their perplexity and speed depend on: equal in both files, so the study reuses what the demo computed
+SHARED_SECTIONS = ("model", "demo_model", "calibration", "cache", "compress", "perplexity", "speed", "score")
+LM_EVAL_SETTINGS = ("source", "data_dir", "num_fewshot", "limit", "batch_size", "backend", "seed")
+MITIGATIONS = {"output_rescale", "renormalize"}
+DENSE_SIDE = {"prune_heads", "reduce_hidden", "drop_layers"}
+
+
+def _methods(variant: dict) -> list[str]:
+    return [step["method"] for step in variant["steps"]]
+
+
+def test_the_demo_config_shows_one_variant_of_every_family():
+    config = load_config(DEMO_CONFIG)
+    variants = config["variants"]
+    families = {
+        "threshold pruning": [name for name, variant in variants.items()
+                              if _methods(variant) == ["frequency_prune"] and not variant["steps"][0]["uniform"]],
+        "REAP with a global target": [name for name, variant in variants.items() if _methods(variant) == ["reap_prune"]
+                                      and "target" in variant["steps"][0]
+                                      and variant["steps"][0]["allocation"] == "global"],
+        "merge": [name for name, variant in variants.items() if "hc_merge" in _methods(variant)],
+        "low rank": [name for name, variant in variants.items()
+                     if {"svd_experts", "ksvd_experts"} & set(_methods(variant))],
+        "fewer active experts with a mitigation": [
+            name for name, variant in variants.items()
+            if {"active_experts", "dynamic_skip"} & set(_methods(variant)) and MITIGATIONS & set(_methods(variant))],
+        "dense-side cut": [name for name, variant in variants.items() if DENSE_SIDE & set(_methods(variant))],
+    }
+    assert all(families.values()), {family: names for family, names in families.items() if not names}
+    assert variants["base"] == {"steps": []} and config["score"]["reference"] == "base"
+    # lm-eval on a few variants, the reference among them
+    benchmarked = config["evaluation"]["variants"]
+    assert config["evaluation"]["tasks"] and "base" in benchmarked and 2 < len(benchmarked) < len(variants)
+
+
+def test_the_study_holds_the_demo_so_it_reuses_the_demos_results():
+    """`make study` after `make demo` (one results/) reruns none of the demo's jobs but the lm-eval tasks it adds:
+    the same model, data and settings, and every demo variant with the same steps under the same name."""
+    demo_config, study = load_config(DEMO_CONFIG), load_config(STUDY_CONFIG)
+    for section in SHARED_SECTIONS:
+        assert demo_config[section] == study[section], section
+    for name, variant in demo_config["variants"].items():
+        assert name in study["variants"], name
+        assert variant["steps"] == study["variants"][name]["steps"], name
+    demo_eval, study_eval = demo_config["evaluation"], study["evaluation"]
+    assert {key: demo_eval[key] for key in LM_EVAL_SETTINGS} == {key: study_eval[key] for key in LM_EVAL_SETTINGS}
+    assert set(demo_eval["tasks"]) <= set(study_eval["tasks"])
+    assert set(demo_eval["variants"]) <= set(study_eval["variants"])
+
+
+def test_the_study_has_every_variant_of_the_dated_demo_figures():
+    """The dated figure pages stay reproducible: each variant in their tables is a variant of the study."""
+    study = load_config(STUDY_CONFIG)["variants"]
+    figures = (REPO / "docs" / "2026-11-30-demo-figures.md").read_text()
+    named, in_table = [], False
+    for line in figures.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| variant |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and not set(cells[0]) <= set("-"):
+            named.append(cells[0])
+    assert len(named) > 30
+    assert [name for name in named if name not in study] == []

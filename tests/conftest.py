@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import DEVICES, make_tokenizer, tiny_qwen3_moe
+from moe_compress.workflow import set_openmp_waiting
+
+set_openmp_waiting()  # before torch loads OpenMP: the suite's own threads wait as the workflow's jobs do
+
+import torch  # noqa: E402
+
+from helpers import DEVICES, make_tokenizer, run_tiny_dag, tiny_qwen3_moe  # noqa: E402
 
 # `make test-fast` runs the tests parametrised over the architectures on this one; `make test` on all
 FAST_ARCHITECTURE = "qwen3_moe"
@@ -18,6 +26,13 @@ def pytest_collection_modifyitems(items):
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("model_type", FAST_ARCHITECTURE) != FAST_ARCHITECTURE:
             item.add_marker(pytest.mark.other_architectures)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist hands the first half of this order to one worker, the rest to the other, and a worker that
+        # runs out takes over the tail of the other's: the Snakemake runs first (the shared tiny DAG's users
+        # first of all, so it is built while the other worker runs unit tests), the short tests last, so that
+        # neither worker ends with a long test while the other idles
+        items.sort(key=lambda item: (0 if "tiny_dag" in item.fixturenames else 1 if item.get_closest_marker("slow")
+                                     else 2))
 
 
 @pytest.fixture(params=DEVICES)
@@ -61,3 +76,27 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return hf_home
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory) -> Path:
+    """The TINY DAG run to its final table (helpers.run_tiny_dag), once for the whole session; under pytest-xdist
+    once for all workers: the first to ask builds it, the others wait for it. Tests read it in place and never
+    change it: one that runs Snakemake on it works on a copy (helpers.copy_of_run)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the base every worker's own folder is in
+    workdir, failed = shared / "tiny_dag", shared / "tiny_dag.failed"
+    with open(shared / "tiny_dag.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():  # another worker's build failed: the same failure, not a second wait for it
+            pytest.fail(failed.read_text())
+        if not (workdir / "results/final_table.csv").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            try:
+                run_tiny_dag(workdir)
+            except AssertionError as error:
+                failed.write_text(str(error))
+                raise
+    return workdir

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -409,9 +410,63 @@ def snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Complet
     needs a results/ of its own (a fresh one, or one it damages on purpose), and a run in the checkout would mix
     its outputs with the user's. With a ``--configfile`` the run reads nothing of config/config.yaml, as from the
     repository root. The README's own commands run from a clone's root instead (``user_clone``)."""
-    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(configfile), "--cores", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=offline_environment(), timeout=900)
+    return subprocess.run(snakemake_command(workdir, configfile, *args), capture_output=True, text=True,
+                          env=offline_environment(), timeout=900)
+
+
+def snakemake_command(workdir: Path, configfile: Path, *args: str) -> list[str]:
+    return [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), "--cores", "2", *args]
+
+
+def run_tiny_dag(workdir: Path) -> Path:
+    """The TINY DAG run to its final table in ``workdir`` (its config in workdir/config.yaml), under umask 022, the
+    usual one, so that tests can check the modes of what it wrote. The finished run the Snakemake-level tests
+    share (conftest.py's ``tiny_dag``): built once per session, read in place, copied (``copy_of_run``) by a test
+    that runs Snakemake on it."""
+    previous = os.umask(0o022)
+    try:
+        result = snakemake(workdir, write_config(workdir / "config.yaml", TINY), "results/final_table.csv")
+    finally:
+        os.umask(previous)
+    if result.returncode != 0:
+        raise AssertionError(f"the tiny DAG failed in {workdir}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return workdir
+
+
+def copy_of_run(source: Path, destination: Path) -> Path:
+    """A finished run's outputs and its config, with Snakemake's record of how each output was made
+    (.snakemake/metadata: the params, code and inputs a rerun is decided on), modification times kept: Snakemake
+    sees the copy as finished as the original (``snakemake -n`` plans nothing), and a test may change it."""
+    for folder in ("results", ".snakemake/metadata"):
+        shutil.copytree(source / folder, destination / folder, symlinks=True)
+    shutil.copy2(source / "config.yaml", destination / "config.yaml")
+    return destination
+
+
+JOB_HOOKS = REPO / "tests/job_hooks"
+
+
+def start_snakemake_paused_before(workdir: Path, configfile: Path, written: str, *args: str) -> tuple[subprocess.Popen, Path]:
+    """The workflow started in the background, its jobs stopping for good where one is about to write a file whose
+    absolute path matches the glob ``written`` (tests/job_hooks/sitecustomize.py). Returns the run and the file
+    that appears once a job has stopped there: a test waits for it, then kills the run at that known point."""
+    paused = workdir / "paused_job.txt"
+    env = offline_environment(MOE_COMPRESS_TEST_PAUSE_BEFORE=written, MOE_COMPRESS_TEST_PAUSED=str(paused),
+                              PYTHONPATH=os.pathsep.join(filter(None, [str(JOB_HOOKS), os.environ.get("PYTHONPATH")])))
+    run = subprocess.Popen(snakemake_command(workdir, configfile, *args), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    return run, paused
+
+
+def wait_until(condition, what: str, run: subprocess.Popen | None = None, poll_s: float = 0.1) -> None:
+    """Poll ``condition()`` until it holds. No bound on how soon: the deadline, far beyond any machine's need,
+    only keeps a failure from hanging the suite. With ``run``, its ending first fails at once."""
+    deadline = time.monotonic() + 1200
+    while not condition():
+        assert run is None or run.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(poll_s)
 
 
 def planned_jobs(dry_run_output: str) -> list[tuple[str, str]]:

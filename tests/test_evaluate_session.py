@@ -37,26 +37,15 @@ def evaluate_all(checkpoint, windows, memo_dir, tasks):
 
 
 @pytest.mark.slow
-def test_every_evaluation_shares_one_load_and_matches_separate_runs(tmp_path, recorded_inputs):
-    checkpoint, windows = recorded_inputs
-    session, results = evaluate_all(checkpoint, windows, tmp_path / "memo", ["mmlu", "winogrande"])
-    assert session.model_loads == 1 and session.reused == []
-
-    # the same numbers as each measurement on its own load, lm-eval loading the checkpoint itself
-    from moe_compress.calibration import read_samples
-
-    alone = perplexity(load_model(checkpoint), read_samples(windows), 2)
-    assert results["perplexity"] == alone
-    for task in ("mmlu", "winogrande"):
-        separate = run_benchmark(checkpoint, task, work_dir=tmp_path / f"tasks_{task}", **LM_EVAL)
-        assert tidy_results(results[task], 0).equals(tidy_results(separate, 0)), task
-
-
-@pytest.mark.slow
-def test_a_rerun_computes_only_what_changed_and_loads_nothing_when_nothing_did(tmp_path, recorded_inputs):
+def test_one_load_serves_every_evaluation_and_a_rerun_computes_only_what_changed(tmp_path, recorded_inputs):
+    """Speed, perplexity and a benchmark share one load of the model; a rerun reads back what it computed before
+    and loads nothing when nothing changed; a task added is the only thing computed; every number is the one a
+    measurement on its own load gives."""
     checkpoint, windows = recorded_inputs
     memo = tmp_path / "memo"
-    _, first = evaluate_all(checkpoint, windows, memo, ["winogrande"])
+    session, first = evaluate_all(checkpoint, windows, memo, ["winogrande"])
+    assert session.model_loads == 1 and session.reused == []
+    assert sorted(session.computed) == ["lm_eval_winogrande", "perplexity_c4_heldout", "speed"]
 
     session, again = evaluate_all(checkpoint, windows, memo, [])  # a task removed: nothing to compute
     assert session.model_loads == 0 and sorted(session.reused) == ["perplexity_c4_heldout", "speed"]
@@ -71,6 +60,14 @@ def test_a_rerun_computes_only_what_changed_and_loads_nothing_when_nothing_did(t
     session = EvaluationSession(checkpoint, dtype="float32", device="cpu", memo_dir=memo)
     session.perplexity("c4_heldout", windows, batch_size=4)  # a changed setting
     assert session.computed == ["perplexity_c4_heldout"]
+
+    # the same numbers as each measurement on its own load, lm-eval loading the checkpoint itself
+    from moe_compress.calibration import read_samples
+
+    assert first["perplexity"] == perplexity(load_model(checkpoint), read_samples(windows), 2)
+    for task in ("mmlu", "winogrande"):
+        separate = run_benchmark(checkpoint, task, work_dir=tmp_path / f"tasks_{task}", **LM_EVAL)
+        assert tidy_results(added[task], 0).equals(tidy_results(separate, 0)), task
 
 
 def test_a_rewritten_checkpoint_is_never_answered_from_the_memo(tmp_path, recorded_inputs):

@@ -3,6 +3,7 @@ accepts, and runs are reproducible. Each test provokes one case."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SNAKEMAKE, TINY, make_tokenizer, snakemake, tiny_model_of, write_config
+from helpers import (
+    TINY,
+    make_tokenizer,
+    snakemake,
+    start_snakemake_paused_before,
+    tiny_model_of,
+    wait_until,
+    write_config,
+)
 from moe_compress.atomic import atomic_directory
 from moe_compress.cache import CacheCorruptError, CacheReader, build_cache, read_router_cache
 from moe_compress.calibration import read_documents, tokenize_contiguous, tokenize_into_samples
@@ -243,67 +252,66 @@ def test_a_killed_writer_leaves_nothing_and_the_next_write_cleans_up(tmp_path):
     assert (tmp_path / ".checkpoint.2.abc123.tmp").is_dir()
 
 
-# ---- the workflow: SIGKILL mid-run, a corrupted cache, two cold runs ---------------------------------------
+# ---- the workflow: kill -9 mid-run, a corrupted cache, two cold runs ----------------------------------------
 
-FAULT_CONFIG = {**copy.deepcopy(TINY),
-                "evaluation": {"tasks": []},
-                "variants": {"base": {"steps": []},
-                             "merged": {"method": "hc_merge", "merges_per_layer": 2, "merge": "learned", "learn_steps": 20},
-                             "low_rank": {"method": "svd_experts", "rank": 8}}}
-FAULT_TARGETS = ["results/stats/expert_frequency.parquet", "results/checkpoints/merged", "results/checkpoints/low_rank"]
+STATS = "results/stats/expert_frequency.parquet"
+FAULT_TARGETS = [STATS, "results/checkpoints/merged", "results/checkpoints/pruned_low_rank"]
 
 
 def outputs_of(workdir: Path) -> dict[str, bytes]:
     """The bytes of the stats tables, and of each checkpoint's tensor files, config.json and compression.json."""
     files = [workdir / "results/stats/expert_frequency.parquet", workdir / "results/stats/expert_frequency.csv"]
-    for variant in ("merged", "low_rank"):
+    for variant in ("merged", "pruned_low_rank"):
         files += sorted((workdir / "results/checkpoints" / variant).glob("*.safetensors"))
         files += [workdir / "results/checkpoints" / variant / name for name in ("compression.json", "config.json")]
     return {str(path.relative_to(workdir)): path.read_bytes() for path in files}
 
 
-@pytest.mark.slow  # a Snakemake run
-def test_killed_and_corrupted_runs_recover_to_what_a_cold_run_gives(tmp_path):
-    cold = tmp_path / "cold"
-    cold.mkdir()
-    result = snakemake(cold, write_config(cold / "config.yaml", FAULT_CONFIG), *FAULT_TARGETS)
-    assert result.returncode == 0, result.stderr[-4000:]
-    reference = outputs_of(cold)
+@pytest.mark.slow  # Snakemake runs
+def test_a_run_killed_mid_write_recovers_by_the_readme_to_what_a_cold_run_gives(tiny_dag, tmp_path):
+    """kill -9 of Snakemake alone (a closed terminal, an OOM kill) while the cache job is writing its layers:
+    the job stops by itself and leaves nothing a rerun would accept; the README's sequence (--unlock, then a rerun
+    with --rerun-incomplete) finishes the run, to the bytes of a cold run (the session's tiny DAG); a cache file
+    corrupted on disk is then found by the job that reads it, never used, and rebuilt."""
+    reference = outputs_of(tiny_dag)
     record = json.loads(reference["results/checkpoints/merged/compression.json"])
     assert record["seeds"] == {"calibration": 0, "demo_model": 0}
     assert {"python", "torch", "transformers", "safetensors", "numpy", "moe-compress"} <= set(record["versions"])
 
-    # a second cold run, SIGKILLed (Snakemake and its jobs) while the cache job is writing its layers
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    configfile = write_config(killed / "config.yaml", FAULT_CONFIG)
-    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(killed),
-               "--configfile", str(configfile), "--cores", "2", *FAULT_TARGETS]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not list((killed / "results").glob(".cache.*.tmp/moe_inputs/layer_*.safetensors")):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before the cache job wrote a layer"
-        time.sleep(0.005)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    assert not (killed / "results/cache/manifest.json").exists()  # nothing a rerun would accept
-    assert snakemake(killed, configfile, "--unlock").returncode == 0  # the lock a killed Snakemake leaves
-    result = snakemake(killed, configfile, *FAULT_TARGETS)
+    # a second cold run; its cache job stops as it is about to write the last of its two layers
+    configfile = write_config(tmp_path / "config.yaml", TINY)
+    run, paused = start_snakemake_paused_before(tmp_path, configfile,
+                                                "*/results/.cache.*.tmp/moe_inputs/layer_001.safetensors",
+                                                *FAULT_TARGETS)
+    jobs = str(tmp_path / ".snakemake/scripts")
+    try:
+        wait_until(paused.exists, "the cache job reached its last layer", run)
+        run.send_signal(signal.SIGKILL)  # Snakemake alone, not its process group
+        run.wait()
+        # the job stops by itself (its watchdog: test_a_job_stops_when_its_snakemake_is_killed)
+        wait_until(lambda: not processes_running(jobs), "the jobs of the killed Snakemake stopped")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # whatever a failure above left running
+    assert "has exited: stopping this job" in (tmp_path / "results/logs/cache_router_activations.log").read_text()
+    assert list((tmp_path / "results").glob(".cache.*.tmp/moe_inputs/layer_000.safetensors"))  # stopped mid-write
+    assert not (tmp_path / "results/cache/manifest.json").exists()  # nothing a rerun would accept
+    assert snakemake(tmp_path, configfile, "--unlock").returncode == 0  # the lock a killed Snakemake leaves
+    result = snakemake(tmp_path, configfile, "--rerun-incomplete", *FAULT_TARGETS)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert not list((killed / "results").glob(".*.tmp"))
-    assert outputs_of(killed) == reference  # bitwise: resuming changes nothing, and two cold runs agree
+    assert not list((tmp_path / "results").glob(".*.tmp"))
+    assert outputs_of(tmp_path) == reference  # bitwise: resuming changes nothing, and two cold runs agree
 
     # a cache file corrupted on disk is detected by the job that reads it, never used, and rebuilt
-    flip_one_byte(killed / "results/cache/moe_inputs/layer_001.safetensors")
-    result = snakemake(killed, configfile, "--forcerun", "expert_stats", *FAULT_TARGETS)
+    flip_one_byte(tmp_path / "results/cache/moe_inputs/layer_001.safetensors")
+    result = snakemake(tmp_path, configfile, "--forcerun", "expert_stats", STATS)
     assert result.returncode != 0
-    log = (killed / "results/logs/expert_stats.log").read_text()
+    log = (tmp_path / "results/logs/expert_stats.log").read_text()
     assert "layer_001.safetensors is corrupt" in log, log[-2000:]
-    result = snakemake(killed, configfile, *FAULT_TARGETS)
+    result = snakemake(tmp_path, configfile, STATS)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rule cache_router_activations:" in result.stdout + result.stderr
-    assert outputs_of(killed) == reference
+    assert outputs_of(tmp_path) == reference
 
 
 def processes_running(marker: str) -> list[int]:
@@ -347,33 +355,3 @@ def test_a_job_stops_when_its_snakemake_is_killed(tmp_path):
     assert not Path(f"/proc/{pid}").exists(), "the job ran on after its parent was killed"
     assert "has exited: stopping this job" in job_log.read_text()
     assert not (tmp_path / "out.csv").exists()
-
-
-@pytest.mark.slow  # Snakemake runs
-def test_the_readme_recovery_after_kill_9_of_snakemake_alone(tmp_path):
-    """kill -9 of the Snakemake process only (a closed terminal, an OOM kill): its running job stops by
-    itself; then the README's sequence, `--unlock` and a rerun with `--rerun-incomplete`, finishes the run."""
-    configfile = write_config(tmp_path / "config.yaml", {**copy.deepcopy(TINY), "evaluation": {"tasks": []},
-                                                         "variants": {"base": {"steps": []}}})
-    target = "results/stats/expert_frequency.parquet"
-    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-               "--configfile", str(configfile), "--cores", "2", target]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = str(tmp_path / ".snakemake/scripts")
-    deadline = time.monotonic() + 300
-    while not processes_running(marker):
-        assert run.poll() is None and time.monotonic() < deadline, "Snakemake ended before it started a job"
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)  # Snakemake alone, not its process group
-    run.wait()
-    # the job stops by itself (its watchdog: test_a_job_stops_when_its_snakemake_is_killed) or ends its work;
-    # no bound on how soon, the deadline only keeps a failure from hanging
-    deadline = time.monotonic() + 900
-    while processes_running(marker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not processes_running(marker), "a job of the killed Snakemake is still running"
-    assert snakemake(tmp_path, configfile, "--unlock").returncode == 0
-    result = snakemake(tmp_path, configfile, "--rerun-incomplete", target)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / target).is_file()

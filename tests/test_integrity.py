@@ -3,14 +3,13 @@ outputs removed so the next run rebuilds them, and outputs others can read (the 
 
 from __future__ import annotations
 
-import copy
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY, snakemake, write_config
+from helpers import copy_of_run, snakemake
 from moe_compress.atomic import atomic_directory, atomic_path, current_umask, write_json
 from moe_compress.integrity import DamagedOutput, record_path, verify_output, write_record
 
@@ -131,27 +130,22 @@ def test_outputs_get_the_mode_of_the_umask_not_owner_only(tmp_path, umask):
 
 # ---- the workflow: a reader finds the damage, the next run rebuilds exactly what was there ---------------
 
-INTEGRITY_CONFIG = {**copy.deepcopy(TINY), "evaluation": {"tasks": []},
-                    "variants": {"base": {"steps": []}, "uniform4": TINY["variants"]["uniform4"]}}
 CHECKPOINT = "results/checkpoints/uniform4"
 PERPLEXITY = "results/eval/uniform4/perplexity.csv"
 STATS = "results/stats/expert_frequency.parquet"
 
 
 @pytest.mark.slow  # Snakemake runs
-def test_damaged_checkpoints_and_tables_are_found_by_their_readers_and_rebuilt(tmp_path):
-    configfile = write_config(tmp_path / "config.yaml", INTEGRITY_CONFIG)
-    previous = os.umask(0o022)
-    try:
-        result = snakemake(tmp_path, configfile, PERPLEXITY)
-    finally:
-        os.umask(previous)
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_damaged_checkpoints_and_tables_are_found_by_their_readers_and_rebuilt(tiny_dag, tmp_path):
+    """On a copy of the session's tiny DAG, run under umask 022 (helpers.run_tiny_dag)."""
+    # a colleague's account (or a model server) can read what the workflow wrote
+    assert stat.S_IMODE((tiny_dag / CHECKPOINT).stat().st_mode) == 0o755
+    shards = sorted((tiny_dag / CHECKPOINT).glob("*.safetensors"))
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o644 for path in [*shards, tiny_dag / STATS, tiny_dag / PERPLEXITY])
+    copy_of_run(tiny_dag, tmp_path)
+    configfile = tmp_path / "config.yaml"
     shards = sorted((tmp_path / CHECKPOINT).glob("*.safetensors"))
     written = {path: path.read_bytes() for path in [*shards, tmp_path / STATS, tmp_path / PERPLEXITY]}
-    # a colleague's account (or a model server) can read what the workflow wrote
-    assert stat.S_IMODE((tmp_path / CHECKPOINT).stat().st_mode) == 0o755
-    assert all(stat.S_IMODE(path.stat().st_mode) == 0o644 for path in written)
 
     # bits flipped inside the weights, size and time kept: Snakemake sees nothing; the next reader does
     damage_in_place(shards[0], shards[0].stat().st_size // 2)

@@ -24,60 +24,56 @@ from moe_compress.final_table import final_table, perf_norm, score, speed_norm
 DATA = REPO / "data/eval"
 
 
-def mirror_task(tmp_path, task, subtask=None):
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(write_offline_tasks([task], DATA, tmp_path / "mirror")))
-    return manager.load([subtask or task])["tasks"][subtask or task]
-
-
-def official_task_on(tmp_path, official_yaml: str, task: str, split: str, docs: list[dict], extra=None):
-    """lm-eval's own task definition, fed ``docs`` in the hub schema from a local JSON file."""
-    from lm_eval.tasks import TaskManager
-
-    data = tmp_path / f"{task}_hub_schema.jsonl"
+def official_spec(folder, official_yaml: str, task: str, split: str, docs: list[dict], extra=None) -> str:
+    """lm-eval's own task definition of ``task`` as ``official_<task>`` in ``folder``, fed ``docs`` in the hub schema
+    from a local JSON file."""
+    data = folder / f"{task}_hub_schema.jsonl"
     data.write_text("".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
-    folder = tmp_path / "official"
-    folder.mkdir(exist_ok=True)
     spec = {"include": str(official_tasks_dir() / official_yaml), "task": f"official_{task}", "dataset_path": "json",
             "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(data)}}, **(extra or {})}
     (folder / f"official_{task}.yaml").write_text(yaml.safe_dump(spec))
-    manager = TaskManager(include_path=str(folder))
-    return manager.load([f"official_{task}"])["tasks"][f"official_{task}"]
+    return f"official_{task}"
 
 
 def rendered(task, doc):
     return task.fewshot_context(doc, 0), task.doc_to_choice(doc), task.doc_to_target(doc)
 
 
-@pytest.mark.slow  # loads lm-eval's task registry
-def test_mmlu_mirror_renders_the_official_prompt(tmp_path):
-    ours = mirror_task(tmp_path, "mmlu", "mmlu_management")
-    doc = next(iter(ours.test_docs()))
-    upstream = pd.read_csv(DATA / "mmlu/test/management_test.csv", header=None,
-                           names=["question", "A", "B", "C", "D", "answer"]).iloc[0]
-    hub_doc = {"question": upstream["question"], "subject": "management",
-               "choices": [upstream[letter] for letter in "ABCD"], "answer": "ABCD".index(upstream["answer"])}
-    official = official_task_on(tmp_path, "mmlu/default/mmlu_management.yaml", "mmlu_management", "test", [hub_doc],
-                                {"fewshot_split": "test"})
-    official_doc = next(iter(official.test_docs()))
-    assert rendered(ours, doc) == rendered(official, official_doc)
-    context, choices, target = rendered(ours, doc)
-    assert context.startswith("The following are multiple choice questions (with answers) about management.")
-    assert context.endswith(f"{upstream['question'].strip()}\nA. {upstream['A']}\nB. {upstream['B']}\n"
-                            f"C. {upstream['C']}\nD. {upstream['D']}\nAnswer:")
-    assert choices == ["A", "B", "C", "D"] and target == "ABCD".index(upstream["answer"])
+@pytest.mark.slow  # lm-eval builds its tasks
+def test_the_mmlu_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
+    """Each bundled mirror renders the first document as lm-eval's own definition of the task renders it from the
+    hub's copy (one task manager for the mirrors and the official definitions: building one is what costs)."""
+    from lm_eval.tasks import TaskManager
 
-
-@pytest.mark.slow  # loads lm-eval's task registry
-def test_hellaswag_and_kmmlu_mirrors_render_the_official_prompt(tmp_path):
-    ours = mirror_task(tmp_path, "hellaswag")
+    mmlu = pd.read_csv(DATA / "mmlu/test/management_test.csv", header=None,
+                       names=["question", "A", "B", "C", "D", "answer"]).iloc[0]
+    mmlu_doc = {"question": mmlu["question"], "subject": "management",
+                "choices": [mmlu[letter] for letter in "ABCD"], "answer": "ABCD".index(mmlu["answer"])}
     raw = json.loads((DATA / "hellaswag_val_subset1000.jsonl").read_text().splitlines()[0])
-    hub_doc = {**raw, "label": str(raw["label"])}  # the hub stores the label as a string
-    official = official_task_on(tmp_path, "hellaswag/hellaswag.yaml", "hellaswag", "validation", [hub_doc],
-                                {"training_split": None})
-    assert rendered(ours, next(iter(ours.validation_docs()))) == rendered(official, next(iter(official.validation_docs())))
-    kmmlu = mirror_task(tmp_path, "kmmlu", "kmmlu_accounting")
+    hellaswag_doc = {**raw, "label": str(raw["label"])}  # the hub stores the label as a string
+    official = tmp_path / "official"
+    official.mkdir()
+    official_mmlu = official_spec(official, "mmlu/default/mmlu_management.yaml", "mmlu_management", "test",
+                                  [mmlu_doc], {"fewshot_split": "test"})
+    official_hellaswag = official_spec(official, "hellaswag/hellaswag.yaml", "hellaswag", "validation",
+                                       [hellaswag_doc], {"training_split": None})
+    mirrors = write_offline_tasks(["mmlu", "hellaswag", "kmmlu"], DATA, tmp_path / "mirror")
+    manager = TaskManager(include_path=[str(mirrors), str(official)], include_defaults=False)
+    names = ["mmlu_management", "hellaswag", "kmmlu_accounting", official_mmlu, official_hellaswag]
+    tasks = manager.load(names)["tasks"]
+
+    ours, theirs = tasks["mmlu_management"], tasks[official_mmlu]
+    assert rendered(ours, next(iter(ours.test_docs()))) == rendered(theirs, next(iter(theirs.test_docs())))
+    context, choices, target = rendered(ours, next(iter(ours.test_docs())))
+    assert context.startswith("The following are multiple choice questions (with answers) about management.")
+    assert context.endswith(f"{mmlu['question'].strip()}\nA. {mmlu['A']}\nB. {mmlu['B']}\n"
+                            f"C. {mmlu['C']}\nD. {mmlu['D']}\nAnswer:")
+    assert choices == ["A", "B", "C", "D"] and target == "ABCD".index(mmlu["answer"])
+
+    ours, theirs = tasks["hellaswag"], tasks[official_hellaswag]
+    assert rendered(ours, next(iter(ours.validation_docs()))) == rendered(theirs, next(iter(theirs.validation_docs())))
+
+    kmmlu = tasks["kmmlu_accounting"]
     context, _, target = rendered(kmmlu, next(iter(kmmlu.test_docs())))
     first = pd.read_csv(DATA / "kmmlu/Accounting-test.csv").iloc[0]
     assert context.endswith(f"{first['question'].strip()}\nA. {first['A']}\nB. {first['B']}\nC. {first['C']}\n"

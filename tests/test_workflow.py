@@ -1,4 +1,6 @@
-"""The whole DAG on a tiny configuration, and the incremental-rerun guarantee, through real snakemake runs."""
+"""The whole DAG on a tiny configuration, and the incremental-rerun guarantee, through real snakemake runs. The
+tiny DAG runs once per session (conftest.py's ``tiny_dag``); a test that runs Snakemake again works on its own copy
+of that finished run."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from helpers import (
     TINY,
+    copy_of_run,
     make_tokenizer,
     planned_jobs,
     put_c4_in_hub_cache,
@@ -24,17 +27,9 @@ from helpers import (
 
 pytestmark = pytest.mark.slow
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny_workflow")
-    configfile = write_config(workdir / "config.yaml", TINY)
-    result = snakemake(workdir, configfile, "results/final_table.csv")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return workdir, configfile
 
-
-def test_end_to_end_final_table(tiny_run):
-    workdir, _ = tiny_run
+def test_end_to_end_final_table(tiny_dag):
+    workdir = tiny_dag
     table = pd.read_csv(workdir / "results/final_table.csv")
     swept = ["reap_target-experts_fraction0.75-uniform", "reap_target-experts_fraction0.75-global"]
     assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank",
@@ -73,7 +68,7 @@ def test_end_to_end_final_table(tiny_run):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_tiny_dag_on_cuda(tiny_run, tmp_path):
+def test_tiny_dag_on_cuda(tiny_dag, tmp_path):
     """The tiny DAG with model.device: cuda, plus the whole-model steps (layer dropping, bf16) and the
     per-layer jobs: every rule reaches the final table on the GPU, and the discrete outcomes (the
     experts each pruning variant keeps) are the CPU run's."""
@@ -96,7 +91,7 @@ def test_tiny_dag_on_cuda(tiny_run, tmp_path):
     assert not table.loc[["base", "uniform4", "bf16_pruned"], "acc_winogrande"].isna().any()
     assert table.loc["dropped", "layers"] == 1 and table.loc["base", "layers"] == 2
     assert pd.read_csv(tmp_path / "results/eval/base/speed.csv")["device"].str.startswith("cuda").all()
-    cpu_workdir, _ = tiny_run
+    cpu_workdir = tiny_dag
     for variant in ("keep_most", "keep_some", "uniform4", "reap4", "merged"):
         ours, theirs = (json.loads((workdir / f"results/checkpoints/{variant}/compression.json").read_text())
                         for workdir in (tmp_path, cpu_workdir))
@@ -105,16 +100,18 @@ def test_tiny_dag_on_cuda(tiny_run, tmp_path):
             [report.get("kept_original_ids", report.get("clusters")) for report in theirs["step_reports"]], variant
 
 
-def test_nothing_to_do_after_a_complete_run(tiny_run):
-    workdir, configfile = tiny_run
-    result = snakemake(workdir, configfile, "-n", "results/final_table.csv")
+def test_nothing_to_do_after_a_complete_run(tiny_dag, tmp_path):
+    """A complete run has nothing left to do, and neither has its copy: the copy every other test here changes
+    is, to Snakemake, the finished run itself."""
+    workdir = copy_of_run(tiny_dag, tmp_path)
+    result = snakemake(workdir, workdir / "config.yaml", "-n", "results/final_table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     assert planned_jobs(result.stdout + result.stderr) == []
 
 
-def test_a_key_no_job_reads_replans_nothing(tiny_run):
+def test_a_key_no_job_reads_replans_nothing(tiny_dag, tmp_path):
     """The hub corpus settings mean nothing with a local corpus: changing them must not rerun the DAG."""
-    workdir, _ = tiny_run
+    workdir = copy_of_run(tiny_dag, tmp_path)
     changed = copy.deepcopy(TINY)
     changed["calibration"] = {**changed["calibration"], "hub_docs": 5000, "hub_file": "en/c4-train.00001-of-01024.json.gz"}
     result = snakemake(workdir, write_config(workdir / "config_unused.yaml", changed), "-n", "results/final_table.csv")
@@ -122,8 +119,8 @@ def test_a_key_no_job_reads_replans_nothing(tiny_run):
     assert planned_jobs(result.stdout + result.stderr) == []
 
 
-def test_changing_one_threshold_replans_only_that_variant(tiny_run):
-    workdir, _ = tiny_run
+def test_changing_one_threshold_replans_only_that_variant(tiny_dag, tmp_path):
+    workdir = copy_of_run(tiny_dag, tmp_path)
     changed = copy.deepcopy(TINY)
     changed["variants"]["keep_some"]["min_fraction"] = 0.2
     configfile = write_config(workdir / "config_changed.yaml", changed)
@@ -139,8 +136,8 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_run):
     assert sorted(jobs) == sorted([("compress", "uniform4"), ("evaluate", "uniform4"), ("final_table", "")]), jobs
 
 
-def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_run):
-    workdir, _ = tiny_run
+def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_dag, tmp_path):
+    workdir = copy_of_run(tiny_dag, tmp_path)
     changed = copy.deepcopy(TINY)
     changed["variants"]["reap_target"]["target"]["experts_fraction"] = [0.75, 0.5]
     result = snakemake(workdir, write_config(workdir / "config_sweep.yaml", changed), "-n", "results/final_table.csv")
@@ -150,15 +147,10 @@ def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_run):
         [(rule, name) for name in new for rule in ("compress", "evaluate")] + [("final_table", "")])
 
 
-def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_run, tmp_path):
+def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_dag, tmp_path):
     """Adding a benchmark reruns the evaluate job of each benchmarked variant only; that job loads the model
     once, runs the new task and reads every other result back from its memo; removing it loads nothing."""
-    import shutil
-
-    workdir, _ = tiny_run
-    # the outputs and Snakemake's record of how each was made (its params): what the rerun is decided on
-    for folder in ("results", ".snakemake/metadata"):
-        shutil.copytree(workdir / folder, tmp_path / folder, symlinks=True)
+    copy_of_run(tiny_dag, tmp_path)
     config = copy.deepcopy(TINY)
     config["evaluation"] = {**TINY["evaluation"], "tasks": ["winogrande", "mmlu"]}
     configfile = write_config(tmp_path / "config.yaml", config)
@@ -193,21 +185,23 @@ def checkpoint_tensors(checkpoint_dir: Path) -> dict:
     return tensors.read(list(tensors.weight_map))
 
 
-def test_per_layer_jobs_write_the_same_checkpoints(tiny_run, tmp_path):
+def test_per_layer_jobs_write_the_same_checkpoints(tiny_dag, tmp_path):
     """compress.per_layer_jobs: one job per (variant, MoE layer) + an assembly job give the checkpoints
-    the per-variant jobs gave; a whole-model step keeps its variant in one job; a changed threshold
-    replans that variant's layer jobs only."""
+    the per-variant jobs gave; a whole-model step keeps its variant in one job; a changed option
+    replans that variant's layer jobs only. Two variants wire every input a layer job reads (statistics,
+    cached inputs and their held-out part) and a remote-code assembly; that per-layer jobs save what one
+    job saves for every step is tests/test_architecture_suite.py's, on every architecture."""
     import shutil
 
-    workdir, _ = tiny_run
+    workdir = tiny_dag
     for stage in ("models", "calibration", "cache", "stats"):  # the upstream outputs, mtimes kept
         shutil.copytree(workdir / "results" / stage, tmp_path / "results" / stage, symlinks=True)
     config = copy.deepcopy(TINY)
     config["compress"] = {"per_layer_jobs": True}
     config["evaluation"] = {**TINY["evaluation"], "variants": ["merged"]}
     config["score"] = {"reference": "merged"}  # no unmodified base among these variants
-    layerwise = ["keep_some", "merged", "pruned_low_rank", "skip_rescale"]
-    config["variants"] = {**{name: TINY["variants"][name] for name in layerwise},
+    layerwise = ["merged", "pruned_low_rank"]
+    config["variants"] = {**{name: config["variants"][name] for name in layerwise},
                           "shallower": {"method": "drop_layers", "count": 1}}
     targets = [f"results/checkpoints/{name}" for name in config["variants"]]
     result = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "-n", *targets)
@@ -228,11 +222,11 @@ def test_per_layer_jobs_write_the_same_checkpoints(tiny_run, tmp_path):
         assert records[0] == records[1], name
     assert (tmp_path / "results/logs/compress_layer/merged/layer_1.log").stat().st_size > 0
 
-    config["variants"]["keep_some"]["min_fraction"] = 0.2
+    config["variants"]["pruned_low_rank"]["steps"][1]["rank"] = 4
     result = snakemake(tmp_path, write_config(tmp_path / "config_changed.yaml", config), "-n", *targets[:-1])
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert sorted(jobs) == [("assemble_checkpoint", "keep_some"), ("compress_layer", "keep_some"),
-                            ("compress_layer", "keep_some")], jobs
+    assert sorted(jobs) == [("assemble_checkpoint", "pruned_low_rank"), ("compress_layer", "pruned_low_rank"),
+                            ("compress_layer", "pruned_low_rank")], jobs
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -265,7 +259,8 @@ def test_hub_lm_eval_data_is_prefetched_on_the_submit_host_first(tmp_path):
 # table (tests/test_architecture_suite.py). The whole DAG runs for one model of each scoring family:
 # softmax then top-k with a dense layer in the middle (Qwen3-MoE, here also from the hub cache), sigmoid
 # with groups + shared experts + a dense first layer (DeepSeek-V3), top-k then softmax with transposed
-# experts and biases (gpt-oss), SparseMixer (Phi-3.5-MoE).
+# experts and biases (gpt-oss), SparseMixer (Phi-3.5-MoE). One compressed variant beside the base: the rules are
+# the same for every variant, and each variant's checkpoint round-trip is tests/test_architecture_suite.py's.
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss", "phimoe"])
 def test_every_architecture_runs_the_dag(tmp_path, model_type):
     """model.path pointing at a checkpoint of each architecture: the whole DAG completes. Qwen3-MoE comes
@@ -288,7 +283,6 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
     # per-layer jobs planned from the hub model's config.json, with a dense layer (1) copied by the assembly
     config["compress"] = {"per_layer_jobs": from_hub}
     config["variants"] = {"base": {"steps": []},
-                          "per_layer": {"method": "frequency_prune", "min_fraction": 0.2},
                           "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4}}
     configfile = write_config(tmp_path / "config.yaml", config)
     result = snakemake(tmp_path, configfile, "results/final_table.csv")
@@ -299,7 +293,7 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         assert "localrule fetch_model:" in result.stdout + result.stderr
         assert (tmp_path / "results/models/hub/tiny-org--tiny-qwen3-moe/model.safetensors").resolve().is_relative_to(hf_home)
         assert sorted(job for job in jobs if job[0] == "compress_layer") == [
-            ("compress_layer", name) for name in ("base", "base", "per_layer", "per_layer", "uniform4", "uniform4")]
+            ("compress_layer", name) for name in ("base", "base", "uniform4", "uniform4")]
     table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
     record = json.loads((tmp_path / "results/checkpoints/uniform4/compression.json").read_text())
     same_routing = len({json.dumps(s, sort_keys=True) for s in record["router_settings_per_layer"].values()}) == 1

@@ -34,7 +34,7 @@ study: setup
 	$(BIN)/snakemake --report results/report.html --configfile $(STUDY)
 
 test: setup
-	$(BIN)/python -m pytest $(XDIST) -m "not slurm" tests
+	$(BIN)/python -m pytest $(XDIST) --durations=30 -m "not slurm" tests
 
 # the edit loop: the unit tests on one architecture, without Snakemake or lm-eval runs (slow), the cluster
 # (slurm) or a GPU; make test runs everything

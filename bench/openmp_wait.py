@@ -3,17 +3,19 @@
 Times the demo model's training steps (the costliest job of `make demo`, many small parallel regions per step)
 in a fresh process per setting: libgomp's default (spin for milliseconds), OMP_WAIT_POLICY=PASSIVE (sleep at
 once), OMP_WAIT_POLICY=ACTIVE (spin), and the workflow's short spin (moe_compress.workflow.OPENMP_SPIN_COUNT),
-first alone, then beside --busy processes that spin on the CPU (another user's work). Prints ms per step and
-each setting's ratio to the workflow's short spin. Goal: the short spin within 1.10 of the fastest setting on
+first alone, then beside --busy processes that spin on the CPU (another user's work). The settings take turns,
+--repeats rounds (a busy machine's scheduling drifts: one setting measured after another would see a different
+machine); prints the median ms per step and each setting's ratio to the workflow's short spin. Goal: the short spin within 1.10 of the fastest setting on
 the idle machine, and the fastest on the busy one.
 
-    .venv/bin/python bench/openmp_wait.py [--steps 30] [--busy 2]
+    .venv/bin/python bench/openmp_wait.py [--steps 30] [--busy 2] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -59,18 +61,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--busy", type=int, default=2, help="processes spinning beside the busy measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds in which every setting runs once")
     args = parser.parse_args()
     rows = []
+    all_rounds = {}
     for machine in ("idle", f"{args.busy} busy processes beside"):
         busy = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.busy if machine != "idle" else 0)]
         try:
-            times = {name: ms_per_step(environment, args.steps) for name, environment in SETTINGS.items()}
+            rounds = [{name: ms_per_step(environment, args.steps) for name, environment in SETTINGS.items()}
+                      for _ in range(args.repeats)]
+            all_rounds[machine] = rounds
+            times = {name: statistics.median(measured[name] for measured in rounds) for name in SETTINGS}
         finally:
             for process in busy:
                 process.kill()
                 process.wait()
         for name, milliseconds in times.items():
             rows.append({"machine": machine, "setting": name, "ms_per_step": round(milliseconds, 1),
+                         "ms_per_step_rounds": " ".join(f"{measured[name]:.0f}" for measured in all_rounds[machine]),
                          "ratio_to_workflows": round(milliseconds / times[WORKFLOWS], 2)})
     print(f"demo training steps, 2 threads, {os.cpu_count()} cores")
     report("openmp_wait", rows)

@@ -22,11 +22,12 @@ from moe_compress.integrity import verify_output, write_record
 RESULTS_DIR = "results"
 
 
-# How long (libgomp's spin iterations, microseconds) one of torch's OpenMP threads that waits for another spins
-# before it sleeps. libgomp's default spins for milliseconds: on a machine busy with other work a spinning thread
-# holds the core that the thread it waits for needs, and a job's many small parallel regions each pay for it.
-# Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every region pay a wake-up instead, on an idle machine too. A
-# short spin costs little either way (docs/benchmarks.md, "Threads that wait"); the numbers are the same bits.
+# How long (libgomp's spin iterations) one of torch's OpenMP threads that waits for another spins before it
+# sleeps. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes each of a job's many small parallel regions pay a
+# wake-up, which on an idle machine costs more than the short spin; libgomp's much longer default spin gains
+# nothing idle and holds cores that other work needs. Where other processes hold the cores all the time,
+# PASSIVE is faster, and a policy the user set is kept (docs/benchmarks.md, "Threads that wait"). The computed
+# numbers are the same bits under every policy.
 OPENMP_SPIN_COUNT = "10000"
 
 

@@ -282,3 +282,23 @@ def test_the_study_has_every_variant_of_the_dated_demo_figures():
             named.append(cells[0])
     assert len(named) > 30
     assert [name for name in named if name not in study] == []
+
+
+def test_the_planner_budget_of_the_demo_matches_its_model_built_on_the_meta_device():
+    """The planner reads the demo's experts, top-k floors and model type from its settings, without building
+    the model: they must be what the model built from those settings has."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from moe_compress.config import load_config
+    from moe_compress.demo import DEMO_MODEL_TYPE, DemoSettings, model_config
+    from moe_compress.methods.allocation import expert_budget
+    from moe_compress.plan import WorkflowPlan
+
+    config = load_config(REPO / "config/config.yaml")
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(model_config(DemoSettings(**config["demo_model"]), tokenizer=None))
+    built = expert_budget(model)
+    planned, exact = WorkflowPlan.from_config(config).expert_budget
+    assert not exact  # its parameter count waits for the trained tokenizer
+    assert (planned.count, planned.floor) == (built.count, built.floor)
+    assert model.config.model_type == DEMO_MODEL_TYPE

@@ -242,15 +242,6 @@ def model_config(settings: DemoSettings, tokenizer: PreTrainedTokenizerFast | No
     )
 
 
-def skeleton(settings: DemoSettings) -> Qwen3MoeForCausalLM:
-    """The demo model's modules on the meta device (no memory), before it is built: its shape for the checks
-    made when the workflow is parsed."""
-    from transformers import Qwen3MoeForCausalLM
-
-    with torch.device("meta"):
-        return Qwen3MoeForCausalLM(model_config(settings, tokenizer=None)).eval()
-
-
 def init_model(config: Qwen3MoeConfig, seed: int) -> Qwen3MoeForCausalLM:
     """A freshly initialised model in training mode; ``seed`` fixes its weights."""
     from transformers import Qwen3MoeForCausalLM

@@ -26,6 +26,7 @@ from moe_compress.checkpoint_files import (  # noqa: F401 (also imported from he
     read_compression_record,
 )
 from moe_compress.errors import ModelError
+from moe_compress.pruning_plan import PLAN_FILE, pruning_plan
 from moe_compress.quantized import check_source_quantization
 from moe_compress.remote_code.moe_compress_layers import dictionary_specs_of
 
@@ -297,11 +298,17 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, record: di
 def write_checkpoint_record(directory: Path, record: dict, layout: dict, remote_code: dict[str, str], num_layers: int,
                             parameters: int) -> dict:
     """Complete ``record`` (the layout, the size, the library versions), write it as ``compression.json``
-    beside the remote-code files and the tables of its step reports; return it. Every checkpoint writer
-    ends here."""
+    beside the remote-code files, the tables of its step reports and, where steps pruned experts, the
+    pruning plan (or, in the record, why there is none); return it. Every checkpoint writer ends here."""
     record = {**record, **layout, "num_layers": num_layers, "parameters": parameters,
               "versions": environment_versions()}
     files = {**remote_code, **step_report_tables(record.get("step_reports", []))}
+    plan, omitted = pruning_plan(record)
+    if plan is not None:
+        record["pruning_plan"] = PLAN_FILE
+        files[PLAN_FILE] = json.dumps(plan, indent=2, sort_keys=True) + "\n"
+    elif omitted is not None:
+        record["pruning_plan_omitted"] = omitted
     for name, text in files.items():
         (directory / name).write_text(text)
     write_json(record, directory / COMPRESSION_RECORD)

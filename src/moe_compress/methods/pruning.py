@@ -37,23 +37,33 @@ def prune_experts(model, keep_per_layer: dict[int, torch.Tensor], context) -> di
     return adaptations
 
 
+def rank_slots(scores: np.ndarray) -> np.ndarray:
+    """Every slot, highest score first, ties broken by slot index so the order is deterministic."""
+    return np.argsort(-scores, kind="stable")
+
+
 def keep_highest(scores: np.ndarray, n: int, top_k: int) -> tuple[torch.Tensor, bool]:
     """The slots (sorted) of the ``n`` highest ``scores``, ``n`` raised to the layer's current ``top_k``
-    (a layer keeps at least as many experts as it routes each token to), ties broken by slot index so the
-    choice is deterministic. Returns (slots, whether n was raised)."""
+    (a layer keeps at least as many experts as it routes each token to). Returns (slots, whether n was
+    raised)."""
     floored = n < top_k
-    order = np.argsort(-scores, kind="stable")
-    return torch.from_numpy(np.sort(order[:min(max(n, top_k), len(scores))])), floored
+    return torch.from_numpy(np.sort(rank_slots(scores)[:min(max(n, top_k), len(scores))])), floored
 
 
-def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int], context) -> dict:
+def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int], context, score: str) -> dict:
     """Keep, per layer, the ``counts[layer]`` experts with the highest ``scores[layer]`` (one score per
-    current slot) and describe it: what the architecture adapted, how many were kept, their original
-    ids, and the layers raised to their top-k."""
+    current slot, named ``score``) and describe it: what the architecture adapted, how many were kept,
+    their original ids, the layers raised to their top-k, and the ranking (every expert the step ranked,
+    by original id, highest score first, with its score): what the checkpoint's pruning_plan.json is
+    written from."""
     adapter = adapter_for(model.config)
     blocks = context.moe_blocks(model)
-    keep_per_layer, floored = {}, []
+    keep_per_layer, floored, ranking = {}, [], {}
     for layer, layer_scores in scores.items():
+        order = rank_slots(layer_scores)
+        # read before prune_experts replaces the layer's original ids by the survivors'
+        ranking[str(layer)] = {"ids": context.original_expert_ids[layer][torch.from_numpy(order)].tolist(),
+                               "scores": np.asarray(layer_scores)[order].tolist()}
         top_k = adapter.router_settings(blocks[layer])["top_k"]  # the layer's own, which may differ per layer
         keep_per_layer[layer], raised = keep_highest(layer_scores, counts[layer], top_k)
         if raised:
@@ -66,15 +76,17 @@ def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int
         "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
         "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
         "floored_to_top_k": floored,
+        "score": score,
+        "ranking": ranking,
     }
 
 
-def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context) -> dict:
+def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context, score: str) -> dict:
     """Keep the highest ``scores`` in the counts that meet the step's whole-model ``target``
     (``allocation``: uniform or global, see methods/allocation.py)."""
     counts, allocation = allocate(step["target"], step.get("allocation", "uniform"), scores,
                                   expert_budget(model, context))
-    return {**prune_to_highest(model, scores, counts, context), **allocation}
+    return {**prune_to_highest(model, scores, counts, context, score), **allocation}
 
 
 def target_options(step: dict) -> Problem | None:
@@ -107,6 +119,10 @@ def check_keep(step: dict, shape) -> Problem | None:
 
 # --- frequency_prune ---------------------------------------------------------------------------
 
+# the score's name in the pruning plan: calibration tokens whose router top-k (the step's top_k, else
+# the layer's own) includes the expert
+FREQUENCY_SCORE = "frequency"
+
 
 def frequency_prune(model, step: dict, context) -> dict:
     """Keep experts selected within the router's top-``top_k`` at least ``min_count`` times (or for a
@@ -126,11 +142,11 @@ def frequency_prune(model, step: dict, context) -> dict:
         usage[layer] = counts
         thresholds_kept[layer] = int((counts >= min_count).sum())
     if "target" in step:
-        return prune_to_target(model, usage, step, context)
+        return prune_to_target(model, usage, step, context, FREQUENCY_SCORE)
     if step.get("uniform"):
         per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
         thresholds_kept = dict.fromkeys(thresholds_kept, per_layer)
-    return prune_to_highest(model, usage, thresholds_kept, context)
+    return prune_to_highest(model, usage, thresholds_kept, context, FREQUENCY_SCORE)
 
 
 def _frequency_options(step: dict) -> Problem | None:
@@ -180,8 +196,8 @@ def reap_prune(model, step: dict, context) -> dict:
             counts[layer] = (step["keep"] if "keep" in step
                              else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
     if "target" in step:
-        return prune_to_target(model, saliency, step, context)
-    return prune_to_highest(model, saliency, counts, context)
+        return prune_to_target(model, saliency, step, context, column)
+    return prune_to_highest(model, saliency, counts, context, column)
 
 
 def _reap_options(step: dict) -> Problem | None:

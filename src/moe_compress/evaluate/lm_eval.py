@@ -161,14 +161,13 @@ def model_arguments(model_path: str | Path, dtype: str, device: str, trust_remot
     path = check_model_dir(model_path, weights=True)
     remote = needs_remote_code(path)
     if backend == "vllm":
-        if remote:
-            raise ModelError(f"{path} needs trust_remote_code (per-layer expert counts, low-rank experts or "
-                             f"dynamic skipping) and vLLM cannot load it; evaluate it with evaluation.backend: hf")
+        # a checkpoint with per-layer experts is served by the moe-compress vLLM plugin, never by its remote code
         try:
             import vllm  # noqa: F401  (only: is it installed)
         except ImportError:
-            raise ModelError("evaluation.backend: vllm needs the vllm package (pip install vllm) on the GPU nodes") from None
-        return {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code}
+            raise ModelError("evaluation.backend: vllm runs in the serving environment (make setup-serve, or "
+                             "envs/serve/environment.yaml on GPU nodes)") from None
+        return {"pretrained": str(path), "dtype": dtype, "trust_remote_code": False}
     return {"pretrained": str(path), "dtype": dtype, "trust_remote_code": remote or trust_remote_code}
 
 
@@ -177,8 +176,9 @@ def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: s
                   trust_remote_code: bool = False, backend: str = "hf", seed: int = 0, model=None) -> dict:
     """Run one lm-eval task (or group) on a checkpoint; return lm-eval's results dict (JSON-safe).
 
-    ``model``: the checkpoint already loaded (hf backend), so several tasks share one load; lm-eval
-    then reads only the tokenizer from ``model_path``."""
+    ``model``: the checkpoint already loaded (hf backend: the torch model; vllm backend: lm-eval's vLLM model,
+    whose engine the serving job also measures), so several tasks share one load; lm-eval then reads only the
+    tokenizer from ``model_path``."""
     import lm_eval
 
     from moe_compress.modelio import resolve_device
@@ -186,14 +186,14 @@ def run_benchmark(model_path: str | Path, task: str, *, source: str, data_dir: s
     arguments = model_arguments(model_path, dtype, device, trust_remote_code, backend)
     device = str(resolve_device(device))  # "auto" made concrete here, with our error where CUDA is missing
     manager = task_manager(source, [task], data_dir, work_dir)
-    if model is not None:
-        if backend != "hf":
-            raise ModelError(f"evaluation.backend: {backend} loads the checkpoint itself; a loaded model is hf only")
+    if model is not None and backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=model, tokenizer=arguments["pretrained"], batch_size=batch_size,
                   trust_remote_code=arguments["trust_remote_code"])
         backend_or_model, arguments = lm, None
+    elif model is not None:
+        backend_or_model, arguments = model, None
     else:
         backend_or_model = backend
     results = lm_eval.simple_evaluate(model=backend_or_model, model_args=arguments, tasks=[task], num_fewshot=num_fewshot,

@@ -37,6 +37,7 @@ include: "rules/stats.smk"
 include: "rules/compress.smk"
 include: "rules/analyze.smk"
 include: "rules/evaluate.smk"
+include: "rules/serving.smk"
 include: "rules/report.smk"
 
 

@@ -56,20 +56,40 @@ def exclusive_threads(wildcards):
         return config["speed"]["cluster_threads"]
 
 
+# evaluation.backend: vllm runs the lm-eval tasks in the serving job (the serving environment), so it needs it
+VLLM_TASKS = config["evaluation"]["backend"] == "vllm"
+SERVING = config["serving"]["vllm"] or VLLM_TASKS
+
+
 def benchmark_tasks(wildcards):
-    return EVAL_TASKS if wildcards.variant in EVAL_VARIANTS else []
+    """The lm-eval tasks of the evaluate job (with evaluation.backend: vllm the serving job runs them)."""
+    return EVAL_TASKS if wildcards.variant in EVAL_VARIANTS and not VLLM_TASKS else []
 
 
-def benchmark_settings(wildcards):
-    """The lm-eval settings, for the benchmarked variants only: the others never rerun for them."""
-    if wildcards.variant not in EVAL_VARIANTS:
+def serving_tasks(wildcards):
+    return EVAL_TASKS if wildcards.variant in EVAL_VARIANTS and VLLM_TASKS else []
+
+
+def _lm_eval_settings(runs_tasks):
+    """The lm-eval settings, for the variants whose job runs tasks only: the others never rerun for them."""
+    if not runs_tasks:
         return as_json({})
     keys = ("source", "data_dir", "num_fewshot", "limit", "batch_size", "backend", "seed")
     return as_json({key: config["evaluation"][key] for key in keys})
 
 
+def benchmark_settings(wildcards):
+    return _lm_eval_settings(bool(benchmark_tasks(wildcards)))
+
+
+def serving_task_settings(wildcards):
+    return _lm_eval_settings(bool(serving_tasks(wildcards)))
+
+
 def prefetched_eval_data(wildcards):
-    if config["evaluation"]["source"] == "hub" and wildcards.variant in EVAL_VARIANTS:
+    """The hub datasets' prefetch record, for a job that runs lm-eval tasks from the hub."""
+    runs_tasks = bool(benchmark_tasks(wildcards) or serving_tasks(wildcards))
+    if config["evaluation"]["source"] == "hub" and runs_tasks:
         return [rules.prefetch_eval_data.output.prefetched]
     return []
 

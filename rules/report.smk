@@ -6,7 +6,10 @@ rule final_table:
         records=expand(rules.compress.output.checkpoint, variant=VARIANTS),
         perplexity=expand(rules.evaluate.output.perplexity, variant=VARIANTS),
         speed=expand(rules.evaluate.output.speed, variant=VARIANTS),
-        lm_eval=expand(rules.evaluate.output.lm_eval, variant=EVAL_VARIANTS),
+        # with evaluation.backend: vllm the serving job runs the tasks
+        lm_eval=expand(rules.serving.output.lm_eval if VLLM_TASKS else rules.evaluate.output.lm_eval,
+                       variant=EVAL_VARIANTS),
+        serving=expand(rules.serving.output.report, variant=VARIANTS) if SERVING else [],
     output:
         csv=report("results/final_table.csv", caption="../workflow/report/final_table.rst", category="Results"),
         md="results/final_table.md",

@@ -281,6 +281,26 @@ def tiny_model_of(model_type: str, seed: int = 0, **kwargs):
     return model
 
 
+# vLLM's CPU attention takes head sizes from 32 (the tiny models' 8 it refuses), and its CPU MLA only
+# DeepSeek's latent width: kv_lora_rank + qk_rope_head_dim = 576
+SERVING_SIZES = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+SERVING_HEAD = {"head_dim": 32}
+SERVING_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, head_dim=64,
+                   qk_head_dim=96, num_key_value_heads=2)
+
+
+def serving_model_of(model_type: str, seed: int = 0, **kwargs):
+    """The tiny model of ``model_type`` at head sizes vLLM's CPU kernels serve (tests/test_serving.py)."""
+    sizes = dict(SERVING_SIZES)
+    if model_type in ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "kimi_linear"):
+        sizes.update(SERVING_MLA)
+    elif "head_dim" in flagship_config(model_type) or model_type in ("qwen3_moe", "mixtral"):
+        sizes.update(SERVING_HEAD)
+    if "moe_intermediate_size" in flagship_config(model_type):
+        sizes["moe_intermediate_size"] = 32  # room for a global width allocation to differ between layers
+    return tiny_model_of(model_type, seed, **{**sizes, **kwargs})
+
+
 def tiny_qwen3_moe(seed: int = 0, **kwargs):
     return tiny_model_of("qwen3_moe", seed, **kwargs)
 

@@ -152,12 +152,15 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
                 speeds: dict[str, pd.DataFrame] | None = None,
                 task_results: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
                 perf_metric: str = "lm_eval", reference: str = BASE_VARIANT,
-                sweeps: dict[str, str] | None = None) -> pd.DataFrame:
+                sweeps: dict[str, str] | None = None, serving: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per variant: its sweep (``sweeps``, a line in the plots), size, experts, routing and targets,
     reconstruction error, perplexities, the primary metric of each lm-eval task
     (``task_results[variant][task]``) with its standard error, their mean (and its standard error), speed, and
     PerfNorm / SpeedNorm / Score against the ``reference`` variant, with the SpeedNorm interval the speed
-    repeats allow and ``speed_noisy`` where that interval is wider than |SpeedNorm|."""
+    repeats allow and ``speed_noisy`` where that interval is wider than |SpeedNorm|. ``serves_in``: the engines
+    that serve the checkpoint as the pipeline's transformers runs it (``serving``: the serving reports, where the
+    serving job ran; otherwise the transformers the evaluate job loaded it with), and vLLM's speed."""
+    from moe_compress.serving.report import PIPELINE_ENGINE, table_columns
     from moe_compress.evaluate.lm_eval import primary_score, primary_stderr
 
     if reference not in variants:
@@ -172,6 +175,7 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
             if task in task_results.get(name, {}):
                 row[f"acc_{task}"] = primary_score(task_results[name][task], task)
                 row[f"acc_{task}_stderr"] = primary_stderr(task_results[name][task], task)
+        row.update(table_columns(serving[name]) if serving else {"serves_in": PIPELINE_ENGINE})
         if name in speeds:
             speed = speeds[name].iloc[0]
             row.update({"prefill_tok_s": speed["prefill_tokens_per_s"], "t_token_ms": speed["t_token_ms"],
@@ -229,9 +233,13 @@ def to_markdown(table: pd.DataFrame, reference: str = BASE_VARIANT) -> str:
 
 
 def write_final_table(table: pd.DataFrame, csv_path: str | Path, md_path: str | Path,
-                      reference: str = BASE_VARIANT) -> None:
+                      reference: str = BASE_VARIANT, notes: list[str] = ()) -> None:
+    """The table as CSV and Markdown; ``notes`` (e.g. the variants an engine does not serve) follow the
+    Markdown table."""
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(md_path) as tmp:
-        tmp.write_text(to_markdown(table, reference))
+        tmp.write_text(to_markdown(table, reference) + "".join(f"\n{note}\n" for note in notes))
+    for note in notes:
+        log.warning("%s", note)
 

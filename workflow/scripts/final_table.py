@@ -4,6 +4,7 @@ from pathlib import Path
 
 from moe_compress.checkpoint_files import read_compression_record
 from moe_compress.final_table import final_table, read_evaluation_csv, write_final_table
+from moe_compress.serving.report import not_served_lines, read_serving_report
 from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake, partial_reads={"records": ["compression.json"]})
@@ -15,9 +16,10 @@ speeds = {name: read_evaluation_csv(path, "speed") for name, path in zip(variant
 tasks = list(snakemake.params.tasks)
 task_results = {variant: {task: read_evaluation_csv(Path(directory) / f"{task}.csv", "lm_eval") for task in tasks}
                 for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
+serving = {name: read_serving_report(path) for name, path in zip(variants, snakemake.input.serving, strict=True)}
 reference = snakemake.params.reference
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
-                    reference, sweeps=json_param(snakemake, "sweeps"))
-write_final_table(table, snakemake.output.csv, snakemake.output.md, reference)
+                    reference, sweeps=json_param(snakemake, "sweeps"), serving=serving)
+write_final_table(table, snakemake.output.csv, snakemake.output.md, reference, not_served_lines(serving))
 log.info("final table: %d variants, reference %s -> %s", len(table), reference, Path(snakemake.output.csv))
 finish_job(snakemake)

@@ -21,6 +21,8 @@ rule final_table:
         # the variant of each lm_eval input (a directory of <task>.csv), in order, and the tasks
         lm_eval_variants=EVAL_VARIANTS,
         tasks=EVAL_TASKS,
+        # the tasks ran in the serving job: a variant vLLM does not serve has none
+        tasks_in_serving=VLLM_TASKS,
         perf_metric=config["score"]["perf_metric"],
         # PerfNorm, SpeedNorm, Score and the ratios are relative to this variant
         reference=config["score"]["reference"],

@@ -50,6 +50,15 @@ def read_evaluation_csv(path: str | Path, kind: str) -> pd.DataFrame:
     return table
 
 
+def read_task_results(directory: str | Path, tasks: list[str], served_elsewhere: bool = False) -> dict[str, pd.DataFrame]:
+    """A variant's lm-eval CSVs by task. ``served_elsewhere``: the tasks ran in an engine that did not serve the
+    variant (evaluation.backend: vllm), so it has none; its accuracy cells stay empty and the table's notes
+    say why."""
+    if served_elsewhere:
+        return {}
+    return {task: read_evaluation_csv(Path(directory) / f"{task}.csv", "lm_eval") for task in tasks}
+
+
 def describe_steps(steps: list[dict]) -> str:
     """"method(key=value, ...) -> ..." with the values that differ from the method's defaults."""
     if not steps:

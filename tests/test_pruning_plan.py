@@ -242,3 +242,17 @@ def test_plan_after_dropped_layers_names_the_source_layers(tmp_path, prepared):
             assert torch.equal(saved[f"model.layers.1.mlp.experts.{slot}.{matrix}.weight"],
                                original[f"model.layers.2.mlp.experts.{expert}.{matrix}.weight"])
     assert torch.equal(saved["model.layers.1.mlp.gate.weight"], original["model.layers.2.mlp.gate.weight"][kept])
+
+
+def test_pruning_after_dropped_layers_ranks_by_the_source_layers_statistics(tmp_path, prepared):
+    """After drop_layers renumbers the layers, reap_prune still reads each layer's own row of the statistics
+    table (source layer 2, now layer 1): it keeps what the same prune keeps in the undropped model."""
+    model_dir, cache_dir, stats = prepared("qwen3_moe")
+    prune = validated_step("reap_prune", keep=4)
+    whole_model_checkpoint(model_dir, cache_dir, stats, [validated_step("drop_layers", layers=[0]), prune],
+                           tmp_path / "dropped")
+    whole_model_checkpoint(model_dir, cache_dir, stats, [prune], tmp_path / "whole")
+    dropped, whole = read_plan(tmp_path / "dropped"), read_plan(tmp_path / "whole")
+    assert dropped["moe_layers"]["2"]["kept"] == whole["moe_layers"]["2"]["kept"]
+    saliency = stats[stats["layer"] == 2].set_index("expert")["reap_saliency"]
+    assert sorted(dropped["moe_layers"]["2"]["kept"]) == sorted(saliency.nlargest(4).index.tolist())

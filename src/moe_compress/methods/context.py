@@ -18,6 +18,8 @@ class CompressionContext:
     - ``stats``: the expert frequency table of the original model;
     - ``original_expert_ids``: which original expert each current expert slot holds, per layer, so a
       later step can still look up the statistics of an earlier step's survivors;
+    - ``original_layers``: the original model's index of each decoder layer, where a step (``drop_layers``)
+      renumbered them (``original_layer``): the statistics table is indexed by it;
     - ``moe_inputs``: cached MoE-block inputs per layer [tokens, hidden]; the last
       ``heldout_fraction`` of the tokens (whole calibration samples) are held out from fitting and
       measure reconstruction error;
@@ -36,6 +38,7 @@ class CompressionContext:
 
     stats: pd.DataFrame | None = None
     original_expert_ids: dict[int, torch.Tensor] = field(default_factory=dict)
+    original_layers: dict[int, int] = field(default_factory=dict)
     moe_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     heldout_fraction: float = 0.1
     reference_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -54,6 +57,10 @@ class CompressionContext:
         context.original_expert_ids = {index: torch.arange(adapter.block_num_experts(block), device="cpu")
                                        for index, block in context.moe_blocks(model).items()}
         return context
+
+    def original_layer(self, layer: int) -> int:
+        """The original model's index of decoder layer ``layer`` (the statistics table's ``layer``)."""
+        return self.original_layers.get(layer, layer)
 
     def moe_blocks(self, model) -> dict[int, torch.nn.Module]:
         """The MoE blocks the steps work on, by decoder-layer index."""

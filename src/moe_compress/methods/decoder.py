@@ -147,6 +147,7 @@ def drop_layers(model, step: dict, context) -> dict:
         table = getattr(context, name)
         setattr(context, name, {mapping[old]: value for old, value in table.items() if old in mapping})
     context.renormalized = {mapping[old] for old in context.renormalized if old in mapping}
+    context.original_layers = {new: context.original_layer(old) for old, new in mapping.items()}
     log.info("dropped decoder layers %s", drop)
     return {"dropped_layers": drop, "layer_mapping": {str(old): new for old, new in mapping.items()},
             "similarity": None if similarities is None else [round(float(s), 6) for s in similarities]}

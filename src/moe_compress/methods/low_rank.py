@@ -256,8 +256,8 @@ def most_used_expert(context, layer: int) -> dict:
         raise ModelError("svd_experts with basis: most_used_expert needs the expert statistics table "
                          "(results/stats/expert_frequency.parquet): it picks each layer's most selected expert")
     original_ids = context.original_expert_ids[layer]
-    selected = stats_rows(context.stats, layer, "selected", original_ids)
-    frequency = stats_rows(context.stats, layer, "frequency", original_ids)
+    selected = stats_rows(context.stats, context.original_layer(layer), "selected", original_ids)
+    frequency = stats_rows(context.stats, context.original_layer(layer), "frequency", original_ids)
     slot = int(np.lexsort((original_ids.numpy(), -selected))[0])  # most selected first, then lowest id
     return {"slot": slot, "original_id": int(original_ids[slot]), "selected": int(selected[slot]),
             "frequency": float(frequency[slot])}

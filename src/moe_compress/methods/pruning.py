@@ -103,7 +103,8 @@ def target_whole_model(step: dict) -> str | None:
 
 
 def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np.ndarray:
-    """``column`` of the statistics table for the experts a layer holds now (by their original ids)."""
+    """``column`` of the statistics table for the experts a layer holds now (``layer``: its index in the original
+    model, ``CompressionContext.original_layer``; the experts by their original ids)."""
     rows = stats[stats["layer"] == layer].set_index("expert")
     if rows.empty:
         raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
@@ -136,8 +137,8 @@ def frequency_prune(model, step: dict, context) -> dict:
     stats = context.stats.assign(selected_within=selected)
     usage, thresholds_kept = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
-        counts = stats_rows(stats, layer, "selected_within", original_ids)
-        tokens = int(stats.loc[stats["layer"] == layer, "tokens"].iloc[0])
+        counts = stats_rows(stats, context.original_layer(layer), "selected_within", original_ids)
+        tokens = int(stats.loc[stats["layer"] == context.original_layer(layer), "tokens"].iloc[0])
         min_count = step["min_count"] if "min_count" in step else int(np.ceil(step.get("min_fraction", 0) * tokens))
         usage[layer] = counts
         thresholds_kept[layer] = int((counts >= min_count).sum())
@@ -191,7 +192,7 @@ def reap_prune(model, step: dict, context) -> dict:
                          "(results/stats/expert_frequency.parquet from this version of the pipeline)")
     saliency, counts = {}, {}
     for layer, original_ids in context.original_expert_ids.items():
-        saliency[layer] = stats_rows(context.stats, layer, column, original_ids)
+        saliency[layer] = stats_rows(context.stats, context.original_layer(layer), column, original_ids)
         if "target" not in step:
             counts[layer] = (step["keep"] if "keep" in step
                              else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))

@@ -173,14 +173,23 @@ def test_non_uniform_checkpoints_are_served_through_the_plugin(served):
         assert agreement["agrees"], (model_type, name, agreement)
 
 
-def test_only_the_kept_experts_are_loaded(served):
-    """vLLM allocates each layer's own expert count: the checkpoint's tensors fill every parameter (vLLM
-    refuses a checkpoint that leaves one unset), and the plugin checked each layer's shapes after building."""
+def test_vllm_allocates_only_the_kept_experts(served):
+    """The experts and widths vLLM built in each MoE layer (read off the running engine's fused tensors) are the
+    checkpoint's own: no layer padded to the largest count or to the source model's. (vLLM's CPU MoE kernels
+    pad an expert's width with zero rows up to a multiple of 32 after loading; that is the kernel's layout.)"""
     model_type, variants, _ = served
-    variant = variants["global_prune"]
-    if variant["vllm"]["loads"]:
-        counts = variant["record"]["experts_per_layer"]
-        assert len(set(counts.values())) > 1 and max(counts.values()) < 8
+    for name, variant in variants.items():
+        if not variant["vllm"]["loads"] or variant["vllm"].get("error"):
+            continue
+        record = variant["record"]
+        built = variant["vllm"]["experts_built"]
+        assert sorted(built) == sorted(record["experts_per_layer"]), (model_type, name)
+        for layer, (experts, width) in built.items():
+            kept_width = record["expert_width_per_layer"][layer]
+            assert experts == record["experts_per_layer"][layer], (model_type, name, layer)
+            assert width in (kept_width, -(-kept_width // 32) * 32), (model_type, name, layer, width, kept_width)
+    counts = variants["global_prune"]["record"]["experts_per_layer"]
+    assert len(set(counts.values())) > 1 and max(counts.values()) < 8
 
 
 def test_low_rank_experts_are_refused_naming_the_layer(served):

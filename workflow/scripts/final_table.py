@@ -14,7 +14,9 @@ perplexities = {name: read_evaluation_csv(path, "perplexity")
                 for name, path in zip(variants, snakemake.input.perplexity)}
 speeds = {name: read_evaluation_csv(path, "speed") for name, path in zip(variants, snakemake.input.speed)}
 tasks = list(snakemake.params.tasks)
-serving = {name: read_serving_report(path) for name, path in zip(variants, snakemake.input.serving, strict=True)}
+# the serving reports, where the serving jobs ran (serving.vllm, or evaluation.backend: vllm)
+serving = ({name: read_serving_report(path) for name, path in zip(variants, snakemake.input.serving, strict=True)}
+           if snakemake.input.serving else {})
 task_results = {variant: read_task_results(directory, tasks, served_elsewhere=snakemake.params.tasks_in_serving
                                            and "vllm" in serving[variant]["not_served_by"])
                 for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}

@@ -44,7 +44,7 @@ def run(spec: dict) -> dict:
     import vllm
 
     from moe_compress.serving.vllm_engine import agreement, engine_arguments, serving_speed
-    from moe_compress.serving.vllm_plugin import register
+    from moe_compress.serving.vllm_plugin import built_expert_layout, register
 
     register()  # the entry point does this where moe-compress is installed; the engine runs in this process
 
@@ -68,6 +68,7 @@ def run(spec: dict) -> dict:
         vllm_result = {"engine": "vllm", "loads": True, "start_s": time.perf_counter() - start,
                        "architecture": llm.llm_engine.model_config.architectures[0]}
         try:
+            vllm_result["experts_built"] = llm.apply_model(built_expert_layout)[0]
             vllm_result["agreement"] = agreement(llm, references)
             log.info("vLLM agreement: %s", {k: v for k, v in vllm_result["agreement"].items() if k != "per_prompt"})
             if spec.get("speed"):

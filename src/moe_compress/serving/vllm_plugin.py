@@ -94,6 +94,14 @@ def expert_shapes(layer) -> tuple[int, int] | None:
     return None
 
 
+def built_expert_layout(model) -> dict[str, list[int]]:
+    """{decoder layer: [experts, width]} of the routed experts a built vLLM model holds (``LLM.apply_model``):
+    what the engine allocated, to compare with the checkpoint's record."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    return {str(index): list(shapes) for index, layer in enumerate(layers)
+            if (shapes := expert_shapes(layer)) is not None}
+
+
 def check_built_layers(layers, config) -> None:
     """Every MoE layer the checkpoint lists has the expert count and width it records; raise naming the layer."""
     counts = {int(layer): count for layer, count in (_field(config, EXPERTS_PER_LAYER) or {}).items()}

@@ -21,6 +21,7 @@ from helpers import (
     TINY,
     context_with_inputs,
     make_tokenizer,
+    planned_jobs,
     serving_model_of,
     snakemake,
     validated_step,
@@ -261,3 +262,9 @@ def test_the_serving_rule_reports_which_engines_serve_each_variant(tmp_path):
     assert "vllm" not in table.loc["pruned_low_rank", "serves_in"].split()
     assert math.isfinite(table.loc["base", "vllm_decode_tok_s"]) and table.loc["base", "vllm_decode_tok_s"] > 0
     assert "`pruned_low_rank` is not served by vllm" in (results / "final_table.md").read_text()
+    # a serving setting reruns the serving jobs and the table, nothing upstream
+    config["serving"]["speed"]["concurrent"] = 3
+    dry_run = snakemake(tmp_path, write_config(tmp_path / "config.yaml", config), "results/final_table.csv", "-n")
+    assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+    planned = planned_jobs(dry_run.stdout)
+    assert sorted(planned) == sorted([("serving", variant) for variant in config["variants"]] + [("final_table", "")])

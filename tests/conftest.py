@@ -15,7 +15,7 @@ set_openmp_waiting()  # before torch loads OpenMP: the suite's own threads wait 
 
 import torch  # noqa: E402
 
-from helpers import DEVICES, make_tokenizer, run_tiny_dag, tiny_qwen3_moe  # noqa: E402
+from helpers import DEVICES, make_tokenizer, model_cache_and_stats, run_tiny_dag, tiny_qwen3_moe  # noqa: E402
 
 # `make test-fast` runs the tests parametrised over the architectures on this one; `make test` on all
 FAST_ARCHITECTURE = "qwen3_moe"
@@ -56,6 +56,12 @@ def tiny_model_dir(tmp_path, tiny_model, tokenizer) -> Path:
     tiny_model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """``prepared(model_type)``: a saved tiny model, its calibration cache and its statistics table."""
+    return lambda model_type: model_cache_and_stats(model_type, tmp_path)
 
 
 @pytest.fixture

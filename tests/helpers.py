@@ -555,6 +555,23 @@ def layer_part_paths(parts_dir, layers):
     return {layer: parts_dir / f"layer_{layer}.safetensors" for layer in layers}
 
 
+def model_cache_and_stats(model_type: str, work_dir: Path):
+    """A saved tiny model of ``model_type``, its calibration cache and its statistics table (with REAP
+    saliency), under ``work_dir``: the inputs of a compress job."""
+    from moe_compress.cache import CacheReader, build_cache, read_router_cache
+    from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
+    from moe_compress.streaming import LayerStream
+
+    model_dir, cache_dir = work_dir / "model", work_dir / "cache"
+    tiny_model_of(model_type).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    input_ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    build_cache(LayerStream(model_dir), input_ids, 4, cache_dir)
+    stats = with_saliency(expert_frequency(read_router_cache(cache_dir)),
+                          expert_saliency(LayerStream(model_dir), CacheReader(cache_dir).moe_inputs()))
+    return model_dir, cache_dir, stats
+
+
 def whole_model_checkpoint(model_dir, cache_dir, stats, steps, out_dir):
     model = load_model(model_dir)
     context = CompressionContext.for_model(model, stats=stats, moe_inputs=read_moe_inputs(cache_dir),

@@ -12,12 +12,9 @@ from helpers import (
     HELDOUT,
     all_tensors,
     layer_part_paths,
-    make_tokenizer,
     per_layer_checkpoint,
-    tiny_model_of,
     whole_model_checkpoint,
 )
-from moe_compress.cache import CacheReader, build_cache, read_router_cache
 from moe_compress.config import step_defaults
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.layerwise import (
@@ -26,8 +23,6 @@ from moe_compress.layerwise import (
     write_layer_part,
 )
 from moe_compress.modelio import load_model
-from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
-from moe_compress.streaming import LayerStream
 
 pytestmark = pytest.mark.numeric
 
@@ -45,23 +40,6 @@ STEP_LISTS = {
     "merge_lowrank": [step("hc_merge", merges_per_layer=2, merge="learned"), step("svd_experts", rank=3)],
     "skip": [step("renormalize"), step("dynamic_skip", beta="auto", target_active=1.5)],
 }
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    """A saved tiny model of an architecture, its calibration cache and its statistics table."""
-
-    def prepare(model_type):
-        model_dir = tmp_path / "model"
-        tiny_model_of(model_type).save_pretrained(model_dir)
-        make_tokenizer().save_pretrained(model_dir)
-        input_ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
-        build_cache(LayerStream(model_dir), input_ids, 4, tmp_path / "cache")
-        stats = with_saliency(expert_frequency(read_router_cache(tmp_path / "cache")),
-                              expert_saliency(LayerStream(model_dir), CacheReader(tmp_path / "cache").moe_inputs()))
-        return model_dir, tmp_path / "cache", stats
-
-    return prepare
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)

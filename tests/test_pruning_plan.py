@@ -14,17 +14,12 @@ from transformers import AutoModelForCausalLM
 
 from helpers import (
     ARCHITECTURE_TYPES,
-    make_tokenizer,
     non_uniform_min_count,
     per_layer_checkpoint,
-    tiny_model_of,
     validated_step,
     whole_model_checkpoint,
 )
-from moe_compress.cache import CacheReader, build_cache, read_router_cache
 from moe_compress.methods.random_prune import random_scores
-from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
-from moe_compress.streaming import LayerStream
 
 pytestmark = pytest.mark.numeric
 
@@ -96,23 +91,6 @@ def assert_plan_gives_checkpoint(original_dir, checkpoint_dir, out_dir):
 
 def read_plan(checkpoint_dir) -> dict:
     return json.loads((checkpoint_dir / "pruning_plan.json").read_text())
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    """A saved tiny model of an architecture, its calibration cache and its statistics table."""
-
-    def prepare(model_type):
-        model_dir = tmp_path / "model"
-        tiny_model_of(model_type).save_pretrained(model_dir)
-        make_tokenizer().save_pretrained(model_dir)
-        input_ids = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
-        build_cache(LayerStream(model_dir), input_ids, 4, tmp_path / "cache")
-        stats = with_saliency(expert_frequency(read_router_cache(tmp_path / "cache")),
-                              expert_saliency(LayerStream(model_dir), CacheReader(tmp_path / "cache").moe_inputs()))
-        return model_dir, tmp_path / "cache", stats
-
-    return prepare
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURE_TYPES)

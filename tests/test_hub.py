@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from moe_compress.hub import (
     OFFLINE_ENVIRONMENT,
     configure_hub_environment,
     fetch_c4_documents,
+    fetch_dataset_documents,
     fetch_model_config,
     fetch_model_snapshot,
     hub_sources,
@@ -41,6 +43,20 @@ def test_hub_sources_name_the_keys_that_need_the_network(tmp_path):
     assert hub_sources(config) == ["model.path", "calibration.source", "evaluation.source"]
     config["evaluation"]["tasks"] = []  # no benchmarks: nothing to fetch for them
     assert hub_sources(config) == ["model.path", "calibration.source"]
+
+
+def test_hub_sources_name_each_calibration_source_read_from_a_hub_dataset(tmp_path):
+    sources = [{"name": "c4", "path": str(tmp_path / "c4.jsonl.gz")},
+               {"name": "math", "hub": {"id": "openai/gsm8k", "config": "main", "split": "train", "docs": 500}},
+               {"name": "code", "path": str(tmp_path / "mbpp.jsonl.gz")},
+               {"name": "ko", "hub": {"id": "org/korean", "config": None, "split": "train", "docs": 200}}]
+    config = {"model": {"path": "demo"}, "calibration": {"source": "local", "sources": sources},
+              "evaluation": {"source": "bundled", "tasks": []}}
+    assert hub_sources(config) == ["calibration.sources[1].hub", "calibration.sources[3].hub"]
+    config["calibration"]["sources"] = sources[::2]  # local files only: the run stays offline
+    assert hub_sources(config) == []
+    config["calibration"]["sources"] = None
+    assert hub_sources(config) == []
 
 
 def test_jobs_are_offline_on_cluster_nodes_and_for_configs_without_a_hub_source(tmp_path):
@@ -74,6 +90,83 @@ def test_c4_errors_name_the_key(offline_hub, tmp_path):
     with pytest.raises(DataError, match=r"no field 'body'.*calibration.text_field"):
         fetch_c4_documents(C4_SHARD, 10, tmp_path / "out.jsonl.gz", text_field="body")
     assert not (tmp_path / "out.jsonl.gz").exists()
+
+
+KEY = "calibration.sources[1].hub"
+QA_RECORDS = [
+    {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5", "id": 1},
+    {"question": "", "answer": "", "id": 2},  # all kept fields empty: skipped
+    {"question": "대한민국의 수도는?", "answer": "서울", "id": 3},
+    {"question": "  ", "answer": None, "id": 4},  # blank and null: skipped too
+    {"question": "Only a question", "answer": "", "id": 5},
+    {"question": "Q6", "answer": "A6", "id": 6},
+]
+
+
+@pytest.fixture
+def offline_datasets(offline_hub, monkeypatch):
+    """The offline hub cache, datasets switched off the hub as well, and no socket may connect: these tests
+    read local folders, and a dataset missing from the cache must fail without a try at the network."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", offline_hub / "datasets")
+
+    def no_network(self, *args, **kwargs):
+        raise AssertionError(f"a test reached for the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return offline_hub
+
+
+def local_dataset(folder, records):
+    """A folder with one JSON-lines data file: what datasets.load_dataset reads as its train split."""
+    folder.mkdir(parents=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+                                       encoding="utf-8")
+    return str(folder)
+
+
+def test_dataset_records_are_cut_to_their_fields_and_written_reproducibly(offline_datasets, tmp_path):
+    dataset = local_dataset(tmp_path / "qa", QA_RECORDS)
+    first, second = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    assert fetch_dataset_documents(dataset, None, "train", ["question", "answer"], 3, first, KEY) == 3
+    expected = [{"question": QA_RECORDS[i]["question"], "answer": QA_RECORDS[i]["answer"]} for i in (0, 2, 4)]
+    assert gzip.decompress(first.read_bytes()).decode("utf-8") == \
+        "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in expected)
+    fetch_dataset_documents(dataset, None, "train", ["question", "answer"], 3, second, KEY)
+    assert first.read_bytes() == second.read_bytes()  # no gzip timestamp nor file name: the same bytes every run
+    header = first.read_bytes()[:10]
+    assert header[3] == 0 and header[4:8] == bytes(4)  # no FNAME flag, mtime 0
+    # the fields in the order asked for; one field alone
+    assert fetch_dataset_documents(dataset, None, "train", ["answer", "question"], 4, first, KEY) == 4
+    with gzip.open(first, "rt", encoding="utf-8") as handle:
+        assert [list(json.loads(line)) for line in handle] == [["answer", "question"]] * 4
+    assert fetch_dataset_documents(dataset, None, "train", ["answer"], 3, first, KEY) == 3
+    with gzip.open(first, "rt", encoding="utf-8") as handle:
+        assert [json.loads(line)["answer"] for line in handle] == [QA_RECORDS[i]["answer"] for i in (0, 2, 5)]
+
+
+def test_dataset_errors_name_the_key(offline_datasets, tmp_path):
+    dataset = local_dataset(tmp_path / "qa", QA_RECORDS)
+    out = tmp_path / "out.jsonl.gz"
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.text_field: record 0 .*/qa' "
+                                        r"\(split 'train'\) has no field 'solution'; its fields are 'question', "
+                                        r"'answer', 'id'"):
+        fetch_dataset_documents(dataset, None, "train", ["question", "solution"], 3, out, KEY)
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.docs=10, but .* has only 4 records"):
+        fetch_dataset_documents(dataset, None, "train", ["question", "answer"], 10, out, KEY)
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.split: .*Bad split: test"):
+        fetch_dataset_documents(dataset, None, "test", ["question"], 1, out, KEY)
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.config: .*BuilderConfig 'main' not found"):
+        fetch_dataset_documents(dataset, "main", "train", ["question"], 1, out, KEY)
+    with pytest.raises(ModelError, match=r"calibration\.sources\[1\]\.hub\.id: the dataset 'tiny-org/absent' is "
+                                         r"not in the hub cache.*offline"):
+        fetch_dataset_documents("tiny-org/absent", "main", "train", ["question"], 1, out, KEY)
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.id: no such folder or file: .*/absent"):
+        fetch_dataset_documents(str(tmp_path / "absent"), None, "train", ["question"], 1, out, KEY)
+    assert not out.exists()
 
 
 def test_model_snapshot_is_linked_from_the_cache_and_loads_the_same(offline_hub, tmp_path, tiny_model_dir, token_batch):

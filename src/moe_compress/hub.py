@@ -9,6 +9,7 @@ throughout, so a run never reaches for the network unless the config asks for it
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,9 @@ def hub_sources(config: dict) -> list[str]:
         sources.append("model.path")
     if config["calibration"]["source"] == "hub":
         sources.append("calibration.source")
+    for index, source in enumerate(config["calibration"].get("sources") or []):
+        if "hub" in source:
+            sources.append(f"calibration.sources[{index}].hub")
     if config["evaluation"]["source"] == "hub" and config["evaluation"]["tasks"]:
         sources.append("evaluation.source")
     return sources
@@ -135,6 +139,73 @@ def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_fie
             break
     if len(kept) < num_docs:
         raise DataError(f"calibration.hub_docs={num_docs}, but the C4 shard {shard!r} has only {len(kept)} documents")
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
+            handle.write(("\n".join(kept) + "\n").encode("utf-8"))
+    return len(kept)
+
+
+# how datasets words a ValueError for a split or a config the dataset does not have
+_BAD_SPLIT = re.compile(r"^(Bad|Unknown) split")
+_BAD_CONFIG = re.compile(r"^BuilderConfig .* not found|^Config name is missing")
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, fields: list[str], num_docs: int,
+                            out_path: str | Path, key: str) -> int:
+    """The first ``num_docs`` records of a dataset (``datasets.load_dataset(dataset, config_name, split=split,
+    streaming=True)``: a hub dataset, or a local folder of data files), each cut to ``fields`` (in that order),
+    written as JSON lines, gzip without a timestamp or file name, so the file is the same bytes on every run.
+    A record whose fields are all empty (blank strings or None) is skipped. ``key`` is the config key the
+    dataset comes from, named in every error: ``<key>.text_field`` (a record without one of the fields),
+    ``<key>.docs`` (fewer records than asked for), ``<key>.id`` (not found, not cached offline, unreachable,
+    unreadable), ``<key>.split`` / ``<key>.config`` (one the dataset does not have). Returns the number of
+    records written."""
+    # here, not at the top: every job imports this module, and datasets (with pyarrow) is slow to import
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import httpx
+
+    # what datasets raises for a dataset it cannot find, reach or find in the cache offline, while loading
+    # and, streaming, while reading the first records (a dropped connection: httpx's errors)
+    unavailable = (DatasetNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError,
+                   ConnectionError, OSError, httpx.HTTPError)
+    name = f"{dataset!r} (" + (f"config {config_name!r}, " if config_name else "") + f"split {split!r})"
+    if dataset.startswith(("/", ".", "~")) and not Path(dataset).expanduser().exists():
+        # a local path (never a hub id): no cache or network to blame
+        raise DataError(f"{key}.id: no such folder or file: {dataset}")
+    kept: list[str] = []
+    try:
+        stream = datasets.load_dataset(dataset, config_name, split=split, streaming=True)
+        for index, record in enumerate(stream):
+            missing = [field for field in fields if field not in record]
+            if missing:
+                raise DataError(f"{key}.text_field: record {index} (counting from 0) of {name} has no field "
+                                f"{missing[0]!r}; its fields are {', '.join(map(repr, record))}")
+            kept_fields = {field: record[field] for field in fields}
+            if all(_is_empty(value) for value in kept_fields.values()):
+                continue
+            try:
+                kept.append(json.dumps(kept_fields, ensure_ascii=False))
+            except TypeError as err:
+                raise DataError(f"{key}.text_field: record {index} (counting from 0) of {name}: {fields} are "
+                                f"not all JSON values ({err})") from err
+            if len(kept) == num_docs:
+                break
+    except unavailable as err:
+        raise _not_cached(f"the dataset {dataset!r}", f"{key}.id", err) from err
+    except ValueError as err:
+        # the dataset was found: a split or config it does not have, or a data file it cannot parse
+        # (pyarrow's ArrowInvalid is a ValueError); not a download to retry elsewhere
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        part = "split" if _BAD_SPLIT.search(reason) else "config" if _BAD_CONFIG.search(reason) else "id"
+        raise DataError(f"{key}.{part}: cannot read {name}: {reason}") from err
+    if len(kept) < num_docs:
+        raise DataError(f"{key}.docs={num_docs}, but {name} has only {len(kept)} records with text in {fields}")
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
             handle.write(("\n".join(kept) + "\n").encode("utf-8"))

@@ -6,7 +6,8 @@ import json
 import re
 
 from moe_compress.modelio import hub_repo_id
-from moe_compress.plan import DEMO_MODEL_DIR, HUB_CALIBRATION_CORPUS, HUB_MODEL_DIR, PPL_DATASETS, plan_workflow
+from moe_compress.config import HUB_CALIBRATION_CORPUS, HUB_SOURCE_CORPUS
+from moe_compress.plan import DEMO_MODEL_DIR, HELDOUT_SUFFIX, HUB_MODEL_DIR, plan_workflow
 
 # A bad config fails here, naming the key, before any job; sets HF_HOME and the hub's offline switches.
 PLAN = plan_workflow(config, workflow.configfiles, remote_job=workflow.remote_exec)
@@ -21,6 +22,9 @@ LAYERWISE_VARIANTS = PLAN.layerwise_variants
 WHOLE_MODEL_VARIANTS = PLAN.whole_model_variants
 MODEL_DIR = PLAN.model_dir
 CALIBRATION_CORPUS = PLAN.calibration_corpus
+PPL_DATASETS = PLAN.ppl_datasets
+# the held-out windows the speed prompts are cut from: the first calibration source's
+PROMPT_DATASET = PPL_DATASETS[0]
 SEEDS = PLAN.seeds
 
 
@@ -45,6 +49,36 @@ def as_json(value):
 def calibration_settings(*keys):
     """Only the calibration keys a job reads, as its params: a key it does not use never reruns it."""
     return as_json({key: config["calibration"][key] for key in keys})
+
+
+def heldout_source_name(wildcards):
+    """The calibration source of a perplexity dataset (<source>_heldout), or None (WikiText-2)."""
+    name = wildcards.dataset.removesuffix(HELDOUT_SUFFIX)
+    return name if wildcards.dataset.endswith(HELDOUT_SUFFIX) and name in PLAN.sources else None
+
+
+def heldout_text(wildcards):
+    """The file a perplexity dataset is cut from: its source's corpus, or the WikiText-2 test split."""
+    name = heldout_source_name(wildcards)
+    return PLAN.source_corpora[name] if name else config["perplexity"]["wikitext2_path"]
+
+
+def heldout_source(wildcards):
+    """A held-out dataset's source entry (how it is read and split), as JSON; nothing for WikiText-2."""
+    name = heldout_source_name(wildcards)
+    return as_json(PLAN.sources[name] if name else {})
+
+
+def weights_settings(wildcards):
+    """A variant's calibration weights (null: the statistics of the whole calibration set)."""
+    return as_json(PLAN.variant_weights[wildcards.variant])
+
+
+def weighted_stats(wildcards):
+    """The per-source statistics, for a variant with calibration weights only."""
+    if PLAN.variant_weights.get(wildcards.variant) is None or not PLAN.is_moe:
+        return {}
+    return {"stats_by_source": rules.expert_stats.output.by_source}
 
 
 def exclusive_threads(wildcards):

@@ -1,5 +1,5 @@
 # Evaluation of each checkpoint in one job per variant, one load of the model: speed (prefill, time per
-# decoded token), perplexity on held-out C4 and WikiText-2, and zero-shot benchmarks through
+# decoded token), perplexity on each calibration source's held-out documents and WikiText-2, and zero-shot benchmarks through
 # lm-evaluation-harness. Each result is remembered by what it was computed from (evaluate/session.py), so a
 # rerun (a task added, a setting changed) computes only what changed.
 
@@ -29,7 +29,7 @@ rule evaluate:
     input:
         checkpoint=rules.compress.output.checkpoint,
         windows=expand(rules.perplexity_windows.output.windows, dataset=PPL_DATASETS),
-        prompts=rules.perplexity_windows.output.windows.format(dataset="c4_heldout"),
+        prompts=rules.perplexity_windows.output.windows.format(dataset=PROMPT_DATASET),
         prefetched=prefetched_eval_data,
     output:
         speed="results/eval/{variant}/speed.csv",

@@ -1,5 +1,6 @@
-# The model under compression: the embedded demo MoE (trained here on the bundled C4 sample), a local
-# HF directory (used in place), or a hub id (downloaded once, on the submit host).
+# The model under compression: the embedded demo MoE (trained here on the first calibration source: the
+# bundled C4 sample by default), a local HF directory (used in place), or a hub id (downloaded once, on the
+# submit host).
 
 
 rule build_demo_model:
@@ -9,8 +10,10 @@ rule build_demo_model:
         model=directory(DEMO_MODEL_DIR),
     params:
         demo=as_json(config["demo_model"]),
-        text_field=config["calibration"]["text_field"],
-        heldout_docs=config["calibration"]["heldout_docs"],
+        # the first calibration source: how its documents are read and which are held out
+        text_field=config["calibration"]["sources"][0]["text_field"],
+        heldout_docs=config["calibration"]["sources"][0]["heldout_docs"],
+        documents=config["calibration"]["sources"][0]["documents"],
     threads: 2
     conda:
         "../envs/core.yaml"

@@ -110,7 +110,7 @@ def test_metrics_record_every_setting(built, corpus):
     assert recorded["warmup_steps"] == TINY.warmup_steps == 1
     # the keys that readers of training_metrics.json know
     assert set(recorded) == {
-        "corpus_path", "text_field", "heldout_docs", "seed", "num_layers", "hidden_size", "num_experts", "top_k",
+        "corpus_path", "text_field", "heldout_docs", "documents", "seed", "num_layers", "hidden_size", "num_experts", "top_k",
         "moe_intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size", "seq_len",
         "batch_size", "steps", "learning_rate", "router_aux_loss_coef", "threads", "warmup_steps",
         "min_lr_fraction", "weight_decay", "adam_betas", "grad_clip", "tie_word_embeddings",

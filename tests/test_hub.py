@@ -151,7 +151,7 @@ def test_dataset_records_are_cut_to_their_fields_and_written_reproducibly(offlin
 def test_dataset_errors_name_the_key(offline_datasets, tmp_path):
     dataset = local_dataset(tmp_path / "qa", QA_RECORDS)
     out = tmp_path / "out.jsonl.gz"
-    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.hub\.text_field: record 0 .*/qa' "
+    with pytest.raises(DataError, match=r"calibration\.sources\[1\]\.text_field: record 0 .*/qa' "
                                         r"\(split 'train'\) has no field 'solution'; its fields are 'question', "
                                         r"'answer', 'id'"):
         fetch_dataset_documents(dataset, None, "train", ["question", "solution"], 3, out, KEY)

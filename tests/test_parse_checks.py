@@ -107,7 +107,7 @@ def test_a_local_model_context_comes_from_its_config_json(tiny_model_dir):
     assert message.startswith("config key 'calibration.seq_len': 64 is more than the model's context of 32 tokens")
     assert f"max_position_embeddings in {tiny_model_dir / 'config.json'}" in message
     edit_config_json(tiny_model_dir, max_position_embeddings=None)  # a config.json that does not say: no check
-    assert plan(DEMO, model={"path": str(tiny_model_dir)}, calibration={"seq_len": 100000})
+    assert plan(DEMO, model={"path": str(tiny_model_dir)}, calibration={"seq_len": 100000, "num_samples": 1})
 
 
 # ---- 3. the reference variant ------------------------------------------------------------------------------
@@ -259,7 +259,8 @@ def test_a_corpus_smaller_than_its_held_out_part_is_refused_at_planning(tmp_path
     message = refusal(DEMO, calibration={**calibration, "heldout_docs": 5})
     assert message == (f"config key 'calibration.heldout_docs': 5 held-out documents leave none of the 5 non-empty "
                        f"documents of {corpus} (calibration.path) to calibrate on; hold out at most 4")
-    assert plan(DEMO, calibration={**calibration, "heldout_docs": 4})
+    # one document left: enough for one window (the source-size check bounds its tokens by its bytes)
+    assert plan(DEMO, calibration={**calibration, "heldout_docs": 4, "num_samples": 1})
 
 
 # ---- sweeps and variant names -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Layout of a cache directory:
   layer's extra slots are skipped ones (index = expert count, weight 0); the manifest holds each layer's
   own top-k, and the reader gives each layer its own.
 - ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
-- ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, and
+- ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, each
+  calibration sample's source (``sample_sources``, in sample order; token t is in sample t // seq_len), and
   every file with its CRC-32 (the checksum gzip and zip use against accidental corruption, cheaper than
   a cryptographic hash on a cache written on every calibration pass). Readers open the cache through
   its manifest (``CacheReader``) and check each file they read against it, so a corrupted cache is
@@ -258,6 +259,22 @@ class CacheReader:
                 topk_weights=np.ascontiguousarray(_fixed_list(part.column("topk_weights"))[:, :top_k]),
             )
         return routing
+
+    def token_sources(self, tokens: int) -> tuple[list[str], np.ndarray]:
+        """(the calibration sources in order of first appearance, each of the ``tokens`` cached tokens' index into
+        them): token t belongs to sample t // seq_len. A cache without sample sources (an older version's, or
+        one built without them) is one source, ``all``."""
+        if not self.manifest.get("sample_sources"):
+            return ["all"], np.zeros(tokens, dtype=np.int64)
+        sample_sources = self.manifest["sample_sources"]
+        samples, seq_len = self.manifest["samples"], self.manifest["seq_len"]
+        if len(sample_sources) != samples or samples * seq_len != tokens:
+            raise DataError(f"{self.manifest_path}: {len(sample_sources)} sample sources of {seq_len} tokens for "
+                            f"{samples} samples and {tokens} cached tokens; "
+                            f"the cache is inconsistent: run the workflow again to rebuild it")
+        names = list(dict.fromkeys(sample_sources))
+        per_sample = np.array([names.index(name) for name in sample_sources], dtype=np.int64)
+        return names, np.repeat(per_sample, seq_len)
 
     def moe_input(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """One layer's cached MoE-block inputs [tokens, hidden]."""

@@ -194,7 +194,9 @@ def normalise_variants(variants) -> dict:
     normalised = {}
     for name, variant in variants.items():
         if isinstance(variant, dict) and "method" in variant and "steps" not in variant:
-            variant = {"steps": [variant]}
+            # the calibration weights belong to the variant, not to its one step
+            step = {key: value for key, value in variant.items() if key != "weights"}
+            variant = {"steps": [step], **({"weights": variant["weights"]} if "weights" in variant else {})}
         normalised[name] = copy.deepcopy(variant)
     return normalised
 
@@ -503,7 +505,122 @@ def validate_config(raw: dict) -> dict:
     _check_evaluation(config)
     if config["calibration"]["source"] == "hub" and config["calibration"]["hub_docs"] <= config["calibration"]["heldout_docs"]:
         raise ConfigError("config key 'calibration.hub_docs': must be larger than calibration.heldout_docs")
+    normalise_calibration(config, raw.get("calibration") or {}, schema)
+    _check_variant_weights(config)
     return config
+
+
+# the keys that describe the one corpus of a calibration without sources
+SINGLE_CORPUS_KEYS = ("source", "path", "text_field", "hub_docs", "hub_file", "heldout_docs")
+# the name of the one source a calibration without sources is (its held-out perplexity: c4_heldout)
+SINGLE_SOURCE_NAME = "c4"
+# where fetch_calibration_corpus writes the C4 documents of calibration.source: hub
+HUB_CALIBRATION_CORPUS = "results/calibration/hub_corpus.jsonl.gz"
+# where fetch_calibration_source writes the records of a source with a hub dataset
+HUB_SOURCE_CORPUS = "results/calibration/hub/{name}.jsonl.gz"
+SHARE_TOLERANCE = 1e-6
+
+
+def normalise_calibration(config: dict, raw_calibration: dict, schema: dict) -> None:
+    """Fill ``calibration.sources``: a calibration without it becomes a one-source mix named ``c4`` from the
+    single-corpus keys (``path``: the local file, or where fetch_calibration_corpus writes the C4 documents);
+    with it, each source gets its defaults and the shares or counts are checked. ``raw_calibration``: as written, to
+    refuse a single-corpus key set beside the sources (it would be ignored)."""
+    calibration = config["calibration"]
+    properties = schema["properties"]["calibration"]["properties"]
+    if "sources" not in raw_calibration:
+        calibration["sources"] = [single_corpus_source(calibration)]
+        return
+    ignored = [key for key in SINGLE_CORPUS_KEYS
+               if key in raw_calibration and raw_calibration[key] != properties[key].get("default")]
+    if ignored:
+        raise ConfigError(f"config key 'calibration.{ignored[0]}': set beside calibration.sources, where each source "
+                          f"has its own; move it into the sources (or drop sources for a one-corpus calibration)")
+    sources = calibration["sources"]
+    names = [source["name"] for source in sources]
+    for index, source in enumerate(sources):
+        key = f"calibration.sources[{index}]"
+        if names.index(source["name"]) != index:
+            raise ConfigError(f"config key '{key}.name': {source['name']!r} names two sources")
+        if ("path" in source) == ("hub" in source):
+            raise ConfigError(f"config key '{key}': give either path (a local file) or hub (a hub dataset), not "
+                              f"{'both' if 'path' in source else 'neither'}")
+        source.setdefault("text_field", "messages" if source["format"] == "chat" else "text")
+        if "hub" in source and source["hub"]["docs"] <= source["heldout_docs"]:
+            raise ConfigError(f"config key '{key}.hub.docs': {source['hub']['docs']} records leave nothing beside "
+                              f"the {source['heldout_docs']} held-out documents (heldout_docs); take more")
+    with_share = [source["name"] for source in sources if "share" in source]
+    with_count = [source["name"] for source in sources if "samples" in source]
+    if with_share and with_count:
+        raise ConfigError(f"config key 'calibration.sources': {with_share} give a share and {with_count} a count "
+                          f"(samples); give every source the same kind")
+    if not with_share and not with_count:
+        if len(sources) > 1:
+            raise ConfigError("config key 'calibration.sources': give each source its share (share, summing to 1) "
+                              "or its number of windows (samples)")
+        sources[0]["share"] = 1.0
+    elif with_share:
+        total = sum(source["share"] for source in sources)
+        if abs(total - 1.0) > SHARE_TOLERANCE:
+            shares = ", ".join(f"{source['name']} {source['share']:g}" for source in sources)
+            raise ConfigError(f"config key 'calibration.sources': the shares ({shares}) sum to {total:g}, not 1")
+    else:
+        total = sum(source["samples"] for source in sources)
+        if "num_samples" in raw_calibration and raw_calibration["num_samples"] != total:
+            raise ConfigError(f"config key 'calibration.num_samples': {raw_calibration['num_samples']}, but the "
+                              f"sources' samples add up to {total}; drop one of the two")
+        calibration["num_samples"] = total
+    windows = source_windows(calibration)
+    for index, source in enumerate(sources):
+        if windows[source["name"]] < 1:
+            raise ConfigError(f"config key 'calibration.sources[{index}].share': {source['share']:g} of "
+                              f"{calibration['num_samples']} windows (calibration.num_samples) is none; raise the "
+                              f"share or num_samples")
+
+
+def single_corpus_source(calibration: dict) -> dict:
+    """The one source a calibration written with the single-corpus keys is."""
+    return {"name": SINGLE_SOURCE_NAME, "format": "text", "documents": "paragraphs", "share": 1.0,
+            "text_field": calibration["text_field"], "heldout_docs": calibration["heldout_docs"],
+            "path": calibration["path"] if calibration["source"] == "local" else HUB_CALIBRATION_CORPUS}
+
+
+def source_corpus(source: dict) -> str:
+    """The file a calibration source is read from: its local path, or where fetch_calibration_source writes
+    the records of its hub dataset."""
+    return source["path"] if "path" in source else HUB_SOURCE_CORPUS.format(name=source["name"])
+
+
+def source_windows(calibration: dict) -> dict[str, int]:
+    """How many calibration windows each source gives: its count, or its share of ``num_samples`` rounded by the
+    largest remainder, so the counts add up to ``num_samples`` exactly."""
+    sources, total = calibration["sources"], calibration["num_samples"]
+    if all("samples" in source for source in sources):
+        return {source["name"]: source["samples"] for source in sources}
+    exact = [source["share"] * total for source in sources]
+    counts = [int(value) for value in exact]
+    # ties go to the earlier source: the counts depend on the config alone
+    by_remainder = sorted(range(len(sources)), key=lambda index: (-(exact[index] - counts[index]), index))
+    for index in by_remainder[: total - sum(counts)]:
+        counts[index] += 1
+    return {source["name"]: count for source, count in zip(sources, counts)}
+
+
+def _check_variant_weights(config: dict) -> None:
+    """A variant's weights name calibration sources and sum to 1."""
+    names = [source["name"] for source in config["calibration"]["sources"]]
+    for name, variant in config["variants"].items():
+        weights = variant.get("weights")
+        if weights is None:
+            continue
+        key = f"variants.{name}.weights"
+        unknown = [source for source in weights if source not in names]
+        if unknown:
+            raise ConfigError(f"config key '{key}.{unknown[0]}': not a calibration source (calibration.sources: "
+                              f"{', '.join(names)})")
+        total = sum(weights.values())
+        if abs(total - 1.0) > SHARE_TOLERANCE:
+            raise ConfigError(f"config key '{key}': the weights sum to {total:g}, not 1")
 
 
 def load_config(path: str | Path) -> dict:

@@ -50,13 +50,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoSettings:
     """Every setting of a demo build. The defaults of the fields that the config's ``demo_model``
-    section can set are the schema's defaults; ``text_field`` and ``heldout_docs`` come from the
-    ``calibration`` section, so the demo model never trains on the documents that measure it.
+    section can set are the schema's defaults; ``text_field``, ``documents`` and ``heldout_docs`` are the
+    first calibration source's, so the demo model never trains on the documents that measure it.
     """
 
     # data
-    text_field: str = "text"
+    text_field: str | list[str] = "text"
     heldout_docs: int = 100
+    documents: str = "paragraphs"
     vocab_size: int = 4096
     seq_len: int = 128
     # model
@@ -177,7 +178,7 @@ def _batches(stream: np.ndarray, seq_len: int, batch_size: int, rng: np.random.G
 
 def prepare_data(corpus_path: str | Path, settings: DemoSettings, log: logging.Logger = log) -> DemoData:
     """Split the corpus, train the tokenizer on the training documents only and tokenize both parts."""
-    docs = read_documents(corpus_path, settings.text_field)
+    docs = read_documents(corpus_path, settings.text_field, settings.documents)
     train_docs, eval_docs = split_documents(docs, settings.heldout_docs)
     tokenizer = train_tokenizer(train_docs, settings.vocab_size)
     train_ids = token_stream(tokenizer, train_docs)

@@ -160,7 +160,8 @@ def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, f
     streaming=True)``: a hub dataset, or a local folder of data files), each cut to ``fields`` (in that order),
     written as JSON lines, gzip without a timestamp or file name, so the file is the same bytes on every run.
     A record whose fields are all empty (blank strings or None) is skipped. ``key`` is the config key the
-    dataset comes from, named in every error: ``<key>.text_field`` (a record without one of the fields),
+    dataset comes from (a calibration source's ``hub``), named in every error: the source's ``text_field`` (a
+    record without one of the fields: ``<key>.text_field`` with a trailing ``.hub`` left off),
     ``<key>.docs`` (fewer records than asked for), ``<key>.id`` (not found, not cached offline, unreachable,
     unreadable), ``<key>.split`` / ``<key>.config`` (one the dataset does not have). Returns the number of
     records written."""
@@ -175,6 +176,7 @@ def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, f
     unavailable = (DatasetNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, FileNotFoundError,
                    ConnectionError, OSError, httpx.HTTPError)
     name = f"{dataset!r} (" + (f"config {config_name!r}, " if config_name else "") + f"split {split!r})"
+    field_key = f"{key.removesuffix('.hub')}.text_field"  # the fields are the source's, beside its hub entry
     if dataset.startswith(("/", ".", "~")) and not Path(dataset).expanduser().exists():
         # a local path (never a hub id): no cache or network to blame
         raise DataError(f"{key}.id: no such folder or file: {dataset}")
@@ -184,7 +186,7 @@ def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, f
         for index, record in enumerate(stream):
             missing = [field for field in fields if field not in record]
             if missing:
-                raise DataError(f"{key}.text_field: record {index} (counting from 0) of {name} has no field "
+                raise DataError(f"{field_key}: record {index} (counting from 0) of {name} has no field "
                                 f"{missing[0]!r}; its fields are {', '.join(map(repr, record))}")
             kept_fields = {field: record[field] for field in fields}
             if all(_is_empty(value) for value in kept_fields.values()):
@@ -192,7 +194,7 @@ def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, f
             try:
                 kept.append(json.dumps(kept_fields, ensure_ascii=False))
             except TypeError as err:
-                raise DataError(f"{key}.text_field: record {index} (counting from 0) of {name}: {fields} are "
+                raise DataError(f"{field_key}: record {index} (counting from 0) of {name}: {fields} are "
                                 f"not all JSON values ({err})") from err
             if len(kept) == num_docs:
                 break

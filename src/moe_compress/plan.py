@@ -9,6 +9,7 @@ shape, its MoE layers: a hub config download, a meta-device skeleton) is compute
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
@@ -16,12 +17,16 @@ from functools import cached_property
 from pathlib import Path
 
 from moe_compress.config import (
+    HUB_CALIBRATION_CORPUS,
     check_config_files,
     check_lengths_against_model,
     check_reference,
     check_targets_against_model,
     check_variants_against_model,
     check_variants_against_model_class,
+    single_corpus_source,
+    source_corpus,
+    source_windows,
     validate_config,
 )
 from moe_compress.errors import ConfigError
@@ -33,8 +38,9 @@ from moe_compress.quantized import check_source_quantization
 # The paths the planner chooses between; the rules that write them use these same names as outputs.
 DEMO_MODEL_DIR = "results/models/demo"
 HUB_MODEL_DIR = "results/models/hub/{repo_id}"
-HUB_CALIBRATION_CORPUS = "results/calibration/hub_corpus.jsonl.gz"
-PPL_DATASETS = ["c4_heldout", "wikitext2"]
+# the perplexity dataset of each calibration source's held-out documents is <source>_heldout; beside them
+WIKITEXT2 = "wikitext2"
+HELDOUT_SUFFIX = "_heldout"
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,12 +48,50 @@ class WorkflowPlan:
     config: dict  # validated, defaults filled, variants normalised to {steps: [...]}
     variants: dict[str, list[dict]]  # name -> steps, in config order
     model_dir: str
-    calibration_corpus: str
+    # each calibration source's file, by name, in config order: a local file, or where its hub fetch writes it
+    source_corpora: dict[str, str]
     seeds: dict  # recorded in every compression.json: what, besides the steps' own seeds, fixes the result
     eval_tasks: list[str]
     eval_variants: list[str]  # benchmarked with lm-eval; speed and perplexity cover every variant
     layerwise_variants: list[str]  # one compress_layer job per MoE layer + assemble_checkpoint
     whole_model_variants: list[str]  # one compress job
+
+    @property
+    def calibration_corpus(self) -> str:
+        """The first calibration source's file: what the demo model is trained on."""
+        return next(iter(self.source_corpora.values()))
+
+    @property
+    def ppl_datasets(self) -> list[str]:
+        """The perplexity datasets: each calibration source's held-out documents, then WikiText-2."""
+        return [f"{name}{HELDOUT_SUFFIX}" for name in self.source_corpora] + [WIKITEXT2]
+
+    @property
+    def sources(self) -> dict[str, dict]:
+        """The calibration sources by name (``calibration.sources`` entries, defaults filled)."""
+        return {source["name"]: source for source in self.config["calibration"]["sources"]}
+
+    def source_key(self, name: str) -> str:
+        """The config key of calibration source ``name``, for messages: its entry, or the single-corpus keys."""
+        if self.single_corpus:
+            return "calibration"
+        return f"calibration.sources[{list(self.source_corpora).index(name)}]"
+
+    @property
+    def single_corpus(self) -> bool:
+        """Whether the calibration is written with the single-corpus keys (no ``calibration.sources``)."""
+        calibration = self.config["calibration"]
+        return calibration["sources"] == [single_corpus_source(calibration)]
+
+    @property
+    def hub_sources(self) -> list[str]:
+        """The sources read from a hub dataset (fetch_calibration_source writes each)."""
+        return [name for name, source in self.sources.items() if "hub" in source]
+
+    @property
+    def variant_weights(self) -> dict[str, dict | None]:
+        """Each variant's calibration weights (None: the statistics of the whole calibration set)."""
+        return {name: variant.get("weights") for name, variant in self.config["variants"].items()}
 
     @property
     def sweeps(self) -> dict[str, str]:
@@ -67,8 +111,7 @@ class WorkflowPlan:
             config=config,
             variants=variants,
             model_dir=_model_dir(config["model"]["path"]),
-            calibration_corpus=(config["calibration"]["path"] if config["calibration"]["source"] == "local"
-                                else HUB_CALIBRATION_CORPUS),
+            source_corpora={source["name"]: source_corpus(source) for source in config["calibration"]["sources"]},
             seeds={"calibration": config["calibration"]["seed"],
                    "demo_model": config["demo_model"]["seed"] if demo else None},
             eval_tasks=config["evaluation"]["tasks"],
@@ -138,8 +181,9 @@ class WorkflowPlan:
         those outputs are kept as they are."""
         config = self.config
         files = {"perplexity.wikitext2_path": config["perplexity"]["wikitext2_path"]}
-        if config["calibration"]["source"] == "local":
-            files["calibration.path"] = config["calibration"]["path"]
+        local = self.local_sources
+        for name in local:
+            files[f"{self.source_key(name)}.path"] = self.source_corpora[name]
         folders = {}
         if config["evaluation"]["source"] == "bundled" and config["evaluation"]["tasks"]:
             folders["evaluation.data_dir"] = config["evaluation"]["data_dir"]
@@ -147,21 +191,77 @@ class WorkflowPlan:
             if not (Path(path).is_file() if key in files else Path(path).is_dir()):
                 raise ConfigError(f"config key '{key}': {path} is not {'a file' if key in files else 'a folder'} "
                                   f"(a relative path starts in the directory Snakemake runs in, {Path.cwd()})")
-        if config["calibration"]["source"] == "local":
-            self.check_heldout_documents()
+        if local:
+            self.check_local_sources(local)
 
-    def check_heldout_documents(self) -> None:
-        """The held-out documents are the corpus's last ``heldout_docs``: as many as the corpus has or more
-        would leave nothing to calibrate (or train the demo) on. A local corpus is read to count them (a
-        damaged one fails here too, naming the file and line)."""
-        from moe_compress.calibration import read_documents
+    @property
+    def local_sources(self) -> list[str]:
+        """The sources read from a file the user gave (not fetched by the workflow)."""
+        calibration = self.config["calibration"]
+        if self.single_corpus and calibration["source"] == "hub":
+            return []
+        return [name for name, source in self.sources.items() if "hub" not in source]
+
+    def check_local_sources(self, names: list[str]) -> None:
+        """Each local source is read now: a damaged file, a missing field or no documents fails here, naming the
+        source's key and the file. Its held-out documents are its last ``heldout_docs``: as many as it has or more
+        would leave nothing to calibrate (or train the demo) on. And it must hold enough text for its windows:
+        counted with the model's tokenizer where it is already on disk, else bounded by its UTF-8 bytes (a
+        byte-level tokenizer, such as the demo's, makes at most one token per byte)."""
+        from moe_compress.calibration import read_source
+        from moe_compress.errors import DataError
 
         calibration = self.config["calibration"]
-        documents = len(read_documents(calibration["path"], calibration["text_field"]))
-        if calibration["heldout_docs"] >= documents:
-            raise ConfigError(f"config key 'calibration.heldout_docs': {calibration['heldout_docs']} held-out documents "
-                              f"leave none of the {documents} non-empty documents of {calibration['path']} "
-                              f"(calibration.path) to calibrate on; hold out at most {documents - 1}")
+        windows = source_windows(calibration)
+        tokenizer = self._tokenizer_on_disk()
+        for name in names:
+            source, key, path = self.sources[name], self.source_key(name), self.source_corpora[name]
+            try:
+                docs = read_source(source, path, key)
+            except DataError as err:
+                raise ConfigError(f"config key '{key}': {err}") from None
+            heldout = source["heldout_docs"]
+            if heldout >= len(docs):
+                raise ConfigError(f"config key '{key}.heldout_docs': {heldout} held-out documents leave none of the "
+                                  f"{len(docs)} non-empty documents of {path} ({key}.path) to calibrate on; hold out "
+                                  f"at most {len(docs) - 1}")
+            self._check_source_size(name, docs[:-heldout], windows[name] * calibration["seq_len"], tokenizer)
+
+    def _tokenizer_on_disk(self):
+        """The model's tokenizer if its files are here already (a local model, or a demo built by an earlier
+        run), else None."""
+        from moe_compress.checkpoint_files import has_tokenizer_files
+
+        folder = Path(self.model_dir)
+        if not (folder / "config.json").is_file() or not has_tokenizer_files(folder):
+            return None
+        from moe_compress.modelio import load_tokenizer
+
+        return load_tokenizer(folder)
+
+    def _check_source_size(self, name: str, pool: list, needed: int, tokenizer) -> None:
+        from moe_compress.calibration import render_documents
+        from moe_compress.errors import DataError
+
+        key = self.source_key(name)
+        if tokenizer is not None:
+            try:
+                docs = render_documents(tokenizer, pool, key)
+            except DataError as err:
+                raise ConfigError(f"config key '{key}.format': {err}") from None
+            available, how = 0, f"tokens ({type(tokenizer).__name__})"
+            for doc in docs:  # stop as soon as there is enough: a large corpus is never tokenized whole
+                available += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+                if available >= needed:
+                    return
+        else:
+            texts = [doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False) for doc in pool]
+            available, how = sum(len(text.encode()) + 1 for text in texts), "UTF-8 bytes (at most one token each)"
+        if available < needed:
+            what = "calibration.num_samples" if self.single_corpus else f"its share ({key}.share or samples)"
+            raise ConfigError(f"config key '{key}': its {len(pool)} calibration documents hold {available} {how}, "
+                              f"fewer than the {needed} tokens of its windows ({needed // self.config['calibration']['seq_len']}"
+                              f" x calibration.seq_len); lower {what} or give it more text")
 
     @cached_property
     def skeleton(self):

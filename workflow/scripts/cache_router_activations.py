@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from moe_compress.cache import build_cache
-from moe_compress.calibration import read_samples
+from moe_compress.calibration import read_sample_sources, read_samples
 from moe_compress.modelio import DTYPES, load_model
 from moe_compress.streaming import LayerStream
 from moe_compress.workflow import finish_job, start_job
@@ -14,7 +14,9 @@ log = start_job(snakemake)
 params = snakemake.params
 input_ids = torch.from_numpy(read_samples(snakemake.input.calibration))
 meta = {"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]), "hidden_dtype": params.hidden_dtype,
-        "model": str(snakemake.input.model), "layer_streaming": params.layer_streaming}
+        "model": str(snakemake.input.model), "layer_streaming": params.layer_streaming,
+        # each sample's calibration source: the statistics are kept per source
+        "sample_sources": read_sample_sources(snakemake.input.calibration)}
 if params.layer_streaming:  # one decoder layer in memory at a time
     layers = LayerStream(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 else:

@@ -11,6 +11,7 @@ CHECKPOINT_DIR = "results/checkpoints/{variant}"
 rule compress:
     input:
         unpack(moe_data),
+        unpack(weighted_stats),
         model=MODEL_DIR,
         calibration=rules.sample_calibration.output.samples,
     output:
@@ -19,6 +20,8 @@ rule compress:
         variant=exact_names(WHOLE_MODEL_VARIANTS),
     params:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
+        # the calibration sources' shares the statistics are re-weighted to (variants.<name>.weights)
+        weights=weights_settings,
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
@@ -39,6 +42,7 @@ rule compress:
 # cached inputs, applies the steps, and writes the layer's tensors (hub layout) with its reports.
 rule compress_layer:
     input:
+        unpack(weighted_stats),
         model=MODEL_DIR,
         stats=rules.expert_stats.output.parquet,
         cache=rules.cache_router_activations.output.inputs,
@@ -49,6 +53,7 @@ rule compress_layer:
         variant=exact_names(LAYERWISE_VARIANTS),
     params:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
+        weights=weights_settings,
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],
         trust_remote_code=config["model"]["trust_remote_code"],
@@ -79,6 +84,7 @@ rule assemble_checkpoint:
         steps=lambda wildcards: as_json(VARIANTS[wildcards.variant]),
         layers=moe_layers,
         seeds=as_json(SEEDS),
+        weights=weights_settings,
         dtype=config["model"]["dtype"],
         trust_remote_code=config["model"]["trust_remote_code"],
     threads: 1

@@ -1,6 +1,7 @@
 # Expert statistics: selection counts per top-k rank, routing weights and mass (from the router
 # cache), and REAP saliency (the experts run once on the cached MoE-block inputs routed to them; one
-# decoder layer and its cached inputs in memory at a time with model.layer_streaming).
+# decoder layer and its cached inputs in memory at a time with model.layer_streaming); the same per
+# calibration source (a variant's weights re-weight them), and the experts specific to one source.
 
 
 rule expert_stats:
@@ -15,6 +16,11 @@ rule expert_stats:
     output:
         parquet="results/stats/expert_frequency.parquet",
         csv="results/stats/expert_frequency.csv",
+        by_source="results/stats/expert_frequency_by_source.parquet",
+        by_source_csv="results/stats/expert_frequency_by_source.csv",
+        domain_experts=report(
+            "results/stats/domain_experts.csv", caption="../workflow/report/domain_experts.rst", category="Statistics"
+        ),
     params:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],

@@ -22,6 +22,12 @@
 - ``reap_saliency_applied``: the same with g the weight the block applies (where the two differ, it is
   the expert's contribution as the model computes it). From the cached MoE-block inputs; each expert
   runs only on its tokens.
+
+Per calibration source (``expert_statistics_by_source``): the same columns over each source's tokens alone, with
+a ``source`` column; the count columns (``tokens``, ``selected_rank_<r>``, ``selected``) of the sources add up to
+the totals. ``reweighted_statistics`` turns them into the table a calibration with other source shares would
+have given, without a new forward pass; ``domain_experts`` names the experts one source uses far more than the
+others.
 """
 
 from __future__ import annotations
@@ -108,42 +114,193 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
     return table[[rank_column(rank) for rank in range(1, k + 1)]].sum(axis=1)
 
 
+SALIENCY_COLUMNS = ("reap_saliency", "reap_saliency_applied")
+
+
 @torch.no_grad()
-def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool) -> dict[str, np.ndarray]:
+def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool,
+                   token_source: torch.Tensor | None = None, num_sources: int = 1) -> dict[str, np.ndarray]:
     """{"reap_saliency", "reap_saliency_applied"} of every expert of ``block`` on ``hidden`` [tokens,
-    hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``)."""
+    hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``).
+    With ``token_source`` (each token's source index, of ``num_sources``) also ``<column>_by_source``: the
+    same means over each source's tokens, [sources, experts]."""
     logits, weights, indices = adapter.call_router(block, hidden)
     reap_weights = torch.softmax(logits.double(), dim=-1).gather(1, indices)
     if reap_renormalize:
         reap_weights = reap_weights / reap_weights.sum(dim=-1, keepdim=True)
     num_experts = adapter.block_num_experts(block)
     saliency = torch.zeros(2, num_experts, dtype=torch.float64, device=hidden.device)
+    # per source: the sums of the same products and the routed-token counts they are averaged over
+    sums = torch.zeros(2, num_sources, num_experts, dtype=torch.float64, device=hidden.device)
+    counts = torch.zeros(num_sources, num_experts, dtype=torch.float64, device=hidden.device)
     for expert in range(num_experts):  # a loop over experts; each expert's tokens are one batch
         token_idx, rank = torch.where(indices == expert)
         if len(token_idx):
             norms = run_expert(adapter, block, hidden[token_idx], expert).double().norm(dim=-1)
-            saliency[0, expert] = (reap_weights[token_idx, rank] * norms).mean()
-            saliency[1, expert] = (weights[token_idx, rank].double() * norms).mean()
+            reap = reap_weights[token_idx, rank] * norms
+            applied = weights[token_idx, rank].double() * norms
+            saliency[0, expert] = reap.mean()
+            saliency[1, expert] = applied.mean()
+            if token_source is not None:
+                sources = token_source[token_idx]
+                sums[0, :, expert].index_add_(0, sources, reap)
+                sums[1, :, expert].index_add_(0, sources, applied)
+                counts[:, expert] = torch.bincount(sources, minlength=num_sources).double()
     reap, applied = saliency.cpu().numpy()
-    return {"reap_saliency": reap, "reap_saliency_applied": applied}
+    result = {"reap_saliency": reap, "reap_saliency_applied": applied}
+    if token_source is not None:
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)).cpu().numpy()
+        result.update({f"{column}_by_source": means[index] for index, column in enumerate(SALIENCY_COLUMNS)})
+    return result
 
 
-def expert_saliency(model_or_layers, moe_inputs: Mapping[int, torch.Tensor]) -> pd.DataFrame:
-    """One row per (layer, expert): the REAP saliency columns on the cached MoE-block inputs.
+def expert_saliency_tables(model_or_layers, moe_inputs: Mapping[int, torch.Tensor], source_names: list[str],
+                           token_source: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per (layer, expert), one row per (source, layer, expert)): the REAP saliency columns on the
+    cached MoE-block inputs, over all tokens and over each source's (``token_source``: each cached token's index
+    into ``source_names``). The experts run once for both.
 
     ``model_or_layers``: a model in memory or ``DecoderLayers`` (a ``LayerStream`` loads each decoder
     layer when its turn comes); ``moe_inputs``: {layer: [tokens, hidden]}, e.g. ``CacheReader.moe_inputs``,
     which reads each layer's inputs when it is looked up. One layer and its inputs at a time."""
     layers = decoder_layers_of(model_or_layers)
     adapter, config = layers.adapter, layers.model.config
-    frames = []
+    totals, by_source = [], []
     for layer in sorted(moe_inputs):
         block = layers.moe_block(layer)
         hidden = moe_inputs[layer].to(layers.device, next(block.parameters()).dtype)
-        frames.append(pd.DataFrame({"layer": layer, "expert": np.arange(adapter.block_num_experts(block)),
-                                    **layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config))}))
+        if len(token_source) != len(hidden):
+            raise DataError(f"layer {layer}: {len(hidden)} cached MoE-block inputs, but {len(token_source)} tokens "
+                            f"have a calibration source; rebuild results/cache")
+        sources = torch.as_tensor(token_source, device=layers.device)
+        result = layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config), sources,
+                                len(source_names))
+        experts = np.arange(adapter.block_num_experts(block))
+        totals.append(pd.DataFrame({"layer": layer, "expert": experts,
+                                    **{column: result[column] for column in SALIENCY_COLUMNS}}))
+        by_source += [pd.DataFrame({"source": name, "layer": layer, "expert": experts,
+                                    **{column: result[f"{column}_by_source"][index] for column in SALIENCY_COLUMNS}})
+                      for index, name in enumerate(source_names)]
         layers.free_layer(layer)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(totals, ignore_index=True), pd.concat(by_source, ignore_index=True)
+
+
+def expert_saliency(model_or_layers, moe_inputs: Mapping[int, torch.Tensor]) -> pd.DataFrame:
+    """One row per (layer, expert): the REAP saliency columns on the cached MoE-block inputs (see
+    ``expert_saliency_tables``)."""
+    tokens = len(next(iter(moe_inputs.values())))
+    return expert_saliency_tables(model_or_layers, moe_inputs, ["all"], np.zeros(tokens, dtype=np.int64))[0]
+
+
+def expert_frequency_by_source(routing: dict[int, LayerRouting], source_names: list[str], token_source: np.ndarray,
+                               scoring: str = "softmax_topk") -> pd.DataFrame:
+    """The frequency table over each source's tokens alone, with a ``source`` column (sources in the order of
+    ``source_names``; ``token_source``: each cached token's index into them)."""
+    frames = []
+    for index, name in enumerate(source_names):
+        mask = token_source == index
+        subset = {}
+        for layer, layer_routing in routing.items():
+            if len(layer_routing.logits) != len(token_source):
+                raise DataError(f"layer {layer}: {len(layer_routing.logits)} cached router decisions, but "
+                                f"{len(token_source)} tokens have a calibration source; rebuild results/cache")
+            subset[layer] = LayerRouting(layer_routing.logits[mask], layer_routing.topk_indices[mask],
+                                         layer_routing.topk_weights[mask])
+        frames.append(expert_frequency(subset, scoring).assign(source=name))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["source", *(column for column in table.columns if column != "source")]]
+
+
+# columns that are counts or sums over tokens: per source they add up to the totals
+ADDITIVE_COLUMNS = ("selected", "routing_mass")
+
+
+def reweighted_statistics(by_source: pd.DataFrame, weights: Mapping[str, float]) -> pd.DataFrame:
+    """The statistics table (the totals' columns) a calibration set whose tokens came from the sources in the
+    shares ``weights`` would give, from the per-source table: each source's per-token rates mixed by its
+    weight. Counts and sums are scaled to the cached token count, so thresholds read them as they read the
+    totals; ``frequency`` and ``mean_router_prob`` are the weighted means of the sources'; REAP saliency, a mean
+    over the tokens routed to the expert, is the sources' means weighted by their routed tokens under the mix
+    (Σ w·f·s / Σ w·f, f the source's frequency). Weights equal to the sources' token shares give the totals.
+    A source left out of ``weights`` counts with weight 0."""
+    names = list(dict.fromkeys(by_source["source"]))
+    unknown = [name for name in weights if name not in names]
+    if unknown:
+        raise DataError(f"the weights name {unknown}, which the statistics have no tokens of (their sources: "
+                        f"{', '.join(names)}); the statistics come from another calibration: rebuild them")
+    keys = ["layer", "expert"]
+    tables = {name: by_source[by_source["source"] == name].drop(columns="source").set_index(keys).sort_index()
+              for name in names}
+    first = tables[names[0]]
+    total_tokens = sum(table["tokens"] for table in tables.values())
+    rank_columns = [column for column in first.columns if column.startswith("selected_rank_")]
+    result = first[["tokens", "top_k"]].copy()
+    result["tokens"] = total_tokens
+    mixed = {column: 0.0 for column in [*rank_columns, *ADDITIVE_COLUMNS, "mean_router_prob"]}
+    saliency_numerator = {column: 0.0 for column in SALIENCY_COLUMNS if column in first.columns}
+    routed = 0.0
+    for name, table in tables.items():
+        weight = float(weights.get(name, 0.0))
+        for column in [*rank_columns, *ADDITIVE_COLUMNS]:
+            mixed[column] = mixed[column] + weight * table[column] / table["tokens"]
+        mixed["mean_router_prob"] = mixed["mean_router_prob"] + weight * table["mean_router_prob"]
+        frequency = table["selected"] / table["tokens"]
+        routed = routed + weight * frequency
+        for column in saliency_numerator:
+            saliency_numerator[column] = saliency_numerator[column] + weight * frequency * table[column]
+    for column in [*rank_columns, *ADDITIVE_COLUMNS]:
+        result[column] = mixed[column] * total_tokens
+    result["frequency"] = mixed["selected"]
+    result["mean_weight_when_selected"] = (result["routing_mass"] / result["selected"]).where(result["selected"] > 0, 0.0)
+    result["mean_router_prob"] = mixed["mean_router_prob"]
+    for column, numerator in saliency_numerator.items():
+        result[column] = (numerator / routed).where(routed > 0, 0.0)
+    order = [column for column in first.columns if column in result.columns]
+    return result[order].reset_index()
+
+
+def statistics_for(totals_path, by_source_path, weights: Mapping[str, float] | None) -> pd.DataFrame:
+    """The statistics table a variant's steps read: the totals, or with calibration ``weights`` the
+    per-source table re-weighted to them."""
+    if weights is None:
+        return pd.read_parquet(totals_path)
+    if by_source_path is None:
+        raise DataError("calibration weights need the per-source statistics (results/stats/"
+                        "expert_frequency_by_source.parquet), which this job was not given")
+    return reweighted_statistics(pd.read_parquet(by_source_path), weights)
+
+
+# an expert is specific to a source when that source selects it at least this many times as often (per token)
+# as any other source does, and at least as often as a uniform router would
+DOMAIN_RATIO = 4.0
+
+
+def domain_experts(by_source: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layer, expert): its selection frequency in each source (``frequency_<source>``), the source
+    that selects it most (``source``), that source's share of the expert's summed per-token frequency
+    (``specificity``: 1/sources when every source uses it alike, 1 when one alone does), and ``domain_specific``:
+    that source selects it at least ``DOMAIN_RATIO`` times as often as any other, and at least at the uniform
+    rate top-k / experts. Sorted by specificity, highest first."""
+    frequency = by_source.pivot_table(index=["layer", "expert"], columns="source", values="frequency", sort=False)
+    names = list(dict.fromkeys(by_source["source"]))
+    frequency = frequency[names]
+    values = frequency.to_numpy(dtype=float)
+    dominant = values.argmax(axis=1)
+    top = values[np.arange(len(values)), dominant]
+    others = np.where(np.eye(len(names), dtype=bool)[dominant], -np.inf, values).max(axis=1) if len(names) > 1 \
+        else np.zeros(len(values))
+    total = values.sum(axis=1)
+    layer_info = by_source.groupby(["layer", "expert"])["top_k"].first()
+    experts_per_layer = by_source.groupby("layer")["expert"].nunique()
+    uniform = (layer_info / experts_per_layer.reindex(layer_info.index.get_level_values("layer")).to_numpy()) \
+        .reindex(frequency.index).to_numpy(dtype=float)
+    table = pd.DataFrame({
+        "source": np.array(names)[dominant],
+        **{f"frequency_{name}": values[:, index] for index, name in enumerate(names)},
+        "specificity": np.divide(top, total, out=np.zeros_like(top), where=total > 0),
+        "domain_specific": (len(names) > 1) & (top >= uniform) & (top >= DOMAIN_RATIO * others),
+    }, index=frequency.index).reset_index()
+    return table.sort_values(["specificity", "layer", "expert"], ascending=[False, True, True], ignore_index=True)
 
 
 def with_saliency(frequency: pd.DataFrame, saliency: pd.DataFrame) -> pd.DataFrame:

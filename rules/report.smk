@@ -10,6 +10,8 @@ rule final_table:
         lm_eval=expand(rules.serving.output.lm_eval if VLLM_TASKS else rules.evaluate.output.lm_eval,
                        variant=EVAL_VARIANTS),
         serving=expand(rules.serving.output.report, variant=VARIANTS) if SERVING else [],
+        # the experts specific to one calibration source, named in the table's notes (an MoE model only)
+        domain_experts=[rules.expert_stats.output.domain_experts] if PLAN.is_moe else [],
     output:
         csv=report("results/final_table.csv", caption="../workflow/report/final_table.rst", category="Results"),
         md="results/final_table.md",
@@ -24,6 +26,10 @@ rule final_table:
         # the tasks ran in the serving job: a variant vLLM does not serve has none
         tasks_in_serving=VLLM_TASKS,
         perf_metric=config["score"]["perf_metric"],
+        # perf_metric perplexity: on the first calibration source's held-out documents
+        primary_perplexity=PPL_DATASETS[0],
+        # each variant's calibration weights (variants.<name>.weights), shown in the table
+        weights=as_json(PLAN.variant_weights),
         # PerfNorm, SpeedNorm, Score and the ratios are relative to this variant
         reference=config["score"]["reference"],
     conda:
@@ -45,6 +51,9 @@ rule plots:
         experts=report("results/plots/experts_per_layer.png", caption="../workflow/report/experts.rst", category="Plots"),
         reconstruction=report(
             "results/plots/reconstruction_error.png", caption="../workflow/report/reconstruction.rst", category="Plots"
+        ),
+        retention=report(
+            "results/plots/domain_retention.png", caption="../workflow/report/domain_retention.rst", category="Plots"
         ),
     params:
         variants=list(VARIANTS),

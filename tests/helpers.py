@@ -394,8 +394,14 @@ TINY = {
     "demo_model": {"num_layers": 2, "hidden_size": 32, "num_experts": 8, "top_k": 2, "moe_intermediate_size": 32,
                    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "seq_len": 32,
                    "batch_size": 8, "steps": 30, "seed": 0},
-    "calibration": {"source": "local", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
-                    "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0},
+    # a mix of three sources: the calibration windows, the statistics per source, a held-out perplexity each
+    "calibration": {"num_samples": 16, "seq_len": 32, "seed": 0, "sources": [
+        {"name": "c4", "path": str(REPO / "data/c4/c4_en_train.00000-of-01024_first1000.jsonl.gz"),
+         "heldout_docs": 50, "share": 0.5},
+        {"name": "korean", "path": str(REPO / "data/korean/kowiki_wikiextractor_AA_wiki_00.txt.gz"),
+         "documents": "doc_tags", "heldout_docs": 8, "share": 0.25},
+        {"name": "code", "path": str(REPO / "data/code/mbpp.jsonl.gz"), "text_field": ["text", "code"],
+         "heldout_docs": 50, "share": 0.25}]},
     "cache": {"batch_size": 8},
     "evaluation": {"tasks": ["winogrande"], "limit": 4, "batch_size": 8, "variants": ["base", "uniform4"],
                    "data_dir": str(REPO / "data/eval")},
@@ -411,6 +417,8 @@ TINY = {
         "pruned_low_rank": {"steps": [{"method": "frequency_prune", "uniform": True, "keep": 6},
                                       {"method": "svd_experts", "rank": 8, "share_basis": True}]},
         "reap4": {"method": "reap_prune", "keep": 4},
+        # the same pruned for the code source alone: its statistics re-weighted, no new forward pass
+        "reap4_code": {"method": "reap_prune", "keep": 4, "weights": {"code": 1.0}},
         "skip_rescale": {"steps": [{"method": "dynamic_skip", "beta": "auto", "target_active": 1.5},
                                    {"method": "output_rescale"}]},
         # a sweep: 75 % of the experts, shared uniformly or by one ranking over both layers

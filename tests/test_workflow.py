@@ -33,8 +33,10 @@ def test_end_to_end_final_table(tiny_dag):
     table = pd.read_csv(workdir / "results/final_table.csv")
     swept = ["reap_target-experts_fraction0.75-uniform", "reap_target-experts_fraction0.75-global"]
     assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank",
-                                         "reap4", "skip_rescale", *swept]
-    assert not table[["parameters", "experts_kept", "ppl_c4_heldout", "ppl_wikitext2", "recon_error_mean"]].isna().any().any()
+                                         "reap4", "reap4_code", "skip_rescale", *swept]
+    per_domain = [f"{kind}_{dataset}" for kind in ("ppl", "retention")
+                  for dataset in ("c4_heldout", "korean_heldout", "code_heldout", "wikitext2")]
+    assert not table[["parameters", "experts_kept", "recon_error_mean", *per_domain]].isna().any().any()
     by_name = table.set_index("variant")
     assert by_name.loc["base", "experts_kept"] == 2 * 8
     assert by_name.loc["keep_some", "experts_kept"] <= by_name.loc["keep_most", "experts_kept"]
@@ -52,7 +54,20 @@ def test_end_to_end_final_table(tiny_dag):
     assert (by_name.loc[swept, "experts_kept"] == 12).all() and (by_name.loc[swept, "target"] == "experts_fraction=0.75").all()
     assert by_name.loc[swept, "allocation"].tolist() == ["uniform", "global"]
     assert by_name.loc[swept[0], "experts_per_layer"] == "6 6"
-    assert "reap_saliency" in pd.read_csv(workdir / "results/stats/expert_frequency.csv").columns
+    stats = pd.read_csv(workdir / "results/stats/expert_frequency.csv")
+    assert "reap_saliency" in stats.columns
+    # per calibration source: counts that add up to the totals, and the experts specific to one source named
+    by_source = pd.read_parquet(workdir / "results/stats/expert_frequency_by_source.parquet")
+    assert list(dict.fromkeys(by_source["source"])) == ["c4", "korean", "code"]
+    summed = by_source.groupby(["layer", "expert"])[["selected", "tokens"]].sum().reset_index()
+    assert (stats[["selected", "tokens"]].to_numpy() == summed[["selected", "tokens"]].to_numpy()).all()
+    assert by_source.groupby("source")["tokens"].first().to_dict() == {"c4": 8 * 32, "korean": 4 * 32, "code": 4 * 32}
+    assert (workdir / "results/stats/domain_experts.csv").is_file()
+    assert "Domain-specific experts" in (workdir / "results/final_table.md").read_text()
+    weighted = json.loads((workdir / "results/checkpoints/reap4_code/compression.json").read_text())
+    assert weighted["calibration_weights"] == {"code": 1.0} and by_name.loc["reap4_code", "calibration_weights"] == "code=1"
+    assert by_name.loc["reap4_code", "experts_kept"] == 2 * 4
+    assert by_name.loc["base", "retention_korean_heldout"] == 1.0
     clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
     assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
     assert (workdir / "results/final_table.md").read_text().startswith("| variant |")
@@ -110,10 +125,10 @@ def test_nothing_to_do_after_a_complete_run(tiny_dag, tmp_path):
 
 
 def test_a_key_no_job_reads_replans_nothing(tiny_dag, tmp_path):
-    """The hub corpus settings mean nothing with a local corpus: changing them must not rerun the DAG."""
+    """The MLflow experiment means nothing without an MLflow server: changing it must not rerun the DAG."""
     workdir = copy_of_run(tiny_dag, tmp_path)
     changed = copy.deepcopy(TINY)
-    changed["calibration"] = {**changed["calibration"], "hub_docs": 5000, "hub_file": "en/c4-train.00001-of-01024.json.gz"}
+    changed["tracking"] = {"experiment": "another"}
     result = snakemake(workdir, write_config(workdir / "config_unused.yaml", changed), "-n", "results/final_table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     assert planned_jobs(result.stdout + result.stderr) == []
@@ -134,6 +149,24 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_dag, tmp_path):
     result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
     jobs = planned_jobs(result.stdout + result.stderr)
     assert sorted(jobs) == sorted([("compress", "uniform4"), ("evaluate", "uniform4"), ("final_table", "")]), jobs
+
+
+def test_a_changed_calibration_weight_replans_only_that_variant(tiny_dag, tmp_path):
+    """Re-weighting the calibration sources reads the per-source statistics again: no new cache, no new
+    statistics, and only the variant whose weights changed."""
+    workdir = copy_of_run(tiny_dag, tmp_path)
+    changed = copy.deepcopy(TINY)
+    changed["variants"]["reap4_code"]["weights"] = {"code": 0.5, "korean": 0.5}
+    result = snakemake(workdir, write_config(workdir / "config_weights.yaml", changed), "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == sorted([("compress", "reap4_code"), ("evaluate", "reap4_code"), ("final_table", "")]), jobs
+    # weights given to a variant that had none: that variant alone
+    changed["variants"]["reap4"]["weights"] = {"c4": 1.0}
+    result = snakemake(workdir, write_config(workdir / "config_weights2.yaml", changed), "-n", "results/final_table.csv")
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == sorted([(rule, name) for name in ("reap4", "reap4_code") for rule in ("compress", "evaluate")]
+                                  + [("final_table", "")]), jobs
 
 
 def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_dag, tmp_path):
@@ -278,7 +311,9 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         put_c4_in_hub_cache(hf_home)
         config["model"]["path"] = "tiny-org/tiny-qwen3-moe"
         config["hf_home"] = str(hf_home)
-        config["calibration"] = {**config["calibration"], "source": "hub", "hub_docs": 400}
+        # one corpus, the single-corpus keys: C4 from the hub (the others calibrate on TINY's three-source mix)
+        config["calibration"] = {"source": "hub", "hub_docs": 400, "heldout_docs": 50, "num_samples": 16,
+                                 "seq_len": 32, "seed": 0}
     config["evaluation"] = {"tasks": []}  # lm-eval runs in the tiny demo DAG; here the architectures matter
     # per-layer jobs planned from the hub model's config.json, with a dense layer (1) copied by the assembly
     config["compress"] = {"per_layer_jobs": from_hub}

@@ -122,6 +122,37 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
     return row
 
 
+def describe_weights(weights: dict | None) -> str:
+    """A variant's calibration weights as "c4=0.5 code=0.5" (empty: the whole calibration set)."""
+    return " ".join(f"{name}={share:g}" for name, share in weights.items()) if weights else ""
+
+
+# domain-specific experts named per source in the table's notes, at most
+DOMAIN_EXPERTS_LISTED = 12
+
+
+def domain_expert_notes(experts: pd.DataFrame) -> list[str]:
+    """The notes naming each calibration source's domain-specific experts (``stats.domain_experts``'s table),
+    most specific first; none with one source."""
+    specific = experts[experts["domain_specific"].astype(bool)]
+    sources = [column.removeprefix("frequency_") for column in experts.columns if column.startswith("frequency_")]
+    if len(sources) < 2:
+        return []
+    lines = []
+    for source in sources:
+        rows = specific[specific["source"] == source]
+        if rows.empty:
+            lines.append(f"- `{source}`: none")
+            continue
+        named = ", ".join(f"L{row.layer}E{row.expert} ({getattr(row, f'frequency_{source}'):.2f}, specificity "
+                          f"{row.specificity:.2f})" for row in rows.head(DOMAIN_EXPERTS_LISTED).itertuples())
+        more = f" and {len(rows) - DOMAIN_EXPERTS_LISTED} more" if len(rows) > DOMAIN_EXPERTS_LISTED else ""
+        lines.append(f"- `{source}`: {len(rows)} experts: {named}{more}")
+    return ["Domain-specific experts (selected at least 4x as often per token by one calibration source as by any "
+            "other; layer, expert, that source's selection frequency; all in results/stats/domain_experts.csv):\n"
+            + "\n".join(lines)]
+
+
 def perf_norm(perf, perf_base):
     """PerfNorm = perf / perf_base."""
     return perf / perf_base
@@ -161,14 +192,20 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
                 speeds: dict[str, pd.DataFrame] | None = None,
                 task_results: dict[str, dict[str, pd.DataFrame]] | None = None, tasks: list[str] = (),
                 perf_metric: str = "lm_eval", reference: str = BASE_VARIANT,
-                sweeps: dict[str, str] | None = None, serving: dict[str, dict] | None = None) -> pd.DataFrame:
+                sweeps: dict[str, str] | None = None, serving: dict[str, dict] | None = None,
+                weights: dict[str, dict | None] | None = None,
+                primary_perplexity: str = "c4_heldout") -> pd.DataFrame:
     """One row per variant: its sweep (``sweeps``, a line in the plots), size, experts, routing and targets,
     reconstruction error, perplexities, the primary metric of each lm-eval task
     (``task_results[variant][task]``) with its standard error, their mean (and its standard error), speed, and
     PerfNorm / SpeedNorm / Score against the ``reference`` variant, with the SpeedNorm interval the speed
     repeats allow and ``speed_noisy`` where that interval is wider than |SpeedNorm|. ``serves_in``: the engines
     that serve the checkpoint as the pipeline's transformers runs it (``serving``: the serving reports, where the
-    serving job ran; otherwise the transformers the evaluate job loaded it with), and vLLM's speed."""
+    serving job ran; otherwise the transformers the evaluate job loaded it with), and vLLM's speed.
+    ``weights``: each variant's calibration weights (``calibration_weights``, empty for the whole calibration
+    set). Per perplexity dataset (each calibration source's held-out documents, WikiText-2): ``ppl_<dataset>``,
+    its ratio to the reference and ``retention_<dataset>`` = the reference's perplexity / the variant's (1: no
+    loss). With perf_metric: perplexity, perf is 1 / ``ppl_<primary_perplexity>`` (the first source's)."""
     from moe_compress.serving.report import PIPELINE_ENGINE, table_columns
     from moe_compress.evaluate.lm_eval import primary_score, primary_stderr
 
@@ -179,7 +216,8 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     rows = []
     for name, steps in variants.items():
         row = {"variant": name, "sweep": (sweeps or {}).get(name, name),
-               **variant_row(name, steps, records[name], perplexities[name])}
+               **variant_row(name, steps, records[name], perplexities[name]),
+               "calibration_weights": describe_weights((weights or {}).get(name))}
         for task in tasks:
             if task in task_results.get(name, {}):
                 row[f"acc_{task}"] = primary_score(task_results[name][task], task)
@@ -199,8 +237,12 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
         stderr = table[[f"{column}_stderr" for column in accuracy_columns]]
         table["acc_mean_stderr"] = np.sqrt((stderr ** 2).sum(axis=1, skipna=False)) / len(accuracy_columns)
     use_tasks = perf_metric == "lm_eval" and bool(accuracy_columns)
-    table["perf"] = table["acc_mean"] if use_tasks else 1.0 / table["ppl_c4_heldout"]
-    table["perf_source"] = "acc_mean" if use_tasks else "1/ppl_c4_heldout"
+    primary = f"ppl_{primary_perplexity}"
+    if not use_tasks and primary not in table.columns:
+        raise DataError(f"perf_metric perplexity reads {primary}, which the perplexity results lack; rerun the "
+                        f"evaluate jobs")
+    table["perf"] = table["acc_mean"] if use_tasks else 1.0 / table[primary]
+    table["perf_source"] = "acc_mean" if use_tasks else f"1/{primary}"
     is_reference = table["variant"] == reference
     base = table[is_reference].iloc[0]
     if not np.isfinite(base["perf"]):
@@ -210,6 +252,8 @@ def final_table(variants: dict[str, list[dict]], records: dict[str, dict], perpl
     table["params_ratio"] = table["parameters"] / base["parameters"]
     for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
         table[f"{column}_ratio"] = table[column] / base[column]
+    for column in [c for c in table.columns if c.startswith("ppl_") and not c.endswith("_ratio")]:
+        table[f"retention_{column.removeprefix('ppl_')}"] = base[column] / table[column]
     table["perf_norm"] = perf_norm(table["perf"], base["perf"])
     if "t_token_ms" in table.columns:
         table["speed_norm"] = speed_norm(table["t_token_ms"], base["t_token_ms"])

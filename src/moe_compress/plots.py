@@ -46,33 +46,41 @@ def _series(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(name, table[sweeps == name]) for name in dict.fromkeys(sweeps)]
 
 
+def primary_perplexity(table: pd.DataFrame) -> str:
+    """The perplexity dataset the quality plot draws: the first calibration source's held-out documents."""
+    return next(column.removeprefix("ppl_") for column in table.columns
+                if column.startswith("ppl_") and column.endswith("_heldout"))
+
+
 def quality_vs_parameters(table: pd.DataFrame, path: str | Path) -> None:
     """Quality against size, one line per sweep (a method family over its settings), single variants as
     points; a legend keyed by colour and marker instead of labels on the points.
 
-    Panels: perplexity on held-out C4 as a ratio to the reference (the Pareto front over all variants
-    dashed), the mean benchmark accuracy with each point's standard error and the reference's band
+    Panels: perplexity on the first calibration source's held-out documents (held-out C4 by default) as a
+    ratio to the reference (the Pareto front over all variants dashed), the mean benchmark accuracy with each point's standard error and the reference's band
     (where benchmarks ran), and the perplexity ratio against the mean active experts per token (which
     separates routing changes that keep every parameter)."""
     table = table.copy()
     reference = table.iloc[0]
-    if "ppl_c4_heldout_ratio" not in table.columns:
-        table["ppl_c4_heldout_ratio"] = table["ppl_c4_heldout"] / reference["ppl_c4_heldout"]
+    primary = primary_perplexity(table)
+    ratio = f"ppl_{primary}_ratio"
+    if ratio not in table.columns:
+        table[ratio] = table[f"ppl_{primary}"] / reference[f"ppl_{primary}"]
     table["params_m"] = table["parameters"] / 1e6
-    panels = [("params_m", "ppl_c4_heldout_ratio", "parameters (M)",
-               "perplexity / reference, held-out C4 (lower is better)")]
+    where = f"held-out {primary.removesuffix('_heldout')}"
+    panels = [("params_m", ratio, "parameters (M)", f"perplexity / reference, {where} (lower is better)")]
     if "acc_mean" in table.columns and table["acc_mean"].notna().any():
         panels.append(("params_m", "acc_mean", "parameters (M)", "mean benchmark accuracy (± standard error)"))
     if "active_experts" in table.columns and table["active_experts"].nunique() > 1:
-        panels.append(("active_experts", "ppl_c4_heldout_ratio", "active experts per token (mean over layers)",
-                       "perplexity / reference, held-out C4"))
+        panels.append(("active_experts", ratio, "active experts per token (mean over layers)",
+                       f"perplexity / reference, {where}"))
     figure, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
     series = _series(table)
     colours = plt.get_cmap("tab20")
     markers = "os^Dv<>pXh"
     for axis, (x_column, y_column, x_label, y_label) in zip(axes[0], panels):
         rows_with = table[table[y_column].notna() & table[x_column].notna()]
-        if y_column == "ppl_c4_heldout_ratio" and len(rows_with) > 1:
+        if y_column == ratio and len(rows_with) > 1:
             front = rows_with.iloc[pareto_front(rows_with[x_column].to_numpy(float),
                                                 rows_with[y_column].to_numpy(float))]
             axis.plot(front[x_column], front[y_column], ls="--", color="black", lw=1, alpha=0.6, label="Pareto front",
@@ -107,12 +115,13 @@ def quality_vs_parameters(table: pd.DataFrame, path: str | Path) -> None:
     _save(figure, path)
 
 
-def _heatmap(matrix: pd.DataFrame, title: str, colorbar: str, path: str | Path, fmt: str) -> None:
+def _heatmap(matrix: pd.DataFrame, title: str, colorbar: str, path: str | Path, fmt: str,
+             x_label: str = "layer") -> None:
     figure, axis = plt.subplots(figsize=(1.2 + 0.6 * matrix.shape[1], 0.8 + 0.32 * matrix.shape[0]))
     image = axis.imshow(matrix.to_numpy(dtype=float), aspect="auto", cmap="viridis")
     axis.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
     axis.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
-    axis.set_xlabel("layer")
+    axis.set_xlabel(x_label)
     axis.set_title(title)
     for (i, j), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
         if not np.isnan(value):
@@ -137,3 +146,13 @@ def reconstruction_error(records: dict[str, dict], path: str | Path) -> None:
             rows[name] = {int(layer): error for layer, error in errors.items()}
     matrix = pd.DataFrame(rows).T.sort_index(axis=1) if rows else pd.DataFrame([[np.nan]], index=["(none)"])
     _heatmap(matrix, "MoE-block reconstruction error on held-out tokens", "relative error", path, ".2f")
+
+
+def domain_retention(table: pd.DataFrame, path: str | Path) -> None:
+    """Each variant's retention per perplexity dataset (each calibration source's held-out documents, then
+    WikiText-2): the reference's perplexity over the variant's, 1 for no loss."""
+    columns = [column for column in table.columns if column.startswith("retention_")]
+    matrix = table.set_index("variant")[columns]
+    matrix.columns = [column.removeprefix("retention_").removesuffix("_heldout") for column in columns]
+    _heatmap(matrix, "retention per domain: reference perplexity / variant perplexity", "retention", path, ".2f",
+             x_label="held-out text")

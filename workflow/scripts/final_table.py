@@ -2,8 +2,16 @@
 
 from pathlib import Path
 
+import pandas as pd
+
 from moe_compress.checkpoint_files import read_compression_record
-from moe_compress.final_table import final_table, read_evaluation_csv, read_task_results, write_final_table
+from moe_compress.final_table import (
+    domain_expert_notes,
+    final_table,
+    read_evaluation_csv,
+    read_task_results,
+    write_final_table,
+)
 from moe_compress.serving.report import not_served_lines, read_serving_report
 from moe_compress.workflow import finish_job, json_param, start_job
 
@@ -22,7 +30,11 @@ task_results = {variant: read_task_results(directory, tasks, served_elsewhere=sn
                 for variant, directory in zip(snakemake.params.lm_eval_variants, snakemake.input.lm_eval, strict=True)}
 reference = snakemake.params.reference
 table = final_table(variants, records, perplexities, speeds, task_results, tasks, snakemake.params.perf_metric,
-                    reference, sweeps=json_param(snakemake, "sweeps"), serving=serving)
-write_final_table(table, snakemake.output.csv, snakemake.output.md, reference, not_served_lines(serving))
+                    reference, sweeps=json_param(snakemake, "sweeps"), serving=serving,
+                    weights=json_param(snakemake, "weights"), primary_perplexity=snakemake.params.primary_perplexity)
+notes = not_served_lines(serving)
+if snakemake.input.domain_experts:  # an MoE model: the experts specific to one calibration source
+    notes += domain_expert_notes(pd.read_csv(snakemake.input.domain_experts[0]))
+write_final_table(table, snakemake.output.csv, snakemake.output.md, reference, notes)
 log.info("final table: %d variants, reference %s -> %s", len(table), reference, Path(snakemake.output.csv))
 finish_job(snakemake)

@@ -12,5 +12,6 @@ records = {name: read_compression_record(path) for name, path in zip(snakemake.p
 plots.quality_vs_parameters(table, snakemake.output.quality)
 plots.experts_per_layer(records, snakemake.output.experts)
 plots.reconstruction_error(records, snakemake.output.reconstruction)
+plots.domain_retention(table, snakemake.output.retention)
 log.info("plots written for %d variants", len(table))
 finish_job(snakemake)

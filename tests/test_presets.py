@@ -21,7 +21,12 @@ MODEL_CONFIGS = REPO / "tests/data/model_configs"
 def test_the_presets_cover_the_seed_recipe_and_the_published_sizes():
     assert {path.stem for path in PRESETS} >= {"qwen3-30b-a3b", "mixtral-8x7b", "qwen1.5-moe-a2.7b"}
     seed = load_config(REPO / "config/presets/qwen3-30b-a3b.yaml")
-    assert seed["calibration"]["num_samples"] == 8 and seed["calibration"]["seq_len"] == 2048
+    # the seed recipe's C4 calibration (8 x 2048 tokens), beside as many Korean windows
+    from moe_compress.config import source_windows
+
+    assert source_windows(seed["calibration"]) == {"c4": 8, "korean": 8} and seed["calibration"]["seq_len"] == 2048
+    assert seed["calibration"]["sources"][0]["hub"] == {"id": "allenai/c4", "config": "en", "split": "train",
+                                                        "docs": 2000}
     assert seed["evaluation"]["tasks"] == ["mmlu", "hellaswag", "winogrande", "click", "kmmlu"]
     assert seed["evaluation"]["num_fewshot"] == 0
     variants = seed["variants"]
@@ -32,6 +37,11 @@ def test_the_presets_cover_the_seed_recipe_and_the_published_sizes():
     assert merges == {(4, 2), (4, 6), (12, 2), (12, 6)}
     assert [step["method"] for step in variants["top6_active4_rescale"]["steps"]] == [
         "frequency_prune", "active_experts", "output_rescale"]
+    # the seed recipe's pruning reads the C4 statistics; the same REAP target on C4 and on C4 + Korean
+    assert all(variants[name]["weights"] == {"c4": 1.0} for name in variants
+               if name.startswith(("topk_prune-", "prune_svd_merge-", "top6_")))
+    assert variants["reap50_c4"]["steps"] == variants["reap50_c4_korean"]["steps"]
+    assert variants["reap50_c4_korean"]["weights"] == {"c4": 0.5, "korean": 0.5}
 
 
 def readme_preset_command(preset) -> str:

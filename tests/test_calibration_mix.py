@@ -94,6 +94,8 @@ def test_shares_become_window_counts_that_add_up():
     (lambda c: c["variants"].update(pruned={"method": "reap_prune", "keep": 4, "weights": {"c4": 0.5, "code": 0.4}}),
      r"config key 'variants.pruned.weights': the weights sum to 0.9, not 1"),
     (lambda c: c["calibration"]["sources"][0].update(name="C4 web"), r"'calibration.sources\[0\].name'"),
+    (lambda c: c["variants"].update(top2={"method": "active_experts", "k": 2, "weights": {"code": 1.0}}),
+     r"'variants.top2.weights': no step of this variant reads the expert statistics .* would change nothing"),
 ])
 def test_bad_mixes_are_refused_naming_the_key(change, message):
     config = mix_config(copy.deepcopy(THREE))

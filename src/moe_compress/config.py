@@ -621,6 +621,10 @@ def _check_variant_weights(config: dict) -> None:
         total = sum(weights.values())
         if abs(total - 1.0) > SHARE_TOLERANCE:
             raise ConfigError(f"config key '{key}': the weights sum to {total:g}, not 1")
+        if not any(method(step["method"]).reads_statistics(step) for step in variant["steps"]):
+            raise ConfigError(f"config key '{key}': no step of this variant reads the expert statistics the weights "
+                              f"re-weight (frequency_prune, reap_prune and svd_experts with basis: most_used_expert "
+                              f"do), so they would change nothing")
 
 
 def load_config(path: str | Path) -> dict:

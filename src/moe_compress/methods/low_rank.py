@@ -315,4 +315,5 @@ def _svd_options(step: dict) -> Problem | None:
     return None
 
 
-METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}), check_options=_svd_options),)
+METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}), check_options=_svd_options,
+                  reads_statistics=lambda step: basis_of(step) == "most_used_expert"),)

@@ -76,6 +76,15 @@ def _no_problem(step: dict, shape: ModelShape | None = None) -> Problem | None:
     return None
 
 
+def _reads_no_statistics(step: dict) -> bool:
+    return False
+
+
+def reads_statistics(step: dict) -> bool:
+    """For methods whose step always reads the expert statistics table."""
+    return True
+
+
 def _layer_by_layer(step: dict) -> str | None:
     return None
 
@@ -94,7 +103,9 @@ class Method:
     - ``last``: must be the last step of a variant;
     - ``any_decoder``: applies to dense decoders too (otherwise it needs MoE layers);
     - ``check_model(step, config)``: what only the model class can tell (e.g. whether its projections hold
-      whole heads), run on a weightless skeleton when the workflow is parsed.
+      whole heads), run on a weightless skeleton when the workflow is parsed;
+    - ``reads_statistics(step)``: whether the step reads the expert statistics table (what a variant's
+      calibration ``weights`` re-weight).
     """
 
     name: str
@@ -106,6 +117,7 @@ class Method:
     last: bool = False
     any_decoder: bool = False
     check_model: Callable[[dict, object], Problem | None] | None = None
+    reads_statistics: Callable[[dict], bool] = _reads_no_statistics
 
 
 def exactly_one_of(step: dict, *options: str) -> Problem | None:

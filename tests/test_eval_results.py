@@ -195,6 +195,8 @@ def test_final_table_is_relative_to_the_reference_it_is_given():
     assert table.loc["half", "perf_norm"] == pytest.approx(0.5) and table.loc["half", "speed_norm"] == pytest.approx(0.5)
     assert table.loc["half", "score"] == pytest.approx(0.5)
     assert table.loc["half", "ppl_c4_heldout_ratio"] == pytest.approx(2.0)
+    # retention on the held-out text: the reference's perplexity over the variant's
+    assert table.loc["half", "retention_c4_heldout"] == pytest.approx(0.5) and table.loc["full", "retention_c4_heldout"] == 1.0
     assert "Reference variant: `full`" in to_markdown(table.reset_index(), "full")
 
 

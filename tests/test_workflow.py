@@ -5,6 +5,7 @@ of that finished run."""
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from helpers import (
+    REPO,
     TINY,
     copy_of_run,
     make_tokenizer,
@@ -197,8 +199,8 @@ def test_a_changed_task_list_evaluates_only_the_new_task_with_one_load(tiny_dag,
     for variant in ("base", "uniform4"):
         summary = json.loads((tmp_path / f"results/eval/{variant}/evaluation.json").read_text())
         assert summary["model_loads"] == 1 and summary["computed"] == ["lm_eval_mmlu"], summary
-        assert sorted(summary["reused"]) == ["lm_eval_winogrande", "perplexity_c4_heldout", "perplexity_wikitext2",
-                                             "speed"], summary
+        assert sorted(summary["reused"]) == ["lm_eval_winogrande", "perplexity_c4_heldout", "perplexity_code_heldout",
+                                             "perplexity_korean_heldout", "perplexity_wikitext2", "speed"], summary
     assert (tmp_path / "results/eval/base/speed.csv").read_text() == speed_before
     assert not pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant").loc[
         ["base", "uniform4"], "acc_mmlu"].isna().any()
@@ -314,6 +316,17 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         # one corpus, the single-corpus keys: C4 from the hub (the others calibrate on TINY's three-source mix)
         config["calibration"] = {"source": "hub", "hub_docs": 400, "heldout_docs": 50, "num_samples": 16,
                                  "seq_len": 32, "seed": 0}
+    if model_type == "phimoe":
+        # the code source from a dataset through the datasets library (a local dataset folder, as a hub id would
+        # be read): fetched by fetch_calibration_source on the submit host
+        dataset = tmp_path / "mbpp_dataset"
+        dataset.mkdir()
+        with gzip.open(REPO / "data/code/mbpp.jsonl.gz", "rt", encoding="utf-8") as handle:
+            (dataset / "train.jsonl").write_text("".join(handle.readlines()[:300]))
+        config["calibration"] = copy.deepcopy(config["calibration"])
+        code = config["calibration"]["sources"][2]
+        del code["path"]
+        code["hub"] = {"id": str(dataset), "split": "train", "docs": 300}
     config["evaluation"] = {"tasks": []}  # lm-eval runs in the tiny demo DAG; here the architectures matter
     # per-layer jobs planned from the hub model's config.json, with a dense layer (1) copied by the assembly
     config["compress"] = {"per_layer_jobs": from_hub}
@@ -329,6 +342,11 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         assert (tmp_path / "results/models/hub/tiny-org--tiny-qwen3-moe/model.safetensors").resolve().is_relative_to(hf_home)
         assert sorted(job for job in jobs if job[0] == "compress_layer") == [
             ("compress_layer", name) for name in ("base", "base", "uniform4", "uniform4")]
+    if model_type == "phimoe":
+        assert ("fetch_calibration_source", "name=code") in planned_jobs(result.stdout + result.stderr)
+        with gzip.open(tmp_path / "results/calibration/hub/code.jsonl.gz", "rt", encoding="utf-8") as handle:
+            fetched = [json.loads(line) for line in handle]
+        assert len(fetched) == 300 and list(fetched[0]) == ["text", "code"]
     table = pd.read_csv(tmp_path / "results/final_table.csv").set_index("variant")
     record = json.loads((tmp_path / "results/checkpoints/uniform4/compression.json").read_text())
     same_routing = len({json.dumps(s, sort_keys=True) for s in record["router_settings_per_layer"].values()}) == 1
@@ -336,6 +354,8 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
     assert table.loc["uniform4", "loader"] == ("stock" if same_routing else "remote_code")
     assert table.loc["uniform4", "parameters"] < table.loc["base", "parameters"]
     assert not table[["ppl_c4_heldout", "ppl_wikitext2"]].isna().any().any()
+    if not from_hub:  # TINY's three-source mix: a held-out perplexity per source
+        assert not table[["ppl_korean_heldout", "ppl_code_heldout", "retention_code_heldout"]].isna().any().any()
 
 
 @pytest.mark.slow  # a Snakemake run with lm-eval

@@ -428,6 +428,10 @@ TINY = {
 }
 
 
+# TINY's windows from one corpus written with the single-corpus keys: C4 from the hub (a cached shard)
+TINY_HUB_C4 = {"source": "hub", "hub_docs": 400, "heldout_docs": 50, "num_samples": 16, "seq_len": 32, "seed": 0}
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

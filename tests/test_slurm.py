@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import REPO, TINY, make_tokenizer, put_c4_in_hub_cache, tiny_qwen3_moe
+from helpers import REPO, TINY, TINY_HUB_C4, make_tokenizer, put_c4_in_hub_cache, tiny_qwen3_moe
 
 pytestmark = pytest.mark.slurm
 
@@ -64,7 +64,8 @@ def tiny_config(workdir: Path, **changes) -> Path:
     config["variants"] = {"base": {"steps": []}, "uniform4": {"method": "frequency_prune", "uniform": True, "keep": 4}}
     config["hf_home"] = str(workdir / "hf_home")
     put_c4_in_hub_cache(workdir / "hf_home")
-    config["calibration"] = {**config["calibration"], "source": "hub", "hub_docs": 400}
+    # one corpus (the single-corpus keys), fetched by the local rule on the submit host
+    config["calibration"] = dict(TINY_HUB_C4)
     config.update(changes)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -148,7 +149,8 @@ def test_a_failing_slurm_job_ends_the_run_promptly(cluster, tmp_path):
     model_dir = tmp_path / "model"
     tiny_qwen3_moe().save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
-    calibration = {**TINY["calibration"], "num_samples": 100_000}
+    # a hub corpus is counted only once fetched: the job finds it too small (a local one is refused at parse time)
+    calibration = {**TINY_HUB_C4, "num_samples": 100_000}
     configfile = tiny_config(tmp_path, model={"path": str(model_dir)}, calibration=calibration)
     started = time.monotonic()
     result = run(tmp_path, *slurm_profile_args(), configfile=configfile, timeout=300)

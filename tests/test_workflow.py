@@ -16,6 +16,7 @@ import torch
 from helpers import (
     REPO,
     TINY,
+    TINY_HUB_C4,
     copy_of_run,
     make_tokenizer,
     planned_jobs,
@@ -314,8 +315,7 @@ def test_every_architecture_runs_the_dag(tmp_path, model_type):
         config["model"]["path"] = "tiny-org/tiny-qwen3-moe"
         config["hf_home"] = str(hf_home)
         # one corpus, the single-corpus keys: C4 from the hub (the others calibrate on TINY's three-source mix)
-        config["calibration"] = {"source": "hub", "hub_docs": 400, "heldout_docs": 50, "num_samples": 16,
-                                 "seq_len": 32, "seed": 0}
+        config["calibration"] = dict(TINY_HUB_C4)
     if model_type == "phimoe":
         # the code source from a dataset through the datasets library (a local dataset folder, as a hub id would
         # be read): fetched by fetch_calibration_source on the submit host

@@ -92,3 +92,18 @@ def test_a_run_says_which_config_files_it_reads(tmp_path):
         f"moe-compress: config from {mine}, {tmp_path / 'more.yaml'} merged in this order; --config values on top; "
         f"config/config.yaml (the demo) is not read, keys not set take the schema's defaults")
 
+
+
+def test_every_method_has_a_record_and_a_schema_entry():
+    """The contract of adding a method: its module's Method record and its schema entry, both. A method on one
+    side only fails here, not as a KeyError in a job."""
+    from moe_compress.config import load_schema
+    from moe_compress.methods.registry import method, methods, registry_schema_problems
+
+    in_schema = set(load_schema()["$defs"]["methods"])
+    assert registry_schema_problems(set(methods()), in_schema) == []
+    # the check itself, on each side missing one
+    assert registry_schema_problems({"a", "b"}, {"a"}) == ["b: a Method record but no schema entry ($defs.methods)"]
+    assert registry_schema_problems({"a"}, {"a", "c"}) == ["c: a schema entry ($defs.methods) but no Method record"]
+    with pytest.raises(ConfigError, match=r"method 'mone_prune' has no Method record \(registered: .*reap_prune"):
+        method("mone_prune")

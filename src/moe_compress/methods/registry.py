@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Callable
 
+from moe_compress.errors import ConfigError
+
 # What a step may change. Steps that change the expert count or factor the experts need dense
 # experts, so they cannot follow a step that factored them.
 EXPERT_COUNT = "expert_count"  # experts removed or merged (with their router rows)
@@ -145,7 +147,21 @@ def methods() -> dict[str, Method]:
 
 
 def method(name: str) -> Method:
-    return methods()[name]
+    """The record of method ``name``; a name the schema knows but no module declares is a broken install or
+    a half-added method, said as such (not a bare KeyError)."""
+    try:
+        return methods()[name]
+    except KeyError:
+        raise ConfigError(f"method {name!r} has no Method record (registered: {', '.join(sorted(methods()))}); "
+                          f"a method is a module in src/moe_compress/methods/ declaring it in METHODS, and its "
+                          f"entry in the schema's $defs.methods") from None
+
+
+def registry_schema_problems(registered: set[str], in_schema: set[str]) -> list[str]:
+    """What breaks the contract that every method has both a record (``METHODS``) and a schema entry
+    (``$defs.methods``): one line per method that has only one of the two."""
+    return ([f"{name}: a schema entry ($defs.methods) but no Method record" for name in sorted(in_schema - registered)]
+            + [f"{name}: a Method record but no schema entry ($defs.methods)" for name in sorted(registered - in_schema)])
 
 
 def whole_model_reason(step: dict) -> str | None:

@@ -326,3 +326,21 @@ def test_a_model_class_that_cannot_be_cut_is_refused_at_parse_time(tmp_path):
     model_dir = saved_tiny("olmoe", tmp_path)
     with pytest.raises(ConfigError, match=r"variants.v.steps\[0\]': olmoe: model.layers.0.self_attn.k_norm.weight"):
         check_variants_against_model_class({"v": {"steps": [validated_step("reduce_hidden", keep=24)]}}, model_dir)
+
+
+def test_an_expert_no_token_reaches_does_not_sway_the_global_allocation():
+    """An unrouted expert is scored by its weights (another scale than routed activations): it orders its own
+    neurons, but the global ranking of the layers' neuron slots counts routed experts only."""
+    from moe_compress.methods.expert_width import _global_widths
+    from moe_compress.methods.registry import ALIGNMENT
+
+    width = 4 * ALIGNMENT
+    quiet = torch.ones(3, width)
+    quiet[2] = 1000.0  # expert 2 of layer 0: never routed, huge weight-based scores
+    loud = torch.full((3, width), 2.0)
+    routed = {0: torch.tensor([True, True, False]), 1: torch.tensor([True, True, True])}
+    widths = _global_widths({0: quiet, 1: loud}, 4 * ALIGNMENT, routed)
+    assert widths == {0: ALIGNMENT, 1: 3 * ALIGNMENT}
+    # counted as if routed, it would have taken the slots from the layer the calibration tokens use more
+    everyone = {0: torch.ones(3, dtype=torch.bool), 1: torch.ones(3, dtype=torch.bool)}
+    assert _global_widths({0: quiet, 1: loud}, 4 * ALIGNMENT, everyone) == {0: 3 * ALIGNMENT, 1: ALIGNMENT}

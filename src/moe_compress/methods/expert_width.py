@@ -5,7 +5,8 @@ Importance of neuron j of expert e, on the cached MoE inputs (the fit part) rout
 routes them: the routing-weighted mean of |h_ej(x)| over the tokens, h_e = the expert's gated
 activation (its own ``_apply_gate`` on the gate/up projection), times ||down_e[:, j]||, the size of what
 the neuron writes back. An expert no calibration token reaches is judged by its weights alone
-(||gate_j|| ||up_j|| ||down_j||). Every expert keeps its own best neurons; all experts of a layer keep the same
+(||gate_j|| ||up_j|| ||down_j||), which orders its own neurons but is on another scale than a routed expert's
+activations: it is left out of the global ranking below. Every expert keeps its own best neurons; all experts of a layer keep the same
 number (the fused tensors hold one width per layer).
 
 - ``allocation: uniform``: ``keep`` (or ``fraction``) neurons in every MoE layer. Where the config's
@@ -13,8 +14,9 @@ number (the fused tensors hold one width per layer).
   where it also sizes shared experts or dense layers, the checkpoint records the width per layer and
   loads through its remote-code module.
 - ``allocation: global``: the same total over the MoE layers, divided by one ranking: a layer's r-th
-  neuron slot is worth the summed importance of its experts' r-th best neurons, and the best slots over
-  all layers are kept (at least one per layer). Per-layer widths: remote code.
+  neuron slot is worth the summed importance of its routed experts' r-th best neurons (the experts some
+  calibration token reaches), and the best slots over all layers are kept (at least one per layer).
+  Per-layer widths: remote code.
 """
 
 from __future__ import annotations
@@ -138,14 +140,25 @@ def width_field_is_private_in(config) -> bool:
     return True
 
 
-def _global_widths(importance: dict[int, torch.Tensor], total: int) -> dict[int, int]:
+@torch.no_grad()
+def routed_experts(adapter, block, hidden: torch.Tensor) -> torch.Tensor:
+    """[E] bool: the experts the router sends at least one of ``hidden``'s tokens to."""
+    _, _, indices = adapter.call_router(block, hidden)
+    num_experts = adapter.block_num_experts(block)
+    counts = torch.bincount(indices.flatten()[indices.flatten() < num_experts], minlength=num_experts)
+    return (counts > 0).cpu()
+
+
+def _global_widths(importance: dict[int, torch.Tensor], total: int,
+                   routed: dict[int, torch.Tensor]) -> dict[int, int]:
     """Per-layer widths summing to ``total`` (both in multiples of ALIGNMENT): the best blocks of ALIGNMENT
-    neuron slots over all layers, a slot worth the layer's summed importance of its experts' r-th best
-    neurons, at least one block per layer."""
+    neuron slots over all layers, a slot worth the layer's summed importance of its routed experts' r-th best
+    neurons (``routed``: [E] bool per layer; an unrouted expert's weight-based scores are not comparable),
+    at least one block per layer."""
     layers = sorted(importance)
     block_scores = []
     for layer in layers:
-        slots = importance[layer].sort(dim=1, descending=True).values.sum(dim=0)
+        slots = importance[layer][routed[layer]].sort(dim=1, descending=True).values.sum(dim=0)
         block_scores.append(slots[:len(slots) // ALIGNMENT * ALIGNMENT].reshape(-1, ALIGNMENT).sum(dim=1))
     widths = {layer: ALIGNMENT for layer in layers}
     rest = torch.cat([scores[1:] for scores in block_scores])
@@ -164,9 +177,11 @@ def prune_expert_width(model, step: dict, context) -> dict:
         if is_low_rank(adapter.experts_of(block)):
             raise ModelError(f"prune_expert_width: layer {layer} holds low-rank experts; put the width cut first")
     widths_before = {layer: block_width(adapter, block) for layer, block in blocks.items()}
-    importance = {}
+    importance, routed = {}, {}
     for layer, block in context.each_block(model):
-        importance[layer] = neuron_importance(adapter, block, context.split_inputs(layer)[0]).cpu()
+        fit_inputs = context.split_inputs(layer)[0]
+        importance[layer] = neuron_importance(adapter, block, fit_inputs).cpu()
+        routed[layer] = routed_experts(adapter, block, fit_inputs)
     for layer, width in widths_before.items():
         problem = alignment_problem(step, width, "neurons per expert")
         if problem:
@@ -175,7 +190,7 @@ def prune_expert_width(model, step: dict, context) -> dict:
         targets = {layer: aligned_count(step, width) for layer, width in widths_before.items()}
     else:
         total = sum(aligned_count(step, width) for width in widths_before.values())
-        targets = _global_widths(importance, total)
+        targets = _global_widths(importance, total, routed)
     report = {"layers": {}}
     for layer, block in context.each_block(model):
         keep = targets[layer]

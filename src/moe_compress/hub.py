@@ -116,6 +116,13 @@ def fetch_model_config(repo_id: str) -> Path:
         raise _not_cached(f"the config of model {repo_id!r}", "model.path", err) from err
 
 
+def write_json_lines(lines: list[str], out_path: str | Path) -> None:
+    """JSON lines as gzip without a timestamp or file name, so the same lines are the same bytes on every run."""
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
+            handle.write(("\n".join(lines) + "\n").encode("utf-8"))
+
+
 def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_field: str = "text") -> int:
     """The first ``num_docs`` non-empty documents of one C4 shard (a file of the ``allenai/c4`` dataset repo,
     e.g. ``en/c4-train.00000-of-01024.json.gz``), written as JSON lines, gzip without a timestamp so the file
@@ -139,9 +146,7 @@ def fetch_c4_documents(shard: str, num_docs: int, out_path: str | Path, text_fie
             break
     if len(kept) < num_docs:
         raise DataError(f"calibration.hub_docs={num_docs}, but the C4 shard {shard!r} has only {len(kept)} documents")
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
-            handle.write(("\n".join(kept) + "\n").encode("utf-8"))
+    write_json_lines(kept, out_path)
     return len(kept)
 
 
@@ -208,7 +213,5 @@ def fetch_dataset_documents(dataset: str, config_name: str | None, split: str, f
         raise DataError(f"{key}.{part}: cannot read {name}: {reason}") from err
     if len(kept) < num_docs:
         raise DataError(f"{key}.docs={num_docs}, but {name} has only {len(kept)} records with text in {fields}")
-    with atomic_path(out_path) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as handle:
-            handle.write(("\n".join(kept) + "\n").encode("utf-8"))
+    write_json_lines(kept, out_path)
     return len(kept)

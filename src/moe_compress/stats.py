@@ -23,7 +23,7 @@
   the expert's contribution as the model computes it). From the cached MoE-block inputs; each expert
   runs only on its tokens.
 
-Per calibration source (``expert_statistics_by_source``): the same columns over each source's tokens alone, with
+Per calibration source (``expert_frequency_by_source``, ``expert_saliency_tables``): the same columns over each source's tokens alone, with
 a ``source`` column; the count columns (``tokens``, ``selected_rank_<r>``, ``selected``) of the sources add up to
 the totals. ``reweighted_statistics`` turns them into the table a calibration with other source shares would
 have given, without a new forward pass; ``domain_experts`` names the experts one source uses far more than the
@@ -281,19 +281,17 @@ def domain_experts(by_source: pd.DataFrame) -> pd.DataFrame:
     (``specificity``: 1/sources when every source uses it alike, 1 when one alone does), and ``domain_specific``:
     that source selects it at least ``DOMAIN_RATIO`` times as often as any other, and at least at the uniform
     rate top-k / experts. Sorted by specificity, highest first."""
-    frequency = by_source.pivot_table(index=["layer", "expert"], columns="source", values="frequency", sort=False)
     names = list(dict.fromkeys(by_source["source"]))
-    frequency = frequency[names]
+    frequency = by_source.pivot_table(index=["layer", "expert"], columns="source", values="frequency")[names]
     values = frequency.to_numpy(dtype=float)
     dominant = values.argmax(axis=1)
     top = values[np.arange(len(values)), dominant]
     others = np.where(np.eye(len(names), dtype=bool)[dominant], -np.inf, values).max(axis=1) if len(names) > 1 \
         else np.zeros(len(values))
     total = values.sum(axis=1)
-    layer_info = by_source.groupby(["layer", "expert"])["top_k"].first()
-    experts_per_layer = by_source.groupby("layer")["expert"].nunique()
-    uniform = (layer_info / experts_per_layer.reindex(layer_info.index.get_level_values("layer")).to_numpy()) \
-        .reindex(frequency.index).to_numpy(dtype=float)
+    # a uniform router's rate: the layer's top-k over its experts (every source has the same rows)
+    rows = by_source[by_source["source"] == names[0]].set_index(["layer", "expert"])["top_k"]
+    uniform = (rows / rows.groupby(level="layer").transform("size")).reindex(frequency.index).to_numpy(dtype=float)
     table = pd.DataFrame({
         "source": np.array(names)[dominant],
         **{f"frequency_{name}": values[:, index] for index, name in enumerate(names)},

@@ -64,9 +64,12 @@ def heldout_text(wildcards):
 
 
 def heldout_source(wildcards):
-    """A held-out dataset's source entry (how it is read and split), as JSON; nothing for WikiText-2."""
+    """How a held-out dataset's source is read and split, as JSON (not its share of the calibration windows,
+    which leaves its held-out documents as they are); nothing for WikiText-2."""
     name = heldout_source_name(wildcards)
-    return as_json(PLAN.sources[name] if name else {})
+    if not name:
+        return as_json({})
+    return as_json({key: value for key, value in PLAN.sources[name].items() if key not in ("share", "samples")})
 
 
 def weights_settings(wildcards):

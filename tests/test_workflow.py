@@ -170,6 +170,13 @@ def test_a_changed_calibration_weight_replans_only_that_variant(tiny_dag, tmp_pa
     jobs = planned_jobs(result.stdout + result.stderr)
     assert sorted(jobs) == sorted([(rule, name) for name in ("reap4", "reap4_code") for rule in ("compress", "evaluate")]
                                   + [("final_table", "")]), jobs
+    # another share draws other calibration windows (a new cache), but leaves every held-out text as it was
+    shares = copy.deepcopy(TINY)
+    shares["calibration"]["sources"][0]["share"], shares["calibration"]["sources"][2]["share"] = 0.625, 0.125
+    result = snakemake(workdir, write_config(workdir / "config_shares.yaml", shares), "-n", "results/final_table.csv")
+    rules = {rule for rule, _ in planned_jobs(result.stdout + result.stderr)}
+    assert {"sample_calibration", "cache_router_activations", "expert_stats"} <= rules, rules
+    assert "perplexity_windows" not in rules and "build_demo_model" not in rules, rules
 
 
 def test_a_value_added_to_a_sweep_plans_only_its_variants(tiny_dag, tmp_path):

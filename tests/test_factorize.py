@@ -9,7 +9,8 @@ import torch
 
 from helpers import DEVICES
 from moe_compress.methods import low_rank
-from moe_compress.methods.low_rank import _leading_eigenvectors, _orthonormalize, energy_rank, factorize
+from moe_compress.methods.common import energy_rank
+from moe_compress.methods.low_rank import _leading_eigenvectors, _orthonormalize, factorize
 
 pytestmark = pytest.mark.numeric
 

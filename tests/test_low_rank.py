@@ -30,7 +30,8 @@ from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.config import validate_config
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.low_rank import basis_of, energy_rank, factorize, most_used_expert
+from moe_compress.methods.common import energy_rank
+from moe_compress.methods.low_rank import basis_of, factorize, most_used_expert
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.moe_block import block_output
 from moe_compress.remote_code import moe_compress_layers as layers

@@ -22,7 +22,8 @@ from moe_compress.cache import build_cache, read_moe_inputs, read_router_cache
 from moe_compress.config import ConfigError, check_variants_against_model, check_variants_against_model_class
 from moe_compress.errors import ModelError
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.attention_heads import head_counts, head_importance
+from moe_compress.methods.attention_heads import head_importance
+from moe_compress.methods.common import head_counts
 from moe_compress.methods.expert_width import linear_matrices, neuron_importance
 from moe_compress.modelio import count_parameters, load_model, model_shape, save_checkpoint
 from moe_compress.stats import expert_frequency

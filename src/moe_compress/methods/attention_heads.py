@@ -27,20 +27,11 @@ from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import ATTENTION_HEADS, Method, Problem, exactly_one_of
+from moe_compress.methods.common import KV_HEADS, QUERY_HEADS, head_counts
 from moe_compress.methods.resize import Axis, adopt_config, cut_tensors, follow_map, layer_of
 
 log = logging.getLogger(__name__)
 
-QUERY_HEADS = "num_attention_heads"
-KV_HEADS = "num_key_value_heads"
-
-
-def head_counts(config) -> tuple[int, int, int]:
-    """(query heads, key-value heads, head_dim) of ``config``."""
-    heads = int(getattr(config, QUERY_HEADS))
-    kv_heads = int(getattr(config, KV_HEADS, None) or heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, int(head_dim)
 
 
 def kept_count(step: dict, heads: int) -> int:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
-from moe_compress.methods.attention_heads import head_counts
+from moe_compress.methods.common import head_counts
 from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import (
     ALIGNMENT,

@@ -34,32 +34,11 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.methods.pruning import stats_rows
+from moe_compress.methods.common import energy_rank, energy_rank_of_squares, kept_rank, stats_rows
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem, exactly_one_of
 from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, is_low_rank
 
 log = logging.getLogger(__name__)
-
-
-def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest r whose leading singular values keep ``energy`` of the squared total.
-
-    ``singular_values`` is [..., k]; leading dimensions (experts) are summed rank by rank."""
-    return _energy_rank_of_squares(singular_values.double() ** 2, energy)
-
-
-def _energy_rank_of_squares(squares: torch.Tensor, energy: float) -> int:
-    """``energy_rank`` from the squared singular values [..., k] (Gram eigenvalues), largest first."""
-    squared = squares.double().reshape(-1, squares.shape[-1]).sum(dim=0)
-    cumulative = torch.cumsum(squared, dim=0) / squared.sum().clamp_min(1e-300)
-    threshold = torch.tensor(energy, dtype=cumulative.dtype, device=cumulative.device)
-    rank = int(torch.searchsorted(cumulative, threshold).item()) + 1
-    return min(rank, squares.shape[-1])
-
-
-def kept_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    """``rank`` capped at the number of singular values, or, without one, the ``energy`` rank."""
-    return min(rank, singular_values.shape[-1]) if rank is not None else energy_rank(singular_values, energy)
 
 
 # The leading singular vectors of W are the leading eigenvectors of a Gram matrix: W W^T or W^T W (the smaller
@@ -209,7 +188,7 @@ def factorize(matrices: torch.Tensor, rank: int | None, energy: float | None,
         r = min(rank, count)
     else:  # the energy rank needs the whole spectrum: the Gram's eigenvalues, without its eigenvectors
         squares = torch.linalg.eigvalsh(gram).flip(-1)[..., :count].clamp_min(0)
-        r = _energy_rank_of_squares(squares, energy)
+        r = energy_rank_of_squares(squares, energy)
     basis = _leading_eigenvectors(gram, r)
     del gram
     if shared is None and by_rows:  # W ~ U U^T W; U^T W = S V^T up to the rotation within tied values

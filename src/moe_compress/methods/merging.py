@@ -30,8 +30,7 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ConfigError
 from moe_compress.methods.allocation import allocate, expert_budget
-from moe_compress.methods.low_rank import kept_rank
-from moe_compress.methods.pruning import target_options, target_whole_model
+from moe_compress.methods.common import kept_rank, target_options, target_whole_model
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 from moe_compress.moe_block import block_output, block_output_with, relative_error, route, run_expert, selection_counts
 

@@ -11,6 +11,7 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.allocation import allocate, expert_budget
+from moe_compress.methods.common import check_keep, stats_rows, target_options, target_whole_model
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import selected_within_top
 
@@ -87,35 +88,6 @@ def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context, s
     counts, allocation = allocate(step["target"], step.get("allocation", "uniform"), scores,
                                   expert_budget(model, context))
     return {**prune_to_highest(model, scores, counts, context, score), **allocation}
-
-
-def target_options(step: dict) -> Problem | None:
-    """``allocation`` only says how a ``target`` is shared between layers."""
-    if "allocation" in step and "target" not in step:
-        return Problem("allocation", "only valid with target")
-    return None
-
-
-def target_whole_model(step: dict) -> str | None:
-    if "target" in step:
-        return f"{step['method']} with a target allocates experts over all MoE layers at once"
-    return None
-
-
-def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np.ndarray:
-    """``column`` of the statistics table for the experts a layer holds now (``layer``: its index in the original
-    model, ``CompressionContext.original_layer``; the experts by their original ids)."""
-    rows = stats[stats["layer"] == layer].set_index("expert")
-    if rows.empty:
-        raise ModelError(f"layer {layer}: no statistics for this MoE layer in the expert frequency table")
-    return rows.loc[original_ids.numpy(), column].to_numpy()
-
-
-def check_keep(step: dict, shape) -> Problem | None:
-    """``keep`` may not exceed the experts a layer has."""
-    if step.get("keep") is not None and step["keep"] > shape.num_experts:
-        return Problem("keep", f"{step['keep']} is more than the {shape.num_experts} experts per layer")
-    return None
 
 
 # --- frequency_prune ---------------------------------------------------------------------------

@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_compress.methods.pruning import (
-    check_keep,
-    prune_to_highest,
-    prune_to_target,
-    target_options,
-    target_whole_model,
-)
+from moe_compress.methods.common import check_keep, target_options, target_whole_model
+from moe_compress.methods.pruning import prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 
 

@@ -18,9 +18,11 @@ from moe_compress.cli import (
     architectures_table,
     describe_checkpoint,
     main,
+    step_support,
 )
 from moe_compress.methods import CompressionContext
 from moe_compress.methods.pruning import prune_experts
+from moe_compress.methods.registry import methods
 from moe_compress.modelio import save_checkpoint
 
 
@@ -65,3 +67,17 @@ def test_inspect_refuses_an_unsupported_checkpoint_in_one_line(tmp_path):
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "dbrx" in message[0] and "not supported" in message[0], result.stderr
+
+
+def test_inspect_lists_every_registered_method():
+    """`inspect`'s step lines come from the Method records: a new method appears without touching the command."""
+    moe = next(adapter for adapter in ARCHITECTURES.values() if adapter.moe)
+    dense = next(adapter for adapter in ARCHITECTURES.values() if not adapter.moe)
+
+    def listed(support):
+        return {name for names in support for name in names.split(" / ")}
+
+    assert listed(step_support(moe)) == set(methods())
+    any_decoder = {name for name, record in methods().items() if record.any_decoder}
+    assert listed(step_support(dense)) == any_decoder | {"every other step"}
+    assert step_support(dense)["every other step"].startswith("refused")

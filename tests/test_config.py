@@ -95,8 +95,8 @@ def test_a_run_says_which_config_files_it_reads(tmp_path):
 
 
 def test_every_method_has_a_record_and_a_schema_entry():
-    """The contract of adding a method: its module's Method record and its schema entry, both. A method on one
-    side only fails here, not as a KeyError in a job."""
+    """The contract of adding a method: its module's Method record (with its ``inspect`` line) and its schema
+    entry, both. A method on one side only fails here, not as a KeyError in a job."""
     from moe_compress.config import load_schema
     from moe_compress.methods.registry import method, methods, registry_schema_problems
 
@@ -105,5 +105,7 @@ def test_every_method_has_a_record_and_a_schema_entry():
     # the check itself, on each side missing one
     assert registry_schema_problems({"a", "b"}, {"a"}) == ["b: a Method record but no schema entry ($defs.methods)"]
     assert registry_schema_problems({"a"}, {"a", "c"}) == ["c: a schema entry ($defs.methods) but no Method record"]
-    with pytest.raises(ConfigError, match=r"method 'mone_prune' has no Method record \(registered: .*reap_prune"):
-        method("mone_prune")
+    with pytest.raises(ConfigError, match=r"method 'no_such_prune' has no Method record \(registered: .*reap_prune"):
+        method("no_such_prune")
+    # `moe-compress inspect` prints each method's line from its record
+    assert [name for name, record in methods().items() if not callable(record.inspect)] == []

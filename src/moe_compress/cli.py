@@ -22,6 +22,20 @@ from pathlib import Path
 
 from moe_compress.architectures import ARCHITECTURES, REFUSED, SCORING_RULES, MoEArchitecture, check_structure
 from moe_compress.errors import MoeCompressError
+from moe_compress.methods.registry import (
+    ATTENTION_HEADS,
+    DECODER_LAYERS,
+    DTYPE,
+    EXPERT_COUNT,
+    EXPERT_FACTORS,
+    EXPERT_SCALE,
+    EXPERT_WIDTH,
+    HIDDEN_SIZE,
+    ROUTING,
+    Method,
+    any_decoder_methods,
+    methods,
+)
 
 ARCHITECTURES_START, ARCHITECTURES_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
 ARCHITECTURES_PAGE = "docs/architectures.md"
@@ -42,46 +56,31 @@ def _routing_summary(adapter: MoEArchitecture) -> str:
     return f"{scoring}; {', '.join(extras)}"
 
 
-_DECODER_STEPS = {
-    "drop_layers / dtype": "whole decoder layers / the storage dtype; stock",
-    "prune_heads": "the same query heads per layer (GQA groups kept consistent); stock, where the projections hold "
-                   "whole heads (checked on a skeleton when the config is read)",
-    "reduce_hidden": "the lowest-energy residual channels, everywhere; stock, where every tensor that follows the "
-                     "hidden size can be cut (checked on a skeleton)",
-}
+# the order `inspect` lists the steps in, by what they change: the experts (removed, factored, narrowed), the
+# routing, then the steps any decoder takes
+_LISTING_ORDER = (EXPERT_COUNT, EXPERT_FACTORS, EXPERT_WIDTH, ROUTING, EXPERT_SCALE, DECODER_LAYERS, DTYPE,
+                  ATTENTION_HEADS, HIDDEN_SIZE)
+
+
+def _listing_position(record: Method) -> int:
+    return min((_LISTING_ORDER.index(edit) for edit in record.edits if edit in _LISTING_ORDER),
+               default=len(_LISTING_ORDER))
 
 
 def step_support(adapter: MoEArchitecture) -> dict[str, str]:
-    """What each step does on this architecture (one line each)."""
+    """What each step does on this architecture (one line each, from each method's ``inspect``); steps with the
+    same line share it, as "a / b"."""
+    records = sorted(methods().values(), key=_listing_position)
     if not adapter.moe:
-        return {**_DECODER_STEPS, "every other step": "refused: a dense decoder has no routed experts"}
-    tensors = ", ".join(f"`{adapter.block_path(owner, name)}`" for owner, name in adapter.per_expert_paths())
-    shared = (f"; `{'`, `'.join(adapter.shared_modules)}` never touched" if adapter.shared_modules else "")
-    if adapter.fixed_top_k is not None:
-        active = f"refused: the router always picks {adapter.fixed_top_k} experts"
-    else:
-        active = f"sets `{adapter.router}.top_k` (config `{adapter.config_top_k}`); stock when every layer agrees"
-    if adapter.renormalize is True:
-        renormalize = "nothing to do: the router always renormalises"
-    elif adapter.renormalize is False:
-        renormalize = "only after dynamic_skip (the router has no renormalisation switch)"
-    else:
-        renormalize = f"sets `{adapter.router}.{adapter.renormalize}`; stock"
-    return {
-        "frequency_prune / reap_prune / random_prune": f"select the kept experts in {tensors}{shared}; stock when "
-                                                       "every layer keeps as many, else remote code",
-        "hc_merge": f"merge clusters in {tensors}; stock when every layer keeps as many, else remote code",
-        "svd_experts / ksvd_experts": f"factor `{'`, `'.join(adapter.expert_matrices)}` (per expert, on a shared "
-                                      "basis, or over a learned dictionary); remote code",
-        "prune_expert_width": f"cut neurons of `{'`, `'.join(adapter.expert_matrices)}` ({adapter.gate_up_layout} "
-                              f"gate/up rows); stock where `{adapter.config_expert_width}` sizes only the routed "
-                              "experts and every layer keeps as many, else remote code",
-        "active_experts": active,
-        "renormalize": renormalize,
-        "dynamic_skip": "skip low-weight experts per token; remote code",
-        "output_rescale": f"scale `{adapter.expert_matrices[1]}` per layer; stock",
-        **_DECODER_STEPS,
-    }
+        records = [record for record in records if record.any_decoder]
+    by_line: dict[str, list[str]] = {}
+    for record in records:
+        line = record.inspect(adapter) if record.inspect else "not described (its Method record has no inspect)"
+        by_line.setdefault(line, []).append(record.name)
+    support = {" / ".join(names): line for line, names in by_line.items()}
+    if not adapter.moe:
+        support["every other step"] = "refused: a dense decoder has no routed experts"
+    return support
 
 
 def architectures_table() -> str:
@@ -98,8 +97,9 @@ def architectures_table() -> str:
         lines.append(f"| `{model_type}` | {adapter.examples} | {adapter.notes} | {_routing_summary(adapter)} | "
                      f"{'; '.join(limits) or 'all'} |")
     dense = sorted(name for name, adapter in ARCHITECTURES.items() if not adapter.moe)
-    lines += ["", "Dense decoders, for the steps that apply to any decoder (`drop_layers`, `prune_heads`, "
-              "`reduce_hidden`, `dtype`) and the whole evaluation; an MoE step is refused when the config is read:",
+    any_decoder = ", ".join(f"`{name}`" for name in any_decoder_methods())
+    lines += ["", f"Dense decoders, for the steps that apply to any decoder ({any_decoder}) and the whole evaluation; "
+              "an MoE step is refused when the config is read:",
               "", "| `model_type` | example models |", "|---|---|"]
     lines += [f"| `{model_type}` | {ARCHITECTURES[model_type].examples} |" for model_type in dense]
     lines += ["", "Scoring rules: " + "; ".join(f"`{name}`: {text}" for name, text in SCORING_RULES.items()) + ".",

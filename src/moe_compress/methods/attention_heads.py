@@ -187,5 +187,7 @@ METHODS = (
     Method("prune_heads", prune_heads, frozenset({ATTENTION_HEADS}), any_decoder=True,
            check_options=lambda step: exactly_one_of(step, "keep", "fraction"), check_shape=_check_shape,
            check_model=_check_model,
-           whole_model=lambda step: "prune_heads measures heads with full forward passes and rewrites the config"),
+           whole_model=lambda step: "prune_heads measures heads with full forward passes and rewrites the config",
+           inspect=lambda adapter: "the same query heads per layer (GQA groups kept consistent); stock, where the "
+                                   "projections hold whole heads (checked on a skeleton when the config is read)"),
 )

@@ -70,3 +70,22 @@ def head_counts(config) -> tuple[int, int, int]:
     kv_heads = int(getattr(config, KV_HEADS, None) or heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return heads, kv_heads, int(head_dim)
+
+
+# --- the lines of `moe-compress inspect` (Method.inspect) ------------------------------------------------
+
+def expert_tensors(adapter) -> str:
+    """The per-expert tensors of an MoE block, each as `block.path`."""
+    return ", ".join(f"`{adapter.block_path(owner, name)}`" for owner, name in adapter.per_expert_paths())
+
+
+def expert_matrices(adapter) -> str:
+    """The matrices of one expert (gate/up, down), each as `name`."""
+    return ", ".join(f"`{matrix}`" for matrix in adapter.expert_matrices)
+
+
+def inspect_expert_selection(adapter) -> str:
+    """The ``inspect`` line of every method that keeps a subset of each layer's experts."""
+    shared = f"; `{'`, `'.join(adapter.shared_modules)}` never touched" if adapter.shared_modules else ""
+    return (f"select the kept experts in {expert_tensors(adapter)}{shared}; stock when every layer keeps as many, "
+            "else remote code")

@@ -213,7 +213,9 @@ METHODS = (
     # measures layer similarity with full forward passes and renumbers the layers
     Method("drop_layers", drop_layers, frozenset({DECODER_LAYERS}), any_decoder=True,
            check_options=lambda step: exactly_one_of(step, "count", "layers"), check_shape=_drop_shape,
-           whole_model=lambda step: "drop_layers works on the whole model"),
+           whole_model=lambda step: "drop_layers works on the whole model",
+           inspect=lambda adapter: "whole decoder layers; stock"),
     Method("dtype", cast_dtype, frozenset({DTYPE}), last=True, any_decoder=True,
-           whole_model=lambda step: "dtype works on the whole model (it also casts the embeddings and the head)"),
+           whole_model=lambda step: "dtype works on the whole model (it also casts the embeddings and the head)",
+           inspect=lambda adapter: "the storage dtype; stock"),
 )

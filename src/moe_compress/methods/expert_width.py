@@ -27,6 +27,7 @@ import torch
 
 from moe_compress.architectures import adapter_for, replace_tensor
 from moe_compress.errors import ModelError
+from moe_compress.methods.common import expert_matrices
 from moe_compress.methods.registry import (
     ALIGNMENT,
     EXPERT_WIDTH,
@@ -212,8 +213,14 @@ def prune_expert_width(model, step: dict, context) -> dict:
     return report
 
 
+def _inspect(adapter) -> str:
+    return (f"cut neurons of {expert_matrices(adapter)} ({adapter.gate_up_layout} gate/up rows); stock where "
+            f"`{adapter.config_expert_width}` sizes only the routed experts and every layer keeps as many, else "
+            "remote code")
+
+
 METHODS = (
     Method("prune_expert_width", prune_expert_width, frozenset({EXPERT_WIDTH}),
            check_options=lambda step: exactly_one_of(step, "keep", "fraction"), check_shape=_check_shape,
-           whole_model=lambda step: "prune_expert_width rewrites the config's expert width"),
+           whole_model=lambda step: "prune_expert_width rewrites the config's expert width", inspect=_inspect),
 )

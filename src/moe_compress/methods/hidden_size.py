@@ -160,5 +160,7 @@ def reduce_hidden(model, step: dict, context) -> dict:
 METHODS = (
     Method("reduce_hidden", reduce_hidden, frozenset({HIDDEN_SIZE}), any_decoder=True,
            check_options=lambda step: exactly_one_of(step, "keep", "fraction"), check_shape=_check_shape,
-           check_model=_check_model, whole_model=lambda step: "reduce_hidden cuts the embeddings and every layer"),
+           check_model=_check_model, whole_model=lambda step: "reduce_hidden cuts the embeddings and every layer",
+           inspect=lambda adapter: "the lowest-energy residual channels, everywhere; stock, where every tensor that "
+                                   "follows the hidden size can be cut (checked on a skeleton)"),
 )

@@ -49,6 +49,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
+from moe_compress.methods.common import expert_matrices
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem
 from moe_compress.remote_code.moe_compress_layers import convert_to_dictionary, is_low_rank
 
@@ -264,4 +265,9 @@ def _ksvd_options(step: dict) -> Problem | None:
     return None
 
 
-METHODS = (Method("ksvd_experts", ksvd_experts, frozenset({EXPERT_FACTORS}), check_options=_ksvd_options),)
+def _inspect(adapter) -> str:
+    return f"factor {expert_matrices(adapter)} (over a learned dictionary); remote code"
+
+
+METHODS = (Method("ksvd_experts", ksvd_experts, frozenset({EXPERT_FACTORS}), check_options=_ksvd_options,
+                  inspect=_inspect),)

@@ -34,7 +34,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.methods.common import energy_rank, energy_rank_of_squares, kept_rank, stats_rows
+from moe_compress.methods.common import energy_rank, energy_rank_of_squares, expert_matrices, kept_rank, stats_rows
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem, exactly_one_of
 from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, is_low_rank
 
@@ -294,5 +294,9 @@ def _svd_options(step: dict) -> Problem | None:
     return None
 
 
+def _inspect(adapter) -> str:
+    return f"factor {expert_matrices(adapter)} (per expert, or on a shared basis); remote code"
+
+
 METHODS = (Method("svd_experts", svd_experts, frozenset({EXPERT_FACTORS}), check_options=_svd_options,
-                  reads_statistics=lambda step: basis_of(step) == "most_used_expert"),)
+                  reads_statistics=lambda step: basis_of(step) == "most_used_expert", inspect=_inspect),)

@@ -30,7 +30,7 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ConfigError
 from moe_compress.methods.allocation import allocate, expert_budget
-from moe_compress.methods.common import kept_rank, target_options, target_whole_model
+from moe_compress.methods.common import expert_tensors, kept_rank, target_options, target_whole_model
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 from moe_compress.moe_block import block_output, block_output_with, relative_error, route, run_expert, selection_counts
 
@@ -340,5 +340,10 @@ def _merge_shape(step: dict, shape) -> Problem | None:
     return None
 
 
+def _inspect(adapter) -> str:
+    return (f"merge clusters in {expert_tensors(adapter)}; stock when every layer keeps as many, "
+            "else remote code")
+
+
 METHODS = (Method("hc_merge", hc_merge, frozenset({EXPERT_COUNT}), check_options=_merge_options,
-                  check_shape=_merge_shape, whole_model=target_whole_model),)
+                  check_shape=_merge_shape, whole_model=target_whole_model, inspect=_inspect),)

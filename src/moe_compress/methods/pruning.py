@@ -11,7 +11,13 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.allocation import allocate, expert_budget
-from moe_compress.methods.common import check_keep, stats_rows, target_options, target_whole_model
+from moe_compress.methods.common import (
+    check_keep,
+    inspect_expert_selection,
+    stats_rows,
+    target_options,
+    target_whole_model,
+)
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import selected_within_top
 
@@ -179,7 +185,8 @@ def _reap_options(step: dict) -> Problem | None:
 
 METHODS = (
     Method("frequency_prune", frequency_prune, frozenset({EXPERT_COUNT}), check_options=_frequency_options,
-           check_shape=_frequency_shape, whole_model=_frequency_whole_model, reads_statistics=reads_statistics),
+           check_shape=_frequency_shape, whole_model=_frequency_whole_model, reads_statistics=reads_statistics,
+           inspect=inspect_expert_selection),
     Method("reap_prune", reap_prune, frozenset({EXPERT_COUNT}), check_options=_reap_options, check_shape=check_keep,
-           whole_model=target_whole_model, reads_statistics=reads_statistics),
+           whole_model=target_whole_model, reads_statistics=reads_statistics, inspect=inspect_expert_selection),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_compress.methods.common import check_keep, target_options, target_whole_model
+from moe_compress.methods.common import check_keep, inspect_expert_selection, target_options, target_whole_model
 from moe_compress.methods.pruning import prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
 
@@ -32,4 +32,4 @@ def _random_options(step: dict) -> Problem | None:
 
 
 METHODS = (Method("random_prune", random_prune, frozenset({EXPERT_COUNT}), check_options=_random_options,
-                  check_shape=check_keep, whole_model=target_whole_model),)
+                  check_shape=check_keep, whole_model=target_whole_model, inspect=inspect_expert_selection),)

@@ -11,9 +11,12 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from functools import cache
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from moe_compress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moe_compress.architectures import MoEArchitecture
 
 # What a step may change. Steps that change the expert count or factor the experts need dense
 # experts, so they cannot follow a step that factored them.
@@ -107,7 +110,9 @@ class Method:
     - ``check_model(step, config)``: what only the model class can tell (e.g. whether its projections hold
       whole heads), run on a weightless skeleton when the workflow is parsed;
     - ``reads_statistics(step)``: whether the step reads the expert statistics table (what a variant's
-      calibration ``weights`` re-weight).
+      calibration ``weights`` re-weight);
+    - ``inspect(adapter)``: one line: what the step does on this architecture (``moe-compress inspect``
+      prints it; every record has one, tests/test_config.py checks it).
     """
 
     name: str
@@ -120,6 +125,7 @@ class Method:
     any_decoder: bool = False
     check_model: Callable[[dict, object], Problem | None] | None = None
     reads_statistics: Callable[[dict], bool] = _reads_no_statistics
+    inspect: Callable[[MoEArchitecture], str] | None = None
 
 
 def exactly_one_of(step: dict, *options: str) -> Problem | None:

@@ -229,10 +229,33 @@ def _skip_shape(step: dict, shape) -> Problem | None:
     return None
 
 
+def _inspect_active(adapter) -> str:
+    if adapter.fixed_top_k is not None:
+        return f"refused: the router always picks {adapter.fixed_top_k} experts"
+    return f"sets `{adapter.router}.top_k` (config `{adapter.config_top_k}`); stock when every layer agrees"
+
+
+def _inspect_renormalize(adapter) -> str:
+    if adapter.renormalize is True:
+        return "nothing to do: the router always renormalises"
+    if adapter.renormalize is False:
+        return "only after dynamic_skip (the router has no renormalisation switch)"
+    return f"sets `{adapter.router}.{adapter.renormalize}`; stock"
+
+
+def _inspect_skip(adapter) -> str:
+    return "skip low-weight experts per token; remote code"
+
+
+def _inspect_rescale(adapter) -> str:
+    return f"scale `{adapter.expert_matrices[1]}` per layer; stock"
+
+
 METHODS = (
     Method("active_experts", active_experts, frozenset({ROUTING}), check_options=_active_options,
-           check_shape=_active_shape, whole_model=_active_whole_model),
-    Method("renormalize", renormalize, frozenset({ROUTING})),
-    Method("dynamic_skip", dynamic_skip, frozenset({ROUTING}), check_options=_skip_options, check_shape=_skip_shape),
-    Method("output_rescale", output_rescale, frozenset({EXPERT_SCALE})),
+           check_shape=_active_shape, whole_model=_active_whole_model, inspect=_inspect_active),
+    Method("renormalize", renormalize, frozenset({ROUTING}), inspect=_inspect_renormalize),
+    Method("dynamic_skip", dynamic_skip, frozenset({ROUTING}), check_options=_skip_options, check_shape=_skip_shape,
+           inspect=_inspect_skip),
+    Method("output_rescale", output_rescale, frozenset({EXPERT_SCALE}), inspect=_inspect_rescale),
 )

@@ -28,6 +28,7 @@ import json
 import math
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from moe_compress.architectures import adapter_for
@@ -366,6 +367,189 @@ def _expert_facts(adapter, layer: int, shapes: dict[str, list[int]], hidden: int
             "low_rank": coded if kind == "low_rank" else None, "dictionary": coded if kind == "dictionary" else None}
 
 
+@dataclass
+class _Tally:
+    """The saved tensors summed up: parameters and bytes by module type, parameters by dtype, and per decoder
+    layer what its rows are computed from."""
+
+    parameters: dict[str, int]
+    stored: dict[str, int]  # bytes
+    dtypes: Counter
+    # per decoder layer: parameters and bytes by module type, its token mixers, the mixers' shapes, the MoE
+    # block's shapes (by the name below the block) and the dense MLP's shapes
+    layers: dict[int, dict]
+    matrices: dict[str, list[int]]  # the [vocab, hidden] weights of the input and output embeddings
+    not_loaded: list[str]  # saved names the model does not load
+
+
+def _tally_tensors(tensors: dict[str, dict], model_names: dict[str, str | None], layout: _Layout) -> _Tally:
+    tally = _Tally(dict.fromkeys(MODULE_TYPES, 0), dict.fromkeys(MODULE_TYPES, 0), Counter(), {}, {}, [])
+    for saved in sorted(tensors):
+        facts, model_name = tensors[saved], model_names[saved]
+        kind, layer, mixer = layout.classify(model_name, saved)
+        # weights only: an integer tensor (a dictionary code's atom indices) is bookkeeping, counted in bytes
+        count = 0 if facts["dtype"].startswith(("I", "U", "BOOL")) else numel(facts["shape"])
+        tally.parameters[kind] += count
+        tally.stored[kind] += facts["bytes"]
+        tally.dtypes[facts["dtype"]] += count
+        if model_name is None:
+            tally.not_loaded.append(saved)
+        if kind in ("embeddings", "lm_head") and len(facts["shape"]) == 2 and model_name.endswith(".weight"):
+            tally.matrices[kind] = facts["shape"]
+        if layer is None:
+            continue
+        entry = tally.layers.setdefault(layer, {"parameters": Counter(), "bytes": Counter(), "mixers": set(),
+                                                "shapes": {}, "block": {}, "mlp": []})
+        entry["parameters"][kind] += count
+        entry["bytes"][kind] += facts["bytes"]
+        if model_name is None:
+            continue
+        _, part = layout.layer_part(model_name)
+        if kind == "attention":
+            entry["mixers"].add(mixer)
+            entry["shapes"][part] = facts["shape"]
+        elif kind in ("routed_experts", "router", "shared_experts"):
+            entry["block"].setdefault(layout.block_part(part), []).append(facts["shape"])
+        elif kind == "dense_mlp":
+            entry["mlp"].append(facts["shape"])
+    return tally
+
+
+def _embedding_facts(config, layout: _Layout, tally: _Tally, notes: list[str]) -> tuple[int | None, int | None, str]:
+    """(hidden size, vocabulary size, how the output head is stored: separate, tied or none), from the embedding
+    matrices. A tied pair saved under its output name is moved to the embeddings' counts."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    if tied and not tally.parameters["embeddings"] and tally.parameters["lm_head"]:
+        for counts in (tally.parameters, tally.stored):
+            counts["embeddings"], counts["lm_head"] = counts["lm_head"], 0
+    embedding_shape = tally.matrices.get("embeddings") or tally.matrices.get("lm_head")
+    hidden, vocab = (embedding_shape[1], embedding_shape[0]) if embedding_shape else (None, None)
+    config_hidden = _int_or_none(getattr(config, "hidden_size", None))
+    if hidden is not None and config_hidden is not None and hidden != config_hidden:
+        notes.append(f"hidden size: {hidden} in the embeddings, {config_hidden} in config.json")
+    if tally.parameters["lm_head"]:
+        lm_head = "separate"
+    else:
+        lm_head = "tied" if tied and layout.lm_head else "none"
+    return hidden, vocab, lm_head
+
+
+@dataclass(frozen=True)
+class _ConfigSays:
+    """What config.json (and compression.json) say per layer, read beside the tensors: the per-layer keys the
+    pipeline writes ({layer: value}), the stock fields they are checked against, and the measured active experts."""
+
+    router_settings: dict
+    dynamic_skip: dict
+    experts: dict
+    expert_widths: dict
+    other_codings: dict[str, dict]  # per-layer moe_compress_* keys the analysis does not interpret
+    measured_active_experts: dict
+    width_field: str | None
+    num_experts: int | None
+    attention_heads: int | None
+    key_value_heads: int | None
+    layer_types: list | None
+
+
+def _config_says(raw: dict, config, adapter, path: Path) -> _ConfigSays:
+    record = read_compression_record(path) or {}
+    reports = record.get("step_reports") or []
+    layer_types = getattr(config, "layer_types", None)
+    return _ConfigSays(
+        router_settings=_layer_keyed(raw, "moe_compress_router_settings"),
+        dynamic_skip=_layer_keyed(raw, "moe_compress_dynamic_skip"),
+        experts=_layer_keyed(raw, "moe_compress_experts_per_layer"),
+        expert_widths=_layer_keyed(raw, "moe_compress_expert_width"),
+        other_codings={key.removeprefix("moe_compress_"): _layer_keyed(raw, key) for key in sorted(raw)
+                       if key.startswith("moe_compress_") and key not in _KNOWN_LAYER_KEYS and _layer_keyed(raw, key)
+                       and all(str(index).isdigit() for index in _layer_keyed(raw, key))},
+        measured_active_experts=(reports[-1].get("active_experts_mean") or {}) if reports else {},
+        width_field=getattr(adapter, "config_expert_width", None),
+        num_experts=_int_or_none(getattr(config, adapter.config_num_experts, None)),
+        attention_heads=_int_or_none(getattr(config, "num_attention_heads", None)),
+        key_value_heads=_int_or_none(getattr(config, "num_key_value_heads", None)),
+        layer_types=layer_types if isinstance(layer_types, list) else None,
+    )
+
+
+def _add_attention_facts(row: dict, entry: dict, config, says: _ConfigSays, notes: list[str]) -> None:
+    """The heads of the layer's first token mixer that has them, checked against config.json in an attention
+    layer."""
+    index = row["layer"]
+    for mixer in row["mixers"]:
+        attention = _attention_facts(entry["shapes"], mixer, config, index, notes)
+        if attention:
+            row.update(attention)
+            break
+    if "attention_heads" not in row or row.get("layer_type") not in (None, "full_attention", "sliding_attention",
+                                                                     "attention"):
+        return
+    for field, expected in (("attention_heads", says.attention_heads), ("key_value_heads", says.key_value_heads)):
+        if field == "key_value_heads" and row.get("latent_attention"):
+            continue
+        if row[field] is not None and expected is not None and row[field] != expected:
+            notes.append(f"layer {index}: {row[field]} {field.replace('_', ' ')} in the tensors, "
+                         f"{expected} in config.json")
+
+
+def _add_moe_facts(row: dict, entry: dict, adapter, config, says: _ConfigSays, hidden: int | None,
+                   notes: list[str]) -> None:
+    """The experts, their width and format, the routing settings and the shared experts of one MoE layer, the
+    counts checked against config.json."""
+    index, key = row["layer"], str(row["layer"])
+    row.update(_expert_facts(adapter, index, entry["block"], hidden, notes))
+    settings = says.router_settings.get(key) if isinstance(says.router_settings.get(key), dict) else {}
+    top_k = _int_or_none(settings.get("top_k")) or _layer_int(config, adapter.config_top_k, index)
+    row["top_k"] = adapter.fixed_top_k or top_k
+    skip = says.dynamic_skip.get(key)
+    row["dynamic_skip"] = skip if skip else None
+    if key in says.measured_active_experts:
+        row["active_experts_measured"] = says.measured_active_experts[key]
+    # per-layer counts are in the pipeline's layout key; a stock config holds one count for all layers
+    expected, field = ((_int_or_none(says.experts.get(key)), "moe_compress_experts_per_layer")
+                       if says.experts else (says.num_experts, adapter.config_num_experts))
+    if row["experts"] is not None and expected is not None and row["experts"] != expected:
+        notes.append(f"layer {index}: {row['experts']} experts in the router, {expected} in config.json ({field})")
+    expected, field = ((_int_or_none(says.expert_widths.get(key)), "moe_compress_expert_width")
+                       if says.expert_widths else (_layer_int(config, says.width_field, index), says.width_field))
+    if row["expert_width"] is not None and expected is not None and row["expert_width"] != expected:
+        notes.append(f"layer {index}: experts {row['expert_width']} wide in the tensors, {expected} in "
+                     f"config.json ({field})")
+    codings = {name: values[key] for name, values in says.other_codings.items() if key in values}
+    if codings:
+        row["other_codings"] = codings
+        if row["expert_format"] == "dense":
+            row["expert_format"] = "+".join(sorted(codings))
+    shared = [shape for part, shapes in entry["block"].items()
+              if any(_under(part, module) for module in adapter.shared_modules) for shape in shapes]
+    row["shared_expert_width"] = _width(shared, hidden) if shared else None
+
+
+def _layer_row(index: int, entry: dict, layout: _Layout, config, says: _ConfigSays, hidden: int | None,
+               notes: list[str]) -> dict:
+    """One decoder layer's row: its kind, heads, experts or MLP width, and parameters and bytes by module type."""
+    row = {"layer": index, "kind": "moe" if index in layout.moe_layers else "dense"}
+    if says.layer_types is not None and index < len(says.layer_types):
+        row["layer_type"] = says.layer_types[index]
+    row["mixers"] = sorted(entry["mixers"])
+    _add_attention_facts(row, entry, config, says, notes)
+    if row["kind"] == "moe":
+        _add_moe_facts(row, entry, layout.adapter, config, says, hidden, notes)
+    else:
+        row["dense_mlp_width"] = _width(entry["mlp"], hidden) if entry["mlp"] else None
+    row["parameters"] = {kind: entry["parameters"][kind] for kind in MODULE_TYPES if entry["parameters"][kind]}
+    row["parameters"]["total"] = sum(entry["parameters"].values())
+    row["bytes"] = {kind: entry["bytes"][kind] for kind in MODULE_TYPES if entry["bytes"][kind]}
+    row["bytes"]["total"] = sum(entry["bytes"].values())
+    return row
+
+
+def _distinct(rows: list[dict], field: str) -> list:
+    return sorted({row[field] for row in rows if row.get(field) is not None})
+
+
 def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_code: bool = False) -> dict:
     """The structure of one checkpoint (see the module's docstring), deterministic: the same files give the
     same dict. Builds a meta-device skeleton (no memory, no weights read) to learn the model's own names."""
@@ -382,141 +566,19 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
     layout = _Layout(adapter, skeleton, model_names)
     notes: list[str] = []
 
-    parameters = dict.fromkeys(MODULE_TYPES, 0)
-    stored = dict.fromkeys(MODULE_TYPES, 0)
-    dtypes: Counter = Counter()
-    layers: dict[int, dict] = {}
-    matrices = {}  # the [vocab, hidden] weights of the input and output embeddings
-    not_loaded = []
-    for saved in sorted(tensors):
-        facts, model_name = tensors[saved], model_names[saved]
-        kind, layer, mixer = layout.classify(model_name, saved)
-        # weights only: an integer tensor (a dictionary code's atom indices) is bookkeeping, counted in bytes
-        count = 0 if facts["dtype"].startswith(("I", "U", "BOOL")) else numel(facts["shape"])
-        parameters[kind] += count
-        stored[kind] += facts["bytes"]
-        dtypes[facts["dtype"]] += count
-        if model_name is None:
-            not_loaded.append(saved)
-        if kind in ("embeddings", "lm_head") and len(facts["shape"]) == 2 and model_name.endswith(".weight"):
-            matrices[kind] = facts["shape"]
-        if layer is None:
-            continue
-        entry = layers.setdefault(layer, {"parameters": Counter(), "bytes": Counter(), "mixers": set(),
-                                          "shapes": {}, "block": {}, "mlp": []})
-        entry["parameters"][kind] += count
-        entry["bytes"][kind] += facts["bytes"]
-        if model_name is None:
-            continue
-        _, part = layout.layer_part(model_name)
-        if kind == "attention":
-            entry["mixers"].add(mixer)
-            entry["shapes"][part] = facts["shape"]
-        elif kind in ("routed_experts", "router", "shared_experts"):
-            entry["block"].setdefault(layout.block_part(part), []).append(facts["shape"])
-        elif kind == "dense_mlp":
-            entry["mlp"].append(facts["shape"])
-    if not_loaded:
-        notes.append(f"{len(not_loaded)} stored tensors the model does not load (counted under other), e.g. "
-                     f"{', '.join(not_loaded[:3])}")
-
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tied = bool(getattr(text_config, "tie_word_embeddings", False))
-    if tied and not parameters["embeddings"] and parameters["lm_head"]:  # the tied pair saved under its output name
-        for counts in (parameters, stored):
-            counts["embeddings"], counts["lm_head"] = counts["lm_head"], 0
-    embedding_shape = matrices.get("embeddings") or matrices.get("lm_head")
-    hidden, vocab = (embedding_shape[1], embedding_shape[0]) if embedding_shape else (None, None)
-    config_hidden = _int_or_none(getattr(config, "hidden_size", None))
-    if hidden is not None and config_hidden is not None and hidden != config_hidden:
-        notes.append(f"hidden size: {hidden} in the embeddings, {config_hidden} in config.json")
-    if parameters["lm_head"]:
-        lm_head = "separate"
-    else:
-        lm_head = "tied" if tied and layout.lm_head else "none"
-
-    router_settings = _layer_keyed(raw, "moe_compress_router_settings")
-    dynamic_skip = _layer_keyed(raw, "moe_compress_dynamic_skip")
-    config_experts = _layer_keyed(raw, "moe_compress_experts_per_layer")
-    config_widths = _layer_keyed(raw, "moe_compress_expert_width")
-    width_field = getattr(adapter, "config_expert_width", None)
-    other_codings = {key.removeprefix("moe_compress_"): _layer_keyed(raw, key) for key in sorted(raw)
-                     if key.startswith("moe_compress_") and key not in _KNOWN_LAYER_KEYS and _layer_keyed(raw, key)
-                     and all(str(index).isdigit() for index in _layer_keyed(raw, key))}
-    record = read_compression_record(path) or {}
-    reports = record.get("step_reports") or []
-    measured = (reports[-1].get("active_experts_mean") or {}) if reports else {}
-    config_num_experts = _int_or_none(getattr(config, adapter.config_num_experts, None))
-    config_heads = _int_or_none(getattr(config, "num_attention_heads", None))
-    config_kv_heads = _int_or_none(getattr(config, "num_key_value_heads", None))
-    layer_types = getattr(config, "layer_types", None)
-
-    per_layer = []
-    for index in sorted(layers):
-        entry = layers[index]
-        key = str(index)
-        row = {"layer": index, "kind": "moe" if index in layout.moe_layers else "dense"}
-        if isinstance(layer_types, list) and index < len(layer_types):
-            row["layer_type"] = layer_types[index]
-        row["mixers"] = sorted(entry["mixers"])
-        for mixer in row["mixers"]:
-            attention = _attention_facts(entry["shapes"], mixer, config, index, notes)
-            if attention:
-                row.update(attention)
-                break
-        if "attention_heads" in row and row.get("layer_type") in (None, "full_attention", "sliding_attention",
-                                                                  "attention"):
-            for field, expected in (("attention_heads", config_heads), ("key_value_heads", config_kv_heads)):
-                if field == "key_value_heads" and row.get("latent_attention"):
-                    continue
-                if row[field] is not None and expected is not None and row[field] != expected:
-                    notes.append(f"layer {index}: {row[field]} {field.replace('_', ' ')} in the tensors, "
-                                 f"{expected} in config.json")
-        if row["kind"] == "moe":
-            row.update(_expert_facts(adapter, index, entry["block"], hidden, notes))
-            settings = router_settings.get(key) if isinstance(router_settings.get(key), dict) else {}
-            top_k = _int_or_none(settings.get("top_k")) or _layer_int(config, adapter.config_top_k, index)
-            row["top_k"] = adapter.fixed_top_k or top_k
-            skip = dynamic_skip.get(key)
-            row["dynamic_skip"] = skip if skip else None
-            if key in measured:
-                row["active_experts_measured"] = measured[key]
-            # per-layer counts are in the pipeline's layout key; a stock config holds one count for all layers
-            expected, field = ((_int_or_none(config_experts.get(key)), "moe_compress_experts_per_layer")
-                               if config_experts else (config_num_experts, adapter.config_num_experts))
-            if row["experts"] is not None and expected is not None and row["experts"] != expected:
-                notes.append(f"layer {index}: {row['experts']} experts in the router, {expected} in config.json "
-                             f"({field})")
-            expected, field = ((_int_or_none(config_widths.get(key)), "moe_compress_expert_width")
-                               if config_widths else (_layer_int(config, width_field, index), width_field))
-            if row["expert_width"] is not None and expected is not None and row["expert_width"] != expected:
-                notes.append(f"layer {index}: experts {row['expert_width']} wide in the tensors, {expected} in "
-                             f"config.json ({field})")
-            codings = {name: values[key] for name, values in other_codings.items() if key in values}
-            if codings:
-                row["other_codings"] = codings
-                if row["expert_format"] == "dense":
-                    row["expert_format"] = "+".join(sorted(codings))
-            shared = [shape for part, shapes in entry["block"].items()
-                      if any(_under(part, module) for module in adapter.shared_modules) for shape in shapes]
-            row["shared_expert_width"] = _width(shared, hidden) if shared else None
-        else:
-            row["dense_mlp_width"] = _width(entry["mlp"], hidden) if entry["mlp"] else None
-        row["parameters"] = {kind: entry["parameters"][kind] for kind in MODULE_TYPES if entry["parameters"][kind]}
-        row["parameters"]["total"] = sum(entry["parameters"].values())
-        row["bytes"] = {kind: entry["bytes"][kind] for kind in MODULE_TYPES if entry["bytes"][kind]}
-        row["bytes"]["total"] = sum(entry["bytes"].values())
-        per_layer.append(row)
-
+    tally = _tally_tensors(tensors, model_names, layout)
+    if tally.not_loaded:
+        notes.append(f"{len(tally.not_loaded)} stored tensors the model does not load (counted under other), e.g. "
+                     f"{', '.join(tally.not_loaded[:3])}")
+    hidden, vocab, lm_head = _embedding_facts(config, layout, tally, notes)
+    says = _config_says(raw, config, adapter, path)
+    per_layer = [_layer_row(index, tally.layers[index], layout, config, says, hidden, notes)
+                 for index in sorted(tally.layers)]
     config_layers = _int_or_none(getattr(config, "num_hidden_layers", None))
     if config_layers is not None and config_layers != len(per_layer):
         notes.append(f"{len(per_layer)} decoder layers store tensors, config.json says {config_layers}")
     moe_rows = [row for row in per_layer if row["kind"] == "moe"]
     attention_rows = [row for row in per_layer if "attention_heads" in row]
-
-    def distinct(rows, field):
-        return sorted({row[field] for row in rows if row.get(field) is not None})
-
     return {
         "name": name if name is not None else path.name,
         "path": str(path),
@@ -527,21 +589,21 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
         "dense_layers": [row["layer"] for row in per_layer if row["kind"] == "dense"],
         "hidden_size": hidden,
         "vocab_size": vocab,
-        "head_dim": distinct(attention_rows, "head_dim"),
-        "attention_heads": distinct(attention_rows, "attention_heads"),
-        "key_value_heads": distinct(attention_rows, "key_value_heads"),
+        "head_dim": _distinct(attention_rows, "head_dim"),
+        "attention_heads": _distinct(attention_rows, "attention_heads"),
+        "key_value_heads": _distinct(attention_rows, "key_value_heads"),
         "attention_layers": [row["layer"] for row in attention_rows],
-        "experts_per_moe_layer": distinct(moe_rows, "experts"),
+        "experts_per_moe_layer": _distinct(moe_rows, "experts"),
         "experts_total": sum(row["experts"] or 0 for row in moe_rows),
-        "top_k": distinct(moe_rows, "top_k"),
+        "top_k": _distinct(moe_rows, "top_k"),
         "dynamic_skip": any(row["dynamic_skip"] for row in moe_rows),
-        "expert_width": distinct(moe_rows, "expert_width"),
-        "expert_format": distinct(moe_rows, "expert_format"),
+        "expert_width": _distinct(moe_rows, "expert_width"),
+        "expert_format": _distinct(moe_rows, "expert_format"),
         "shared_experts": any(row.get("shared_expert_width") for row in moe_rows),
         "lm_head": lm_head,
-        "parameters": {**parameters, "total": sum(parameters.values())},
-        "bytes": {**stored, "total": sum(stored.values())},
-        "dtypes": dict(sorted(dtypes.items())),
+        "parameters": {**tally.parameters, "total": sum(tally.parameters.values())},
+        "bytes": {**tally.stored, "total": sum(tally.stored.values())},
+        "dtypes": dict(sorted(tally.dtypes.items())),
         "tensors": len(tensors),
         "files": sorted({facts["file"] for facts in tensors.values()}),
         "layers": per_layer,

@@ -20,12 +20,7 @@ import torch
 from torch import nn
 
 from moe_compress.errors import ModelError
-from moe_compress.remote_code.moe_compress_layers import (
-    dictionary_names,
-    is_dictionary_coded,
-    is_low_rank,
-    is_skip_router,
-)
+from moe_compress.remote_code.moe_compress_layers import is_skip_router, stored_form_of
 
 
 @dataclass(frozen=True)
@@ -226,20 +221,20 @@ class MoEArchitecture:
     def block_expert_width(self, block: nn.Module) -> int | None:
         """The intermediate width of the block's routed experts (the down projection's input size)."""
         experts = self.experts_of(block)
-        name = self.expert_matrices[1]
-        if is_dictionary_coded(experts):  # one code row [E, n, sparsity] per intermediate neuron
-            return int(getattr(experts, dictionary_names(name)[1]).shape[1])
-        if is_low_rank(experts):  # the right factor [E or 1, r, in] reads the intermediate neurons
-            return int(getattr(experts, f"lowrank_{name}_right").shape[-1])
-        down = getattr(experts, name, None)
+        form = stored_form_of(experts)
+        if form is not None:
+            return form.intermediate_width(experts, self.expert_matrices)
+        down = getattr(experts, self.expert_matrices[1], None)
         if not isinstance(down, torch.Tensor):
             return None
         return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
 
     def block_num_experts(self, block: nn.Module) -> int:
+        """The experts the block's router chooses from."""
         experts = self.experts_of(block)
-        if is_low_rank(experts):  # shared factors have no expert dimension; the stock count is kept
-            return int(experts.num_experts)
+        form = stored_form_of(experts)
+        if form is not None:  # its tensors need not have one row per expert (a shared factor, kept experts only)
+            return form.expert_count(experts)
         return int(getattr(experts, self.expert_tensors[0]).shape[0])
 
     # --- structural edits ---------------------------------------------------------------------
@@ -324,14 +319,14 @@ class MoEArchitecture:
 
     def scale_expert_outputs(self, block: nn.Module, scale: torch.Tensor) -> None:
         """Multiply every routed expert's output by ``scale`` (a scalar or one value per hidden channel),
-        folded into the output projection (its rows, its low-rank left factor, and its bias)."""
+        folded into the output projection (its rows, or what its stored form holds instead, and its bias)."""
         experts = self.experts_of(block)
         name = self.expert_matrices[1]
         scale = scale.reshape(-1)
+        form = stored_form_of(experts)
         with torch.no_grad():
-            if is_low_rank(experts):  # left factor [E or 1, out, r]: scale its output rows
-                left = getattr(experts, f"lowrank_{name}_left")
-                left.mul_(scale.to(left.dtype)[None, :, None])
+            if form is not None:
+                form.scale_outputs(experts, self.expert_matrices, scale)
             elif getattr(experts, "is_transposed", False):  # stored [E, in, out]
                 weight = getattr(experts, name)
                 weight.mul_(scale.to(weight.dtype)[None, None, :])
@@ -357,7 +352,7 @@ class MoEArchitecture:
         ``members``: for each new expert, the current experts it stands for (one each when pruning, a
         cluster when merging); None when the tensors put back the block's own experts. Returns what else
         had to change."""
-        self._refuse_low_rank(block)
+        self._refuse_stored_form(block)
         old_count = self.block_num_experts(block)
         for (owner, name), value in tensors.items():
             parent, _, leaf = self.block_path(owner, name).rpartition(".")
@@ -368,14 +363,18 @@ class MoEArchitecture:
         self.set_expert_count(block, new_count)
         return {} if members is None else self._adapt_groups(self.router_of(block), members, old_count)
 
-    def block_low_rank_specs(self, block: nn.Module) -> dict | None:
+    def block_stored_form(self, block: nn.Module) -> dict | None:
+        """{form name: its specs} where the block's experts are in a stored form (moe_compress_layers.STORED_FORMS),
+        None where they are the stock dense tensors."""
         experts = self.experts_of(block)
-        return experts.low_rank_specs if is_low_rank(experts) else None
+        form = stored_form_of(experts)
+        return None if form is None else {form.name: form.specs(experts)}
 
-    def _refuse_low_rank(self, block: nn.Module) -> None:
-        if is_low_rank(self.experts_of(block)):
-            raise ModelError("the experts of this layer are already factored; put expert pruning and merging steps "
-                             "before svd_experts and ksvd_experts in the variant")
+    def _refuse_stored_form(self, block: nn.Module) -> None:
+        form = stored_form_of(self.experts_of(block))
+        if form is not None:
+            raise ModelError(f"the experts of this layer are already {form.what}; put expert pruning and merging steps "
+                             f"before {form.made_by} in the variant")
 
     def layout(self) -> dict:
         """The fields the checkpoint's remote-code loader needs (written into config.json)."""

@@ -28,7 +28,7 @@ from moe_compress.checkpoint_files import (  # noqa: F401 (also imported from he
 from moe_compress.errors import ModelError
 from moe_compress.pruning_plan import PLAN_FILE, pruning_plan
 from moe_compress.quantized import check_source_quantization
-from moe_compress.remote_code.moe_compress_layers import dictionary_specs_of
+from moe_compress.remote_code.moe_compress_layers import STORED_FORMS
 
 if TYPE_CHECKING:  # pandas is imported by the step report tables that use it: most jobs need none
     import pandas as pd
@@ -208,11 +208,11 @@ def _render_remote_code(model_class: type) -> str:
 
 def block_facts(adapter, block: nn.Module) -> dict:
     """What the checkpoint's config and record say about one MoE block: its expert count, routing
-    settings, low-rank factor specs, dynamic-skip settings and dictionary specs (None where it has none)."""
+    settings, dynamic-skip settings and its experts' stored form ({form name: specs}; None where they are
+    dense, or skipping is off)."""
     return {"experts": adapter.block_num_experts(block), "router_settings": adapter.router_settings(block),
-            "expert_width": adapter.block_expert_width(block),
-            "low_rank": adapter.block_low_rank_specs(block), "dynamic_skip": adapter.block_dynamic_skip(block),
-            "dictionary": dictionary_specs_of(adapter.experts_of(block))}
+            "expert_width": adapter.block_expert_width(block), "dynamic_skip": adapter.block_dynamic_skip(block),
+            "stored_form": adapter.block_stored_form(block)}
 
 
 def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class: type) -> tuple[dict, dict[str, str]]:
@@ -226,8 +226,9 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     loads with ``trust_remote_code=True``. Every config field keeps its form: a per-layer list stays a list."""
     counts = {index: fact["experts"] for index, fact in facts.items()}
     settings = {index: fact["router_settings"] for index, fact in facts.items()}
-    low_rank = {index: fact["low_rank"] for index, fact in facts.items() if fact["low_rank"] is not None}
-    dictionary = {index: fact["dictionary"] for index, fact in facts.items() if fact.get("dictionary") is not None}
+    # per stored form (moe_compress_layers.STORED_FORMS): {layer: specs} of the layers whose experts hold it
+    forms = {form.name: {index: fact["stored_form"][form.name] for index, fact in facts.items()
+                         if form.name in (fact.get("stored_form") or {})} for form in STORED_FORMS}
     dynamic_skip = {index: fact["dynamic_skip"] for index, fact in facts.items() if fact["dynamic_skip"] is not None}
     # a routing setting that differs between layers is stock where its config field is read per layer (a list)
     routing_stock = all(adapter.expresses_per_layer(config, field, {index: s[attr] for index, s in settings.items()})
@@ -236,9 +237,9 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     # a width the config's field does not state (a field that also sizes other MLPs)
     widths = {index: fact["expert_width"] for index, fact in facts.items()
               if fact["expert_width"] is not None and fact["expert_width"] != adapter.expert_width(config, index)}
-    stock = uniform and not low_rank and not dynamic_skip and not widths and not dictionary
+    stock = uniform and not any(forms.values()) and not dynamic_skip and not widths
     for stale in ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_layout",
-                  "moe_compress_low_rank", "moe_compress_dynamic_skip", "moe_compress_expert_width", "moe_compress_dictionary",
+                  "moe_compress_dynamic_skip", "moe_compress_expert_width", *(form.config_field for form in STORED_FORMS),
                   SERVING_LAYER_FIELDS, "moe_compress_unservable", "auto_map"):
         if hasattr(config, stale):
             delattr(config, stale)
@@ -260,9 +261,9 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
     if not stock:
         config.moe_compress_experts_per_layer = {str(index): count for index, count in counts.items()}
         config.moe_compress_router_settings = {str(index): s for index, s in settings.items()}
-        config.moe_compress_low_rank = {str(index): specs for index, specs in low_rank.items()}
+        for form in STORED_FORMS:
+            setattr(config, form.config_field, {str(index): specs for index, specs in forms[form.name].items()})
         config.moe_compress_dynamic_skip = {str(index): skip for index, skip in dynamic_skip.items()}
-        config.moe_compress_dictionary = {str(index): specs for index, specs in dictionary.items()}
         config.moe_compress_expert_width = {str(index): fact["expert_width"] for index, fact in facts.items()}
         config.moe_compress_layout = adapter.layout()
         width_private = not widths or _width_field_is_private(config)
@@ -288,9 +289,9 @@ def apply_checkpoint_layout(config, adapter, facts: dict[int, dict], model_class
         "experts_total": sum(counts.values()),
         "active_experts": _active_experts(adapter, config, settings),
         "router_settings_per_layer": {str(index): s for index, s in settings.items()},
-        "low_rank_per_layer": {str(index): specs for index, specs in low_rank.items()},
+        **{f"{name}_per_layer": {str(index): specs for index, specs in per_layer.items()}
+           for name, per_layer in forms.items()},
         "dynamic_skip_per_layer": {str(index): skip for index, skip in dynamic_skip.items()},
-        "dictionary_per_layer": {str(index): specs for index, specs in dictionary.items()},
         "expert_width_per_layer": {str(index): fact["expert_width"] for index, fact in facts.items()},
     }
     return record, remote_code

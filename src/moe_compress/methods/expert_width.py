@@ -38,7 +38,7 @@ from moe_compress.methods.registry import (
     exactly_one_of,
 )
 from moe_compress.methods.resize import skeleton
-from moe_compress.remote_code.moe_compress_layers import is_low_rank
+from moe_compress.remote_code.moe_compress_layers import stored_form_of
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,9 @@ def prune_expert_width(model, step: dict, context) -> dict:
     context.require_inputs("prune_expert_width")
     blocks = dict(context.moe_blocks(model))
     for layer, block in blocks.items():
-        if is_low_rank(adapter.experts_of(block)):
-            raise ModelError(f"prune_expert_width: layer {layer} holds low-rank experts; put the width cut first")
+        if stored_form_of(adapter.experts_of(block)) is not None:
+            raise ModelError(f"prune_expert_width: layer {layer} holds experts "
+                             f"{stored_form_of(adapter.experts_of(block)).what}; put the width cut first")
     widths_before = {layer: block_width(adapter, block) for layer, block in blocks.items()}
     importance, routed = {}, {}
     for layer, block in context.each_block(model):

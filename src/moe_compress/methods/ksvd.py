@@ -51,7 +51,7 @@ from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import expert_matrices
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem
-from moe_compress.remote_code.moe_compress_layers import convert_to_dictionary, is_low_rank
+from moe_compress.remote_code.moe_compress_layers import convert_to_dictionary, stored_form_of
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,9 @@ def ksvd_experts(model, step: dict, context) -> dict:
     report = {"layers": {}}
     for layer, block in context.each_block(model):
         experts = adapter.experts_of(block)
-        if is_low_rank(experts):
-            raise ModelError(f"ksvd_experts: the experts of layer {layer} are already factored (low-rank or "
-                             f"dictionary-coded); code dense experts")
+        if stored_form_of(experts) is not None:
+            raise ModelError(f"ksvd_experts: the experts of layer {layer} are already {stored_form_of(experts).what} "
+                             f"({stored_form_of(experts).made_by}); code dense experts")
         transposed = getattr(experts, "is_transposed", False)
         tensors, specs, layer_report = {}, {}, {}
         # the hidden-size side: the input of the first projection, the output of the second

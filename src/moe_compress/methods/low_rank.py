@@ -36,7 +36,7 @@ from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import energy_rank, energy_rank_of_squares, expert_matrices, kept_rank, stats_rows
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem, exactly_one_of
-from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, is_low_rank
+from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, stored_form_of
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,9 @@ def svd_experts(model, step: dict, context) -> dict:
         report["basis_experts"] = {}
     for layer, block in context.each_block(model):
         experts = adapter.experts_of(block)
-        if is_low_rank(experts):
-            raise ModelError(f"svd_experts: layer {layer} is already low-rank (a checkpoint this pipeline factored)")
+        if stored_form_of(experts) is not None:
+            raise ModelError(f"svd_experts: the experts of layer {layer} are already {stored_form_of(experts).what} "
+                             f"({stored_form_of(experts).made_by}); factor dense experts")
         transposed = getattr(experts, "is_transposed", False)
         donor = most_used_expert(context, layer) if basis == "most_used_expert" else None
         factors, specs, layer_report = {}, {}, {}

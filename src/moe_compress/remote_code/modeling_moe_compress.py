@@ -1,10 +1,10 @@
 """Written by moe-compress into a checkpoint that the stock config cannot express: MoE layers that differ
 from each other (expert count, expert width, routing settings such as top-k), routers that skip low-weight experts,
-or experts stored as low-rank factors or dictionary codes.
+or experts in a stored form of moe_compress_layers.STORED_FORMS (low-rank factors, dictionary codes, constants).
 
 This class builds the stock model, then reallocates each listed MoE block for its own expert count,
-sets its router's per-layer settings (and dynamic skipping), and gives low-rank and dictionary-coded
-layers their tensors, before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs
+sets its router's per-layer settings (and dynamic skipping), and gives the layers whose experts are in a stored
+form their tensors, before the weights are loaded. It is self-contained on purpose: loading the checkpoint needs
 only transformers (and moe_compress_layers.py beside this file), not moe-compress.
 Load with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
@@ -13,13 +13,7 @@ import torch
 from __BASE_MODULE__ import __BASE_CLASS__ as _StockForCausalLM
 from torch import nn
 
-from .moe_compress_layers import (
-    convert_to_dictionary,
-    convert_to_dynamic_skip,
-    convert_to_low_rank,
-    empty_dictionary,
-    empty_factors,
-)
+from .moe_compress_layers import STORED_FORMS, convert_to_dynamic_skip
 
 
 def _get_path(root, dotted):
@@ -85,15 +79,13 @@ class MoeCompressForCausalLM(_StockForCausalLM):
             router = getattr(block, layout["router"])
             for attr, value in config.moe_compress_router_settings.get(layer_index, {}).items():
                 setattr(router, attr, value)
+        # the experts' stored forms (low-rank factors, dictionary codes, novice constants, ...), each from its
+        # own config field, before dynamic skipping, which leaves experts in a stored form as they are
+        for form in STORED_FORMS:
+            for layer_index, specs in getattr(config, form.config_field, {}).items():
+                experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
+                form.rebuild(experts, specs, layout)
         for layer_index, skip in getattr(config, "moe_compress_dynamic_skip", {}).items():
             block = getattr(layers[int(layer_index)], layout["moe_block"])
             convert_to_dynamic_skip(getattr(block, layout["router"]), getattr(block, layout["experts"]),
                                     skip["beta"], skip["renormalize"])
-        for layer_index, specs in getattr(config, "moe_compress_low_rank", {}).items():
-            experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
-            factors = empty_factors(experts, specs, experts.num_experts)
-            convert_to_low_rank(experts, factors, specs, layout["expert_matrices"])
-        for layer_index, specs in getattr(config, "moe_compress_dictionary", {}).items():
-            experts = getattr(getattr(layers[int(layer_index)], layout["moe_block"]), layout["experts"])
-            tensors = empty_dictionary(experts, specs, experts.num_experts, layout["expert_matrices"])
-            convert_to_dictionary(experts, tensors, specs, layout["expert_matrices"])

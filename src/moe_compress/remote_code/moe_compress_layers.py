@@ -1,7 +1,13 @@
-"""Layers the stock modeling code cannot express: low-rank routed experts, and routers that skip
+"""Layers the stock modeling code cannot express: routed experts stored in another form than the stock dense
+tensors (low-rank factors, dictionary codes, constants standing in for experts), and routers that skip
 low-weight experts per token. Written by moe-compress into the checkpoints that use them, and imported
 by the library itself, so the in-memory model and the reloaded checkpoint run the same code.
 Self-contained on purpose: it needs only torch.
+
+Every such form of the experts is one ``StoredForm`` in ``STORED_FORMS`` (at the end of this file): whether
+an experts module holds it, the config field that records it per layer, how it counts experts and
+intermediate width, how its outputs are scaled and how the loader rebuilds it. The library and the
+checkpoint's modeling file ask that table, so a new form is added there alone.
 
 Dictionary-coded experts (``DictionaryExpertsMixin``, below) are a sparse special case of the shared-basis
 low-rank layout and run through the same factored forward.
@@ -426,9 +432,244 @@ def _swap_class(module, mixin, prefix):
 
 def convert_to_dynamic_skip(router, experts, beta, renormalize):
     """Give a MoE block dynamic skipping in place (or update its settings): its router marks skipped
-    slots, its experts (unless low-rank, whose forward already skips them) leave those slots out."""
+    slots, its experts (unless in a stored form, whose forward already skips them) leave those slots out."""
     _swap_class(router, DynamicSkipRouterMixin, "DynamicSkip")
-    if not is_low_rank(experts):
+    if stored_form_of(experts) is None:
         _swap_class(experts, SkipAwareExpertsMixin, "SkipAware")
     router.skip_beta = float(beta)
     router.skip_renormalize = bool(renormalize)
+
+
+class NoviceExpertsMixin:
+    """Mixed in front of a stock experts class: MoNE (Mixture of Novices and Experts). Some of the router's
+    experts are novices: a slot routed to novice j adds its routing weight times the constant c_j [hidden]
+    and runs no expert. The router keeps every row and weight; this module holds only the kept experts' dense
+    tensors (``num_experts`` of them: the count the stock forward reads) and ``novice_constants``
+    [novices, hidden], in router-slot order.
+
+    ``novice_slot_map`` [router experts + 1] (an integer buffer, saved with the weights; ``novice_specs``
+    says the same): per router slot, its dense expert (0..kept-1) or kept + its novice index; the last
+    entry, for the skipped-slot index (= router experts), points past both."""
+
+    novice_specs = None  # {"num_experts": the router's experts, "novices": [router slots]}, set per instance
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        constants = self.novice_constants
+        num_novices = constants.shape[0]
+        num_dense = self.novice_slot_map.numel() - 1 - num_novices
+        slots = self.novice_slot_map[top_k_index]
+        dense = slots < num_dense
+        if bool(dense.all()):
+            output = super().forward(hidden_states, slots, top_k_weights)
+        else:
+            # the dense (token, slot) pairs as a one-slot batch, so the stock kernels never see a novice's index
+            output = torch.zeros_like(hidden_states)
+            token_idx, slot = torch.where(dense)
+            if token_idx.numel():
+                packed = super().forward(hidden_states[token_idx], slots[token_idx, slot, None],
+                                         top_k_weights[token_idx, slot, None])
+                output.index_add_(0, token_idx, packed.to(output.dtype))
+        # each token's novice weights, one column per novice (dense and skipped slots fall in a dropped column),
+        # so the constants are one matmul: [tokens, novices] x [novices, hidden]
+        is_novice = (slots >= num_dense) & (slots < num_dense + num_novices)
+        column = torch.where(is_novice, slots - num_dense, num_novices)
+        novice_weights = top_k_weights.new_zeros(top_k_index.shape[0], num_novices + 1)
+        novice_weights.scatter_add_(1, column, top_k_weights)
+        return output + (novice_weights[:, :num_novices].to(constants.dtype) @ constants).to(output.dtype)
+
+
+_NOVICE_CLASSES = {}
+
+
+def novice_class(stock_class):
+    """The MoNE subclass of ``stock_class`` (one per stock class)."""
+    if stock_class not in _NOVICE_CLASSES:
+        _NOVICE_CLASSES[stock_class] = type(f"Novice{stock_class.__name__}", (NoviceExpertsMixin, stock_class), {})
+    return _NOVICE_CLASSES[stock_class]
+
+
+def _replace_tensor(module, name, value):
+    """Swap a tensor, keeping its kind: parameters stay parameters, buffers stay buffers."""
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, nn.Parameter(value, requires_grad=False))
+
+
+def _install_novices(experts, num_experts, novices, constants, count_attrs):
+    novices = sorted(int(slot) for slot in novices)
+    kept = [slot for slot in range(num_experts) if slot not in set(novices)]
+    slot_map = torch.empty(num_experts + 1, dtype=torch.long)
+    slot_map[kept] = torch.arange(len(kept))
+    slot_map[novices] = torch.arange(len(kept), len(kept) + len(novices))
+    slot_map[num_experts] = len(kept) + len(novices)  # a skipped slot: neither a dense expert nor a novice
+    experts.novice_constants = nn.Parameter(constants, requires_grad=False)
+    experts.register_buffer("novice_slot_map", slot_map.to(constants.device))  # integers: saved, not a weight
+    experts.__class__ = novice_class(type(experts))
+    experts.novice_specs = {"num_experts": int(num_experts), "novices": novices}
+    for attr in count_attrs:  # the stock forward counts the dense experts only
+        if hasattr(experts, attr):
+            setattr(experts, attr, len(kept))
+    return experts
+
+
+def convert_to_novices(experts, kept, constants, expert_tensors, count_attrs=("num_experts",)):
+    """Turn a stock experts module into its MoNE form in place: the router slots ``kept`` (sorted) keep their
+    dense tensors, every other slot becomes a novice returning its row of ``constants`` [novices, hidden]
+    (novices in slot order). ``expert_tensors``: {name: expert dimension} of the module's per-expert tensors;
+    ``count_attrs``: its attributes holding the expert count."""
+    kept = sorted(int(slot) for slot in kept)
+    num_experts = None
+    for name, dim in expert_tensors.items():
+        old = getattr(experts, name)
+        num_experts = old.shape[dim]
+        index = torch.as_tensor(kept, dtype=torch.long, device=old.device)
+        _replace_tensor(experts, name, old.data.index_select(dim, index))
+    novices = [slot for slot in range(num_experts) if slot not in set(kept)]
+    return _install_novices(experts, num_experts, novices, constants, count_attrs)
+
+
+def _dense_width(experts, down_name):
+    down = getattr(experts, down_name, None)
+    if not isinstance(down, torch.Tensor):
+        return None
+    return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
+
+
+def _scale_dense_outputs(experts, down_name, scale):
+    weight = getattr(experts, down_name)
+    if getattr(experts, "is_transposed", False):  # stored [E, in, out]
+        weight.mul_(scale.to(weight.dtype)[None, None, :])
+    else:  # stored [E, out, in]
+        weight.mul_(scale.to(weight.dtype)[None, :, None])
+
+
+def _experts_tensor_dims(layout):
+    """{name: expert dimension} of the experts module's own per-expert tensors, from the checkpoint layout."""
+    prefix = layout["experts"] + "."
+    return {path[len(prefix):]: dim for path, dim in layout["per_expert_tensors"]
+            if path.startswith(prefix) and "." not in path[len(prefix):]}
+
+
+class StoredForm:
+    """One form of a layer's routed experts other than the stock dense tensors.
+
+    ``name`` keys it in compression.json (``<name>_per_layer``); ``config_field`` holds its specs per MoE layer
+    in config.json, what the checkpoint's loader rebuilds it from; ``what`` says what it is and ``made_by``
+    which steps make it (in messages); ``served``: whether the vLLM plugin serves it (the plugin imports nothing
+    of this package: its UNSERVED_LAYOUTS says why not, by this config field). Every form runs skipped slots
+    (index == router experts) itself and has no dense experts to prune, merge or factor."""
+
+    name = config_field = what = made_by = ""
+    served = False
+
+    def holds(self, experts):
+        raise NotImplementedError
+
+    def specs(self, experts):
+        """What ``config_field`` records for one layer (JSON)."""
+        raise NotImplementedError
+
+    def rebuild(self, experts, specs, layout):
+        """Give a stock experts module of the checkpoint's config this form, uninitialised, before the weights load."""
+        raise NotImplementedError
+
+    def expert_count(self, experts):
+        """The experts the router chooses from."""
+        return int(experts.num_experts)
+
+    def intermediate_width(self, experts, matrix_names):
+        raise NotImplementedError
+
+    def scale_outputs(self, experts, matrix_names, scale):
+        """Multiply every expert's output by ``scale`` [hidden] (biases are the caller's: they stay dense)."""
+        raise NotImplementedError
+
+
+class LowRankForm(StoredForm):
+    name, config_field = "low_rank", "moe_compress_low_rank"
+    what, made_by = "factored", "svd_experts and ksvd_experts"
+
+    def holds(self, experts):
+        return isinstance(experts, LowRankExpertsMixin)
+
+    def specs(self, experts):
+        return experts.low_rank_specs
+
+    def rebuild(self, experts, specs, layout):
+        convert_to_low_rank(experts, empty_factors(experts, specs, experts.num_experts), specs, layout["expert_matrices"])
+
+    def intermediate_width(self, experts, matrix_names):
+        return int(getattr(experts, factor_names(matrix_names[1])[1]).shape[-1])  # right factor [E or 1, r, in]
+
+    def scale_outputs(self, experts, matrix_names, scale):
+        left = getattr(experts, factor_names(matrix_names[1])[0])  # [E or 1, out, r]: its output rows
+        left.mul_(scale.to(left.dtype)[None, :, None])
+
+
+class DictionaryForm(StoredForm):
+    name, config_field = "dictionary", "moe_compress_dictionary"
+    what, made_by = "factored", "svd_experts and ksvd_experts"
+
+    def holds(self, experts):
+        return isinstance(experts, DictionaryExpertsMixin)
+
+    def specs(self, experts):
+        return experts.dictionary_specs
+
+    def rebuild(self, experts, specs, layout):
+        tensors = empty_dictionary(experts, specs, experts.num_experts, layout["expert_matrices"])
+        convert_to_dictionary(experts, tensors, specs, layout["expert_matrices"])
+
+    def intermediate_width(self, experts, matrix_names):
+        return int(getattr(experts, dictionary_names(matrix_names[1])[1]).shape[1])  # one code row per neuron
+
+    def scale_outputs(self, experts, matrix_names, scale):
+        atoms = getattr(experts, dictionary_names(matrix_names[1])[0])  # [H, atoms]: every expert's output basis
+        atoms.mul_(scale.to(atoms.dtype)[:, None])
+
+
+class NoviceForm(StoredForm):
+    name, config_field = "novice", "moe_compress_novice"
+    what, made_by = "partly replaced by constants (MoNE novices)", "mone_prune"
+
+    def holds(self, experts):
+        return isinstance(experts, NoviceExpertsMixin)
+
+    def specs(self, experts):
+        return {"num_experts": experts.novice_specs["num_experts"], "novices": list(experts.novice_specs["novices"])}
+
+    def rebuild(self, experts, specs, layout):
+        num_experts, novices = int(specs["num_experts"]), specs["novices"]
+        kept = num_experts - len(novices)
+        for name, dim in _experts_tensor_dims(layout).items():
+            old = getattr(experts, name, None)
+            if isinstance(old, torch.Tensor):
+                shape = list(old.shape)
+                shape[dim] = kept
+                _replace_tensor(experts, name, torch.empty(shape, dtype=old.dtype, device=old.device))
+        down = getattr(experts, layout["expert_matrices"][1])
+        hidden = down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1]
+        constants = torch.empty(len(novices), hidden, dtype=down.dtype, device=down.device)
+        _install_novices(experts, num_experts, novices, constants, layout["expert_count_attrs"])
+
+    def expert_count(self, experts):
+        return int(experts.novice_specs["num_experts"])
+
+    def intermediate_width(self, experts, matrix_names):
+        return _dense_width(experts, matrix_names[1])
+
+    def scale_outputs(self, experts, matrix_names, scale):
+        _scale_dense_outputs(experts, matrix_names[1], scale)
+        experts.novice_constants.mul_(scale.to(experts.novice_constants.dtype)[None, :])
+
+
+STORED_FORMS = (LowRankForm(), DictionaryForm(), NoviceForm())
+
+
+def stored_form_of(experts):
+    """The ``StoredForm`` an experts module holds, None for the stock dense tensors."""
+    for form in STORED_FORMS:
+        if form.holds(experts):
+            return form
+    return None

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from moe_compress.architectures import MoEArchitecture
 
 # What a step may change. Steps that change the expert count or factor the experts need dense
-# experts, so they cannot follow a step that factored them.
+# experts, so they cannot follow a step that factored them or replaced some by constants.
 EXPERT_COUNT = "expert_count"  # experts removed or merged (with their router rows)
 EXPERT_FACTORS = "expert_factors"  # expert matrices stored as low-rank factors
+EXPERT_NOVICES = "expert_novices"  # experts replaced by constants (MoNE novices), router rows kept
 EXPERT_SCALE = "expert_scale"  # expert output projections rescaled
 ROUTING = "routing"  # router settings: top-k, renormalisation, skipping
 DECODER_LAYERS = "decoder_layers"  # whole decoder layers removed
@@ -29,7 +30,9 @@ ATTENTION_HEADS = "attention_heads"  # query (and key-value) heads removed
 HIDDEN_SIZE = "hidden_size"  # residual channels removed
 EXPERT_WIDTH = "expert_width"  # intermediate neurons removed from every expert
 DTYPE = "dtype"  # every weight cast
-NEEDS_DENSE_EXPERTS = {EXPERT_COUNT, EXPERT_FACTORS, EXPERT_WIDTH, HIDDEN_SIZE}
+NEEDS_DENSE_EXPERTS = {EXPERT_COUNT, EXPERT_FACTORS, EXPERT_NOVICES, EXPERT_WIDTH, HIDDEN_SIZE}
+# the edits after which a layer's experts are no longer all dense, and how a message names such a step
+NOT_DENSE_AFTER = {EXPERT_FACTORS: "low-rank", EXPERT_NOVICES: "novice (MoNE)"}
 
 
 @dataclass(frozen=True)
@@ -178,15 +181,16 @@ def whole_model_reason(step: dict) -> str | None:
 def variant_problems(steps: list[dict]) -> list[tuple[int, Problem]]:
     """(step index, problem) for every step that cannot work in this order or with these options."""
     problems = []
-    factored_at = None
+    not_dense = None  # (step index, what it made of the experts)
     for index, step in enumerate(steps):
         record = method(step["method"])
-        if factored_at is not None and record.edits & NEEDS_DENSE_EXPERTS:
-            # the factored experts have no dense matrices left to cut or combine
-            problems.append((index, Problem("method", f"{record.name} cannot follow the low-rank step "
-                                                      f"steps[{factored_at}]; put it before that step")))
-        if EXPERT_FACTORS in record.edits:
-            factored_at = index
+        if not_dense is not None and record.edits & NEEDS_DENSE_EXPERTS:
+            # factored experts, or novices, have no dense matrices left to cut or combine
+            problems.append((index, Problem("method", f"{record.name} cannot follow the {not_dense[1]} step "
+                                                      f"steps[{not_dense[0]}]; put it before that step")))
+        for edit, what in NOT_DENSE_AFTER.items():
+            if edit in record.edits:
+                not_dense = (index, what)
         if record.last and index != len(steps) - 1:
             problems.append((index, Problem("method", f"{record.name} must be the last step of a variant")))
         problem = record.check_options(step)

@@ -20,6 +20,21 @@ def run_expert(adapter, block, hidden: torch.Tensor, expert: int) -> torch.Tenso
     return adapter.experts_of(block)(hidden, indices, weights)
 
 
+def expert_activation(adapter, block, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    """[tokens, intermediate]: expert ``expert``'s gated activation on every row of ``hidden`` (what its down
+    projection reads): the gate/up projection, its bias where the experts have one, then the experts' own
+    ``_apply_gate``. For dense fused experts, stored [E, 2I, H] or transposed [E, H, 2I]."""
+    experts = adapter.experts_of(block)
+    gate_up = getattr(experts, adapter.expert_matrices[0])[expert]
+    if not getattr(experts, "is_transposed", False):
+        gate_up = gate_up.T  # [H, 2I]
+    projected = hidden.to(gate_up.dtype) @ gate_up
+    bias = getattr(experts, f"{adapter.expert_matrices[0]}_bias", None)
+    if isinstance(bias, torch.Tensor):
+        projected = projected + bias[expert]
+    return experts._apply_gate(projected)
+
+
 def selection_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     """How often each expert appears in the top-k ``indices`` [tokens, k]."""
     return torch.bincount(indices.reshape(-1), minlength=num_experts)

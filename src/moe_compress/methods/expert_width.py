@@ -38,6 +38,7 @@ from moe_compress.methods.registry import (
     exactly_one_of,
 )
 from moe_compress.methods.resize import skeleton
+from moe_compress.moe_block import expert_activation
 from moe_compress.remote_code.moe_compress_layers import stored_form_of
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ def neuron_importance(adapter, block, hidden: torch.Tensor) -> torch.Tensor:
     """[E, I]: routing-weighted mean |activation| x down-projection column norm (see the module doc)."""
     experts = adapter.experts_of(block)
     gate_up, down = linear_matrices(adapter, experts)
-    bias = getattr(experts, f"{adapter.expert_matrices[0]}_bias", None)
     _, weights, indices = adapter.call_router(block, hidden)
     weights, indices = weights.reshape(len(hidden), -1), indices.reshape(len(hidden), -1)
     num_experts, width = down.shape[0], down.shape[-1]
@@ -81,10 +81,7 @@ def neuron_importance(adapter, block, hidden: torch.Tensor) -> torch.Tensor:
         tokens, slots = torch.where(indices == expert)
         if len(tokens) == 0:
             continue
-        projected = hidden[tokens].to(gate_up.dtype) @ gate_up[expert].T
-        if isinstance(bias, torch.Tensor):
-            projected = projected + bias[expert]
-        gated = experts._apply_gate(projected).double().abs()
+        gated = expert_activation(adapter, block, hidden[tokens], expert).double().abs()
         activation[expert] = (weights[tokens, slots].double()[:, None] * gated).sum(dim=0)
     # an expert no calibration token reaches has no activations to go by: its weights' own sizes instead
     # (what each neuron's gate/up rows read times what its down column writes)

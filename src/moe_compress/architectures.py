@@ -29,6 +29,9 @@ class MoEArchitecture:
     moe: bool = True  # False: a dense decoder (no routed experts); only decoder-wide steps apply
     layers: str = "model.layers"  # dotted path from the CausalLM to the decoder layer list
     moe_block: str = "mlp"  # attribute of a decoder layer holding the MoE block
+    # attribute of a decoder layer whose input is the residual stream the MoE block's output is added to
+    # (EASY-EP's h): the norm before the MoE block; the block itself where nothing normalises its input
+    residual_input: str = "post_attention_layernorm"
     router: str = "gate"  # attribute of the MoE block: returns (logits, top-k weights, top-k indices)
     experts: str = "experts"  # attribute of the MoE block: the fused routed experts
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")  # dim 0 = expert
@@ -465,7 +468,9 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
         MoEArchitecture(model_type="mixtral", config_expert_width="intermediate_size", config_num_experts="num_local_experts", renormalize=True,
                         examples="Mixtral-8x7B, Mixtral-8x22B", notes="softmax top-2, renormalised"),
         MoEArchitecture(model_type="olmoe", config_expert_width="intermediate_size", examples="OLMoE-1B-7B", notes="64 experts, top-8, no renormalisation"),
-        MoEArchitecture(model_type="flex_olmo", config_expert_width="intermediate_size", examples="FlexOlmo-7x7B",
+        # post-norm layers: post_attention_layernorm normalises the attention output, the MoE block reads the stream
+        MoEArchitecture(model_type="flex_olmo", config_expert_width="intermediate_size", residual_input="mlp",
+                        examples="FlexOlmo-7x7B",
                         notes="OLMoE routing over independently trained experts"),
         MoEArchitecture(model_type="deepseek_v3", **_SIGMOID_GROUPED, examples="DeepSeek-V3/R1, Moonlight",
                         notes=f"sigmoid + correction bias, expert groups, routed scaling, {_DEEPSEEK_STEPS}"),
@@ -511,10 +516,12 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
                         renormalize=True, scaling="route_scale", block_tensors=("expert_bias",),
                         router_inputs=("expert_bias",), router_input_batched=True, choice_bias="expert_bias",
                         layer_config_fields=(("num_dense_layers", "prefix"),),
+                        # its post_attention_layernorm normalises the attention output, pre_mlp_layernorm the stream
+                        residual_input="pre_mlp_layernorm",
                         shared_modules=("shared_experts",), config_shared_experts="num_shared_experts",
                         examples="Trinity (Arcee AFMoE)",
                         notes="sigmoid + an expert bias held by the block; dense first layers; shared experts"),
-        MoEArchitecture(model_type="lfm2_moe", moe_block="feed_forward", scoring="sigmoid_topk",
+        MoEArchitecture(model_type="lfm2_moe", moe_block="feed_forward", residual_input="ffn_norm", scoring="sigmoid_topk",
                         scaling="routed_scaling_factor", block_tensors=("expert_bias",),
                         router_inputs=("expert_bias",), choice_bias="expert_bias", examples="LFM2-8B-A1B",
                         layer_config_fields=(("num_dense_layers", "prefix"),),
@@ -547,6 +554,8 @@ ARCHITECTURES: dict[str, MoEArchitecture] = {
         MoEArchitecture(model_type="cohere2_moe", config_expert_width="intermediate_size", scoring_by_config=("expert_selection_fn", (
                             ("softmax", "topk_softmax"), ("sigmoid", "sigmoid_topk"))),
                         shared_modules=("shared_experts",), config_shared_experts="num_shared_experts",
+                        # attention and MoE run in parallel on the layer's input: its stream is the nearest to h
+                        residual_input="input_layernorm",
                         examples="Command A MoE",
                         notes="`expert_selection_fn` picks softmax or sigmoid; shared experts summed or averaged"),
         # router has a bias, top-k of logits then softmax; experts store gate_up_proj transposed

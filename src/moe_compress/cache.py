@@ -10,7 +10,11 @@ Layout of a cache directory:
   to different numbers of experts (a per-layer top-k), the lists have the largest top-k's length and a
   layer's extra slots are skipped ones (index = expert count, weight 0); the manifest holds each layer's
   own top-k, and the reader gives each layer its own.
-- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
+- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input; in a
+  cache built with ``residual`` (the manifest's ``residual`` is true) also ``residual`` [tokens, hidden], the
+  residual stream the block's output is added to (the input of the decoder layer's module named by
+  ``MoEArchitecture.residual_input``, its post-attention norm): what EASY-EP's saliency compares the routed
+  experts' output with.
 - ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, each
   calibration sample's source (``sample_sources``, in sample order; token t is in sample t // seq_len), and
   every file with its CRC-32 (the checksum gzip and zip use against accidental corruption, cheaper than
@@ -25,7 +29,7 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +62,7 @@ class LayerCapture:
     topk_weights: list[torch.Tensor]
     topk_indices: list[torch.Tensor]
     hidden_states: list[torch.Tensor]
+    residual: list[torch.Tensor] = field(default_factory=list)
 
 
 def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtype: torch.dtype) -> list:
@@ -77,13 +82,29 @@ def _capture_hooks(adapter, block: nn.Module, capture: LayerCapture, hidden_dtyp
     return [block.register_forward_pre_hook(save_input), adapter.router_of(block).register_forward_hook(save_routing)]
 
 
+def _residual_hook(adapter, layer: nn.Module, capture: LayerCapture, hidden_dtype: torch.dtype):
+    """A hook on the decoder layer's module whose input is the residual stream entering its MoE sublayer."""
+
+    def save_residual(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        capture.residual.append(hidden.reshape(-1, hidden.shape[-1]).to("cpu", hidden_dtype))
+
+    module = getattr(layer, adapter.residual_input, None)
+    if module is None:
+        raise ModelError(f"{type(layer).__name__} has no module {adapter.residual_input!r} "
+                         f"(MoEArchitecture.residual_input) to read the residual stream from")
+    return module.register_forward_pre_hook(save_residual, with_kwargs=True)
+
+
 @torch.no_grad()
 def capture_layers(layers: DecoderLayers, input_ids: torch.Tensor, batch_size: int,
-                   hidden_dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, LayerCapture]]:
+                   hidden_dtype: torch.dtype = torch.float32,
+                   residual: bool = False) -> Iterator[tuple[int, LayerCapture]]:
     """Push ``input_ids`` [samples, seq_len] through the decoder one layer at a time; yield (layer,
     capture) for each MoE layer as soon as it has seen every calibration token. All tokens go through
     layer i before layer i + 1, so only one layer is loaded at a time; the hidden states of all
-    calibration tokens are held on the CPU."""
+    calibration tokens are held on the CPU. ``residual``: also capture the residual stream entering each
+    MoE sublayer."""
     adapter = layers.adapter
     batches = [input_ids[start : start + batch_size] for start in range(0, len(input_ids), batch_size)]
     hidden = [layers.embed(batch).cpu() for batch in batches]
@@ -97,6 +118,8 @@ def capture_layers(layers: DecoderLayers, input_ids: torch.Tensor, batch_size: i
         if adapter.is_moe_layer(layer):
             capture = LayerCapture([], [], [], [])
             handles = _capture_hooks(adapter, getattr(layer, adapter.moe_block), capture, hidden_dtype)
+            if residual:
+                handles.append(_residual_hook(adapter, layer, capture, hidden_dtype))
         try:
             for position, batch in enumerate(batches):
                 output = layer(hidden[position].to(layers.device), **arguments[batch.shape][index])
@@ -112,19 +135,20 @@ def capture_layers(layers: DecoderLayers, input_ids: torch.Tensor, batch_size: i
 
 
 def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_dir: str | Path,
-                meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32) -> dict:
+                meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32, residual: bool = False) -> dict:
     """Write the cache of ``model_or_layers`` (a model in memory or ``DecoderLayers``, e.g. a
     ``LayerStream``) on ``input_ids`` to ``out_dir``, one MoE layer at a time; return the manifest.
+    ``residual``: also store each MoE layer's residual stream (twice the size; only EASY-EP reads it).
     The directory appears only complete: it is written under a temporary name and moved into place."""
     layers = decoder_layers_of(model_or_layers)
     with atomic_directory(out_dir) as tmp:
         writer = CacheWriter(tmp, top_k_width=_largest_top_k(layers))
         try:
-            for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype):
+            for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype, residual):
                 writer.add_layer(index, capture)
         finally:
             writer.close()
-        return writer.write_manifest(meta or {})
+        return writer.write_manifest({**(meta or {}), "residual": residual})
 
 
 def _largest_top_k(layers: DecoderLayers) -> int | None:
@@ -175,7 +199,16 @@ class CacheWriter:
             raise ModelError(f"layer {layer}: {num_experts} experts / top-{top_k}, but the cache's first layer has "
                              f"{self._router.schema}; the router cache needs the same expert count in every layer")
         self._router.write_table(table)
-        data = safetensors_bytes({"hidden_states": hidden.contiguous()}, metadata={"layer": str(layer)})
+        tensors = {"hidden_states": hidden.contiguous()}
+        if capture.residual:
+            residual = torch.cat(capture.residual)
+            check_finite(residual, f"residual stream entering the MoE block of layer {layer}")
+            if residual.shape != hidden.shape:
+                raise ModelError(f"layer {layer}: {tuple(residual.shape)} residual-stream rows for "
+                                 f"{tuple(hidden.shape)} MoE-block inputs; MoEArchitecture.residual_input names a "
+                                 f"module that does not run once per MoE-block call")
+            tensors["residual"] = residual.contiguous()
+        data = safetensors_bytes(tensors, metadata={"layer": str(layer)})
         (self.directory / inputs_file(layer)).write_bytes(data)
         self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens,
                                     "file": inputs_file(layer), "crc32": _checksum(data)}
@@ -228,6 +261,9 @@ class CacheReader:
             raise DataError(f"{self.manifest_path} is missing: the cache in {self.directory} is incomplete or was "
                             f"invalidated; run the workflow again to rebuild it")
         self.manifest = json.loads(self.manifest_path.read_text())
+        # one layer file's tensors not handed out yet: reading a layer's inputs and then its residual reads
+        # and checks the file once
+        self._unread: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -276,8 +312,14 @@ class CacheReader:
         per_sample = np.array([names.index(name) for name in sample_sources], dtype=np.int64)
         return names, np.repeat(per_sample, seq_len)
 
-    def moe_input(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One layer's cached MoE-block inputs [tokens, hidden]."""
+    @property
+    def has_residual(self) -> bool:
+        """Whether the cache stores each MoE layer's residual stream (built with ``residual``)."""
+        return bool(self.manifest.get("residual", False))
+
+    def _layer_tensor(self, layer: int, name: str) -> torch.Tensor:
+        if self._unread is not None and self._unread[0] == layer and name in self._unread[1]:
+            return self._unread[1].pop(name)
         entry = self.manifest["layers"].get(str(layer))
         if entry is None:
             raise DataError(f"layer {layer} is not in the cache {self.manifest_path} (layers: {self.layers})")
@@ -286,7 +328,27 @@ class CacheReader:
             raise DataError(f"{path} is missing from the cache {self.directory}; run the workflow again to rebuild it")
         data = path.read_bytes()
         self._verified(path, entry["crc32"], data)
-        return load_safetensors(data)["hidden_states"].to(device)
+        tensors = load_safetensors(data)
+        tensor = tensors.pop(name)
+        self._unread = (layer, tensors) if tensors else None
+        return tensor
+
+    def moe_input(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One layer's cached MoE-block inputs [tokens, hidden]."""
+        return self._layer_tensor(layer, "hidden_states").to(device)
+
+    def residual(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One layer's cached residual stream entering its MoE sublayer [tokens, hidden] (a cache built with
+        ``residual``)."""
+        if not self.has_residual:
+            raise DataError(f"the cache {self.directory} holds no residual stream (its manifest's residual is not "
+                            f"true): it was built without it; the workflow builds it when a variant has an "
+                            f"easy_ep_prune step")
+        return self._layer_tensor(layer, "residual").to(device)
+
+    def residuals(self, device: str | torch.device = "cpu") -> Mapping[int, torch.Tensor]:
+        """Every layer's cached residual stream, read when a layer is looked up (see ``moe_inputs``)."""
+        return _CachedInputs(self, device, self.residual)
 
     def moe_inputs(self, device: str | torch.device = "cpu") -> Mapping[int, torch.Tensor]:
         """Every layer's cached MoE-block inputs, read when a layer is looked up: iterating over the
@@ -295,11 +357,12 @@ class CacheReader:
 
 
 class _CachedInputs(Mapping):
-    def __init__(self, reader: CacheReader, device):
+    def __init__(self, reader: CacheReader, device, read=None):
         self.reader, self.device = reader, device
+        self.read = read or reader.moe_input
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.reader.moe_input(layer, self.device)
+        return self.read(layer, self.device)
 
     def __iter__(self):
         return iter(self.reader.layers)

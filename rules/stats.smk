@@ -1,7 +1,8 @@
 # Expert statistics: selection counts per top-k rank, routing weights and mass (from the router
-# cache), and REAP saliency (the experts run once on the cached MoE-block inputs routed to them; one
-# decoder layer and its cached inputs in memory at a time with model.layer_streaming); the same per
-# calibration source (a variant's weights re-weight them), and the experts specific to one source.
+# cache), REAP saliency, peak outputs and, where the cache has the residual stream, EASY-EP saliency (the
+# experts run once on the cached MoE-block inputs routed to them; one decoder layer and its cached inputs in
+# memory at a time with model.layer_streaming); the same per calibration source (a variant's weights
+# re-weight them), the experts specific to one source, and each expert's per-neuron activation peaks.
 
 
 rule expert_stats:
@@ -21,6 +22,7 @@ rule expert_stats:
         domain_experts=report(
             "results/stats/domain_experts.csv", caption="../workflow/report/domain_experts.rst", category="Statistics"
         ),
+        neuron_peaks="results/stats/neuron_peaks.safetensors",
     params:
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],

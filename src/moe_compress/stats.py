@@ -21,11 +21,20 @@
   weighs the tokens the router actually chose;
 - ``reap_saliency_applied``: the same with g the weight the block applies (where the two differ, it is
   the expert's contribution as the model computes it). From the cached MoE-block inputs; each expert
-  runs only on its tokens.
+  runs only on its tokens;
+- ``peak_output``: the largest absolute element of the expert's (unweighted) output over the tokens routed to
+  it (0 if none): the massive activations of super experts (Su et al. 2025);
+- ``easy_ep_saliency`` (EASY-EP, arXiv 2504.06792), only from a cache with the residual stream: the sum over the
+  tokens routed to the expert of g(x) x ||E(x)|| x max(1 - cos(h, h + r), 0), g the weight the block applies, h the residual stream
+  entering the MoE sublayer and r the routed experts' combined output (shared experts left out).
 
-Per calibration source (``expert_frequency_by_source``, ``expert_saliency_tables``): the same columns over each source's tokens alone, with
-a ``source`` column; the count columns (``tokens``, ``selected_rank_<r>``, ``selected``) of the sources add up to
-the totals. ``reweighted_statistics`` turns them into the table a calibration with other source shares would
+Per MoE layer and neuron (``ExpertStatistics.neuron_peaks``, ``results/stats/neuron_peaks.safetensors``): the
+largest absolute value of each expert's intermediate activation (what its down projection reads) over its routed
+tokens, [experts, intermediate].
+
+Per calibration source (``expert_frequency_by_source``, ``expert_statistics``): the same columns over each source's
+tokens alone, with a ``source`` column; the count columns (``tokens``, ``selected_rank_<r>``, ``selected``) and the
+sums (``routing_mass``, ``easy_ep_saliency``) of the sources add up to the totals. ``reweighted_statistics`` turns them into the table a calibration with other source shares would
 have given, without a new forward pass; ``domain_experts`` names the experts one source uses far more than the
 others.
 """
@@ -33,14 +42,18 @@ others.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from moe_compress.cache import LayerRouting
 from moe_compress.errors import DataError
-from moe_compress.moe_block import run_expert
+from moe_compress.moe_block import expert_activation, run_expert
 from moe_compress.streaming import decoder_layers_of
 
 
@@ -115,74 +128,158 @@ def selected_within_top(table: pd.DataFrame, k: int) -> pd.Series:
 
 
 SALIENCY_COLUMNS = ("reap_saliency", "reap_saliency_applied")
+PEAK_COLUMN = "peak_output"
+EASY_EP_COLUMN = "easy_ep_saliency"
 
 
 @torch.no_grad()
 def layer_saliency(adapter, block, hidden: torch.Tensor, reap_renormalize: bool,
-                   token_source: torch.Tensor | None = None, num_sources: int = 1) -> dict[str, np.ndarray]:
-    """{"reap_saliency", "reap_saliency_applied"} of every expert of ``block`` on ``hidden`` [tokens,
-    hidden] (0 if never routed to); ``reap_renormalize``: REAP's renormalisation (``reap_renormalizes``).
-    With ``token_source`` (each token's source index, of ``num_sources``) also ``<column>_by_source``: the
-    same means over each source's tokens, [sources, experts]."""
+                   token_source: torch.Tensor | None = None, num_sources: int = 1,
+                   residual: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """The per-expert columns of ``block`` on ``hidden`` [tokens, hidden]: "reap_saliency",
+    "reap_saliency_applied", "peak_output" (0 for an expert never routed to), and with ``residual`` (the residual
+    stream entering the MoE sublayer, [tokens, hidden]) "easy_ep_saliency"; ``reap_renormalize``: REAP's
+    renormalisation (``reap_renormalizes``). Also "neuron_peaks" [experts, intermediate] (float32 tensor). With
+    ``token_source`` (each token's source index, of ``num_sources``) also ``<column>_by_source``: the same over
+    each source's tokens, [sources, experts]."""
     logits, weights, indices = adapter.call_router(block, hidden)
     reap_weights = torch.softmax(logits.double(), dim=-1).gather(1, indices)
     if reap_renormalize:
         reap_weights = reap_weights / reap_weights.sum(dim=-1, keepdim=True)
     num_experts = adapter.block_num_experts(block)
-    saliency = torch.zeros(2, num_experts, dtype=torch.float64, device=hidden.device)
+    device = hidden.device
+    saliency = torch.zeros(2, num_experts, dtype=torch.float64, device=device)
     # per source: the sums of the same products and the routed-token counts they are averaged over
-    sums = torch.zeros(2, num_sources, num_experts, dtype=torch.float64, device=hidden.device)
-    counts = torch.zeros(num_sources, num_experts, dtype=torch.float64, device=hidden.device)
+    sums = torch.zeros(2, num_sources, num_experts, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_sources, num_experts, dtype=torch.float64, device=device)
+    peaks = torch.zeros(num_sources, num_experts, dtype=torch.float64, device=device)
+    neuron_peaks = []
+    # EASY-EP: the routed experts' combined output per token, and each (token, expert) pair's weight x norm
+    routed_output = (torch.zeros(residual.shape, dtype=torch.float64, device=device)
+                     if residual is not None else None)
+    pair_tokens, pair_experts, pair_applied = [], [], []
+    sources_of = token_source if token_source is not None else torch.zeros(len(hidden), dtype=torch.long,
+                                                                            device=device)
     for expert in range(num_experts):  # a loop over experts; each expert's tokens are one batch
         token_idx, rank = torch.where(indices == expert)
-        if len(token_idx):
-            norms = run_expert(adapter, block, hidden[token_idx], expert).double().norm(dim=-1)
-            reap = reap_weights[token_idx, rank] * norms
-            applied = weights[token_idx, rank].double() * norms
-            saliency[0, expert] = reap.mean()
-            saliency[1, expert] = applied.mean()
-            if token_source is not None:
-                sources = token_source[token_idx]
-                sums[0, :, expert].index_add_(0, sources, reap)
-                sums[1, :, expert].index_add_(0, sources, applied)
-                counts[:, expert] = torch.bincount(sources, minlength=num_sources).double()
+        # what the down projection reads; a never-routed expert's peaks are 0
+        activation = expert_activation(adapter, block, hidden[token_idx], expert)
+        neuron_peaks.append(activation.abs().amax(dim=0).float() if len(token_idx)
+                            else activation.new_zeros(activation.shape[-1], dtype=torch.float32))
+        if not len(token_idx):
+            continue
+        output = run_expert(adapter, block, hidden[token_idx], expert).double()
+        norms = output.norm(dim=-1)
+        applied_weight = weights[token_idx, rank].double()
+        reap = reap_weights[token_idx, rank] * norms
+        applied = applied_weight * norms
+        saliency[0, expert] = reap.mean()
+        saliency[1, expert] = applied.mean()
+        sources = sources_of[token_idx]
+        peaks[:, expert] = torch.zeros(num_sources, dtype=torch.float64, device=device).scatter_reduce(
+            0, sources, output.abs().amax(dim=-1), reduce="amax")
+        if token_source is not None:
+            sums[0, :, expert].index_add_(0, sources, reap)
+            sums[1, :, expert].index_add_(0, sources, applied)
+            counts[:, expert] = torch.bincount(sources, minlength=num_sources).double()
+        if routed_output is not None:
+            routed_output.index_add_(0, token_idx, applied_weight[:, None] * output)
+            pair_tokens.append(token_idx)
+            pair_experts.append(torch.full_like(token_idx, expert))
+            pair_applied.append(applied)
     reap, applied = saliency.cpu().numpy()
-    result = {"reap_saliency": reap, "reap_saliency_applied": applied}
+    result = {"reap_saliency": reap, "reap_saliency_applied": applied,
+              PEAK_COLUMN: peaks.amax(dim=0).cpu().numpy(), "neuron_peaks": torch.stack(neuron_peaks).cpu()}
+    if routed_output is not None:
+        stream = residual.to(device, torch.float64)
+        # how far the routed experts turn each token's residual stream
+        turn = (1 - F.cosine_similarity(stream, stream + routed_output, dim=-1)).clamp(min=0)
+        tokens, experts = torch.cat(pair_tokens), torch.cat(pair_experts)
+        contribution = torch.cat(pair_applied) * turn[tokens]
+        easy_ep = torch.zeros(num_sources * num_experts, dtype=torch.float64, device=device).index_add_(
+            0, sources_of[tokens] * num_experts + experts, contribution).reshape(num_sources, num_experts)
+        result[EASY_EP_COLUMN] = easy_ep.sum(dim=0).cpu().numpy()
+        if token_source is not None:
+            result[f"{EASY_EP_COLUMN}_by_source"] = easy_ep.cpu().numpy()
     if token_source is not None:
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums)).cpu().numpy()
         result.update({f"{column}_by_source": means[index] for index, column in enumerate(SALIENCY_COLUMNS)})
+        result[f"{PEAK_COLUMN}_by_source"] = peaks.cpu().numpy()
     return result
 
 
-def expert_saliency_tables(model_or_layers, moe_inputs: Mapping[int, torch.Tensor], source_names: list[str],
-                           token_source: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per (layer, expert), one row per (source, layer, expert)): the REAP saliency columns on the
-    cached MoE-block inputs, over all tokens and over each source's (``token_source``: each cached token's index
-    into ``source_names``). The experts run once for both.
+@dataclass
+class ExpertStatistics:
+    """What the experts' runs on the cached inputs give: ``totals`` (one row per (layer, expert)), ``by_source``
+    (one row per (source, layer, expert)) and ``neuron_peaks`` ({layer: float32 [experts, intermediate]})."""
+
+    totals: pd.DataFrame
+    by_source: pd.DataFrame
+    neuron_peaks: dict[int, torch.Tensor]
+
+
+def expert_statistics(model_or_layers, moe_inputs: Mapping[int, torch.Tensor], source_names: list[str],
+                      token_source: np.ndarray, residuals: Mapping[int, torch.Tensor] | None = None) -> ExpertStatistics:
+    """The per-expert columns of ``layer_saliency`` on the cached MoE-block inputs, over all tokens and over
+    each source's (``token_source``: each cached token's index into ``source_names``), and the per-neuron peaks.
+    The experts run once for all of them. ``residuals`` ({layer: [tokens, hidden]}, e.g.
+    ``CacheReader.residuals``): the residual streams EASY-EP needs; without them there is no
+    ``easy_ep_saliency`` column.
 
     ``model_or_layers``: a model in memory or ``DecoderLayers`` (a ``LayerStream`` loads each decoder
     layer when its turn comes); ``moe_inputs``: {layer: [tokens, hidden]}, e.g. ``CacheReader.moe_inputs``,
     which reads each layer's inputs when it is looked up. One layer and its inputs at a time."""
     layers = decoder_layers_of(model_or_layers)
     adapter, config = layers.adapter, layers.model.config
-    totals, by_source = [], []
+    columns = [*SALIENCY_COLUMNS, PEAK_COLUMN, *([EASY_EP_COLUMN] if residuals is not None else [])]
+    totals, by_source, neuron_peaks = [], [], {}
     for layer in sorted(moe_inputs):
         block = layers.moe_block(layer)
         hidden = moe_inputs[layer].to(layers.device, next(block.parameters()).dtype)
         if len(token_source) != len(hidden):
             raise DataError(f"layer {layer}: {len(hidden)} cached MoE-block inputs, but {len(token_source)} tokens "
                             f"have a calibration source; rebuild results/cache")
+        residual = residuals[layer] if residuals is not None else None
+        if residual is not None and residual.shape != hidden.shape:
+            raise DataError(f"layer {layer}: {tuple(residual.shape)} cached residual-stream rows for "
+                            f"{tuple(hidden.shape)} MoE-block inputs; rebuild results/cache")
         sources = torch.as_tensor(token_source, device=layers.device)
         result = layer_saliency(adapter, block, hidden, adapter.reap_renormalizes(config), sources,
-                                len(source_names))
+                                len(source_names), residual)
         experts = np.arange(adapter.block_num_experts(block))
         totals.append(pd.DataFrame({"layer": layer, "expert": experts,
-                                    **{column: result[column] for column in SALIENCY_COLUMNS}}))
+                                    **{column: result[column] for column in columns}}))
         by_source += [pd.DataFrame({"source": name, "layer": layer, "expert": experts,
-                                    **{column: result[f"{column}_by_source"][index] for column in SALIENCY_COLUMNS}})
+                                    **{column: result[f"{column}_by_source"][index] for column in columns}})
                       for index, name in enumerate(source_names)]
+        neuron_peaks[layer] = result["neuron_peaks"]
         layers.free_layer(layer)
-    return pd.concat(totals, ignore_index=True), pd.concat(by_source, ignore_index=True)
+    return ExpertStatistics(pd.concat(totals, ignore_index=True), pd.concat(by_source, ignore_index=True),
+                            neuron_peaks)
+
+
+def expert_saliency_tables(model_or_layers, moe_inputs: Mapping[int, torch.Tensor], source_names: list[str],
+                           token_source: np.ndarray, residuals: Mapping[int, torch.Tensor] | None = None
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per (layer, expert), one row per (source, layer, expert)) of ``expert_statistics``."""
+    statistics = expert_statistics(model_or_layers, moe_inputs, source_names, token_source, residuals)
+    return statistics.totals, statistics.by_source
+
+
+NEURON_PEAKS_KEY = "layer_{layer}"
+
+
+def neuron_peaks_tensors(neuron_peaks: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-neuron peaks as the tensors of ``neuron_peaks.safetensors``: {"layer_<L>": float32 [experts,
+    intermediate]}."""
+    return {NEURON_PEAKS_KEY.format(layer=layer): peaks.float().contiguous() for layer, peaks in neuron_peaks.items()}
+
+
+def read_neuron_peaks(path: str | Path) -> dict[int, torch.Tensor]:
+    """{layer: float32 [experts, intermediate]}: each expert's largest absolute intermediate activation per neuron
+    over its routed calibration tokens (``results/stats/neuron_peaks.safetensors``)."""
+    peaks = {int(name.removeprefix("layer_")): tensor for name, tensor in load_file(str(path)).items()}
+    return dict(sorted(peaks.items()))
 
 
 def expert_saliency(model_or_layers, moe_inputs: Mapping[int, torch.Tensor]) -> pd.DataFrame:
@@ -211,8 +308,9 @@ def expert_frequency_by_source(routing: dict[int, LayerRouting], source_names: l
     return table[["source", *(column for column in table.columns if column != "source")]]
 
 
-# columns that are counts or sums over tokens: per source they add up to the totals
-ADDITIVE_COLUMNS = ("selected", "routing_mass")
+# columns that are counts or sums over tokens: per source they add up to the totals (easy_ep_saliency only where
+# the cache has the residual stream)
+ADDITIVE_COLUMNS = ("selected", "routing_mass", EASY_EP_COLUMN)
 
 
 def reweighted_statistics(by_source: pd.DataFrame, weights: Mapping[str, float]) -> pd.DataFrame:
@@ -221,8 +319,9 @@ def reweighted_statistics(by_source: pd.DataFrame, weights: Mapping[str, float])
     weight. Counts and sums are scaled to the cached token count, so thresholds read them as they read the
     totals; ``frequency`` and ``mean_router_prob`` are the weighted means of the sources'; REAP saliency, a mean
     over the tokens routed to the expert, is the sources' means weighted by their routed tokens under the mix
-    (Σ w·f·s / Σ w·f, f the source's frequency). Weights equal to the sources' token shares give the totals.
-    A source left out of ``weights`` counts with weight 0."""
+    (Σ w·f·s / Σ w·f, f the source's frequency); ``peak_output``, a maximum, is the largest of the sources with a
+    weight above 0. Weights equal to the sources' token shares give the totals. A source left out of ``weights``
+    counts with weight 0."""
     names = list(dict.fromkeys(by_source["source"]))
     unknown = [name for name in weights if name not in names]
     if unknown:
@@ -236,25 +335,30 @@ def reweighted_statistics(by_source: pd.DataFrame, weights: Mapping[str, float])
     rank_columns = [column for column in first.columns if column.startswith("selected_rank_")]
     result = first[["tokens", "top_k"]].copy()
     result["tokens"] = total_tokens
-    mixed = {column: 0.0 for column in [*rank_columns, *ADDITIVE_COLUMNS, "mean_router_prob"]}
+    additive = [column for column in ADDITIVE_COLUMNS if column in first.columns]
+    mixed = {column: 0.0 for column in [*rank_columns, *additive, "mean_router_prob"]}
+    peaks = [table[PEAK_COLUMN] for name, table in tables.items()
+             if PEAK_COLUMN in first.columns and weights.get(name, 0.0) > 0]
     saliency_numerator = {column: 0.0 for column in SALIENCY_COLUMNS if column in first.columns}
     routed = 0.0
     for name, table in tables.items():
         weight = float(weights.get(name, 0.0))
-        for column in [*rank_columns, *ADDITIVE_COLUMNS]:
+        for column in [*rank_columns, *additive]:
             mixed[column] = mixed[column] + weight * table[column] / table["tokens"]
         mixed["mean_router_prob"] = mixed["mean_router_prob"] + weight * table["mean_router_prob"]
         frequency = table["selected"] / table["tokens"]
         routed = routed + weight * frequency
         for column in saliency_numerator:
             saliency_numerator[column] = saliency_numerator[column] + weight * frequency * table[column]
-    for column in [*rank_columns, *ADDITIVE_COLUMNS]:
+    for column in [*rank_columns, *additive]:
         result[column] = mixed[column] * total_tokens
     result["frequency"] = mixed["selected"]
     result["mean_weight_when_selected"] = (result["routing_mass"] / result["selected"]).where(result["selected"] > 0, 0.0)
     result["mean_router_prob"] = mixed["mean_router_prob"]
     for column, numerator in saliency_numerator.items():
         result[column] = (numerator / routed).where(routed > 0, 0.0)
+    if peaks:
+        result[PEAK_COLUMN] = pd.concat(peaks, axis=1).max(axis=1)
     order = [column for column in first.columns if column in result.columns]
     return result[order].reset_index()
 

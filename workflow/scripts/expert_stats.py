@@ -1,5 +1,8 @@
-"""Expert frequency and REAP saliency tables from the router cache and the cached MoE-block inputs: over all
-calibration tokens, per calibration source, and the experts one source uses far more than the others."""
+"""Expert frequency, REAP (and, where the cache has the residual stream, EASY-EP) saliency and peak-output tables
+from the router cache and the cached MoE-block inputs: over all calibration tokens, per calibration source, and the
+experts one source uses far more than the others; and each expert's per-neuron activation peaks."""
+
+from safetensors.torch import save_file
 
 from moe_compress.atomic import atomic_path
 from moe_compress.cache import CacheReader
@@ -8,7 +11,8 @@ from moe_compress.stats import (
     domain_experts,
     expert_frequency,
     expert_frequency_by_source,
-    expert_saliency_tables,
+    expert_statistics,
+    neuron_peaks_tensors,
     with_saliency,
 )
 from moe_compress.streaming import LayerStream, LoadedModel
@@ -23,7 +27,9 @@ else:
     layers = LoadedModel(load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code))
 routing = cache.routing()
 source_names, token_source = cache.token_sources(len(next(iter(routing.values())).logits))
-saliency, saliency_by_source = expert_saliency_tables(layers, cache.moe_inputs(), source_names, token_source)
+residuals = cache.residuals() if cache.has_residual else None  # EASY-EP's residual stream, where cached
+statistics = expert_statistics(layers, cache.moe_inputs(), source_names, token_source, residuals)
+saliency, saliency_by_source = statistics.totals, statistics.by_source
 # mean_router_prob is each router's own probability: its scoring rule says which
 scoring = layers.adapter.scoring_for(layers.model.config)
 table = with_saliency(expert_frequency(routing, scoring), saliency)
@@ -35,6 +41,8 @@ for frame, parquet, csv in [(table, outputs.parquet, outputs.csv), (by_source, o
         frame.to_parquet(tmp, index=False)
     with atomic_path(csv) as tmp:
         frame.to_csv(tmp, index=False)
+with atomic_path(outputs.neuron_peaks) as tmp:
+    save_file(neuron_peaks_tensors(statistics.neuron_peaks), str(tmp))
 specific = domain_experts(by_source)
 with atomic_path(outputs.domain_experts) as tmp:
     specific.to_csv(tmp, index=False)

@@ -1,6 +1,7 @@
 # The expensive step on a real model: one forward pass that caches router logits/decisions and the
 # MoE-block inputs, by default streamed one decoder layer at a time (model.layer_streaming). Its params
-# are only the model and calibration settings, so a changed compression threshold never reruns it.
+# are only the model and calibration settings, so a changed compression threshold never reruns it; and
+# whether some variant's step needs the residual stream entering each MoE sublayer (EASY-EP), cached too.
 
 
 rule cache_router_activations:
@@ -14,6 +15,7 @@ rule cache_router_activations:
     params:
         batch_size=config["cache"]["batch_size"],
         hidden_dtype=config["cache"]["hidden_dtype"],
+        residual=PLAN.cache_residual,
         layer_streaming=config["model"]["layer_streaming"],
         dtype=config["model"]["dtype"],
         device=config["model"]["device"],

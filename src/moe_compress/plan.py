@@ -41,6 +41,8 @@ HUB_MODEL_DIR = "results/models/hub/{repo_id}"
 # the perplexity dataset of each calibration source's held-out documents is <source>_heldout; beside them
 WIKITEXT2 = "wikitext2"
 HELDOUT_SUFFIX = "_heldout"
+# the methods whose statistics need the residual stream entering each MoE sublayer in the cache (EASY-EP)
+RESIDUAL_METHODS = frozenset({"easy_ep_prune"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +94,12 @@ class WorkflowPlan:
     def variant_weights(self) -> dict[str, dict | None]:
         """Each variant's calibration weights (None: the statistics of the whole calibration set)."""
         return {name: variant.get("weights") for name, variant in self.config["variants"].items()}
+
+    @property
+    def cache_residual(self) -> bool:
+        """Whether the cache stores the residual stream entering each MoE sublayer: only where a variant has a
+        step that needs it (``RESIDUAL_METHODS``), as it doubles the cache."""
+        return any(step["method"] in RESIDUAL_METHODS for steps in self.variants.values() for step in steps)
 
     @property
     def sweeps(self) -> dict[str, str]:

@@ -1,0 +1,55 @@
+"""``easy_ep_prune``: EASY-EP (arXiv 2504.06792, its code RUCAIBox/EASYEP). Per MoE layer, an expert's
+score is the sum over the calibration tokens routed to it of its routing weight x the norm of its output x how far
+the routed experts together turn the token's residual stream, max(1 - cos(h, h + r), 0): an expert counts where it
+is chosen, writes much, and the layer's routed output changes the stream's direction. The scores are the
+``easy_ep_saliency`` column of the statistics table (stats.py), which needs the residual stream in the cache: the
+planner caches it when a variant has this step."""
+
+from __future__ import annotations
+
+from moe_compress.errors import ModelError
+from moe_compress.methods.common import (
+    check_keep,
+    inspect_expert_selection,
+    stats_rows,
+    target_options,
+    target_whole_model,
+)
+from moe_compress.methods.pruning import prune_to_highest, prune_to_target
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
+from moe_compress.stats import EASY_EP_COLUMN
+
+
+def easy_ep_prune(model, step: dict, context) -> dict:
+    """Keep the ``keep`` highest-scoring experts per layer, those holding at least ``min_fraction`` of the layer's
+    total score, or the counts of a whole-model ``target``."""
+    if context.stats is None or EASY_EP_COLUMN not in context.stats.columns:
+        raise ModelError(f"easy_ep_prune needs the {EASY_EP_COLUMN} column of the expert statistics table, which "
+                         "expert_stats writes only from a cache holding each MoE layer's residual stream "
+                         "(results/cache/manifest.json: residual true); the workflow builds such a cache when a "
+                         "variant has an easy_ep_prune step: rerun it so results/cache and results/stats are rebuilt")
+    scores, counts = {}, {}
+    for layer, original_ids in context.original_expert_ids.items():
+        scores[layer] = stats_rows(context.stats, context.original_layer(layer), EASY_EP_COLUMN, original_ids)
+        if "target" not in step:
+            counts[layer] = (step["keep"] if "keep" in step
+                             else int((scores[layer] >= step["min_fraction"] * scores[layer].sum()).sum()))
+    if "target" in step:
+        return prune_to_target(model, scores, step, context, EASY_EP_COLUMN)
+    return prune_to_highest(model, scores, counts, context, EASY_EP_COLUMN)
+
+
+def _easy_ep_options(step: dict) -> Problem | None:
+    return exactly_one_of(step, "keep", "min_fraction", "target") or target_options(step)
+
+
+def _inspect(adapter) -> str:
+    return (f"rank experts by EASY-EP saliency (residual stream read at the layer's `{adapter.residual_input}`); "
+            f"{inspect_expert_selection(adapter)}")
+
+
+METHODS = (
+    Method("easy_ep_prune", easy_ep_prune, frozenset({EXPERT_COUNT}), check_options=_easy_ep_options,
+           check_shape=check_keep, whole_model=target_whole_model, reads_statistics=reads_statistics,
+           inspect=_inspect),
+)

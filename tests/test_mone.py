@@ -23,7 +23,8 @@ from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import apply_steps
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.moe_block import block_output, run_expert
-from moe_compress.remote_code.moe_compress_layers import NoviceForm, stored_form_of
+from moe_compress.remote_code.moe_compress_layers import STORED_FORMS, NoviceForm, stored_form_of
+from moe_compress.serving.vllm_plugin import UNSERVED_LAYOUTS, unserved_layouts
 
 IDS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -153,6 +154,7 @@ def test_checkpoint_reloads_with_the_same_logits(model_type, tmp_path):
         assert getattr(experts, adapter.expert_matrices[1]).shape[0] == 8 - len(novices)
         assert experts.novice_constants.shape == (len(novices), model.config.hidden_size)
         assert adapter.block_num_experts(block) == 8
+    assert any("MoNE novice experts" in problem for problem in unserved_layouts(config))
     reloaded = load_model(tmp_path / "ckpt")
     assert_same_model(reloaded, model, IDS)
     # the constants compression.json reports are the stored ones
@@ -189,3 +191,7 @@ def test_options_and_order_are_checked():
     model = tiny_model_of("qwen3_moe")
     with pytest.raises(ModelError, match="more than the 8 experts"):
         apply_steps(model, [validated_step("mone_prune", keep=9)], context_with_inputs(model))
+
+
+def test_the_vllm_plugin_refuses_every_stored_form_it_does_not_serve():
+    assert {form.config_field for form in STORED_FORMS if not form.served} <= set(UNSERVED_LAYOUTS)

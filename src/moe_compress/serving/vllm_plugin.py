@@ -32,6 +32,8 @@ UNSERVED_LAYOUTS = {
     "moe_compress_low_rank": "low-rank experts (factored expert tensors)",
     "moe_compress_dictionary": "dictionary-coded experts (sparse codes over a shared dictionary)",
     "moe_compress_dynamic_skip": "dynamic expert skipping (a top-k that varies per token)",
+    "moe_compress_novice": "MoNE novice experts (constants answering for experts the router still chooses; "
+                           "vLLM's fused-MoE kernels run every chosen expert)",
 }
 
 

@@ -41,6 +41,11 @@ def moe_data(wildcards):
             "manifest": rules.cache_router_activations.output.manifest}
 
 
+def neuron_peaks(wildcards):
+    """Each routed neuron's peak activation, what a protected width cut reads: a dense decoder has none."""
+    return {"neuron_peaks": rules.expert_stats.output.neuron_peaks} if PLAN.is_moe else {}
+
+
 def as_json(value):
     """Params as canonical JSON: any change to a value changes the string Snakemake compares."""
     return json.dumps(value, sort_keys=True)

@@ -12,6 +12,7 @@ rule compress:
     input:
         unpack(moe_data),
         unpack(weighted_stats),
+        unpack(neuron_peaks),
         model=MODEL_DIR,
         calibration=rules.sample_calibration.output.samples,
     output:

@@ -6,7 +6,8 @@ from moe_compress.cache import read_moe_inputs
 from moe_compress.calibration import read_samples
 from moe_compress.methods import CompressionContext, apply_steps, whole_model_reason
 from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
-from moe_compress.stats import statistics_for
+from moe_compress.methods.protection import needs_neuron_peaks
+from moe_compress.stats import read_neuron_peaks, statistics_for
 from moe_compress.workflow import finish_job, json_param, start_job
 
 log = start_job(snakemake, partial_reads={"cache": []})
@@ -23,7 +24,9 @@ context = CompressionContext.for_model(model, stats=stats,
                                        moe_inputs=read_moe_inputs(snakemake.input.manifest, device=model.device)
                                        if moe else None,
                                        heldout_fraction=params.heldout_fraction,
-                                       calibration_ids=torch.from_numpy(read_samples(snakemake.input.calibration)))
+                                       calibration_ids=torch.from_numpy(read_samples(snakemake.input.calibration)),
+                                       neuron_peaks=read_neuron_peaks(snakemake.input.neuron_peaks)
+                                       if moe and needs_neuron_peaks(steps) else None)
 reports = apply_steps(model, steps, context)
 record = save_checkpoint(model, load_tokenizer(snakemake.input.model), snakemake.output[0],
                          {"variant": snakemake.wildcards.variant, "source_model": str(snakemake.input.model),

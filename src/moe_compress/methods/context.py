@@ -16,6 +16,8 @@ class CompressionContext:
     """What steps may read besides the model.
 
     - ``stats``: the expert frequency table of the original model;
+    - ``neuron_peaks``: {layer: [experts, intermediate]} each routed expert neuron's peak activation in the
+      original model (what protects super neurons from a width cut), where a step needs them;
     - ``original_expert_ids``: which original expert each current expert slot holds, per layer, so a
       later step can still look up the statistics of an earlier step's survivors;
     - ``original_layers``: the original model's index of each decoder layer, where a step (``drop_layers``)
@@ -37,6 +39,7 @@ class CompressionContext:
     """
 
     stats: pd.DataFrame | None = None
+    neuron_peaks: dict[int, torch.Tensor] | None = None
     original_expert_ids: dict[int, torch.Tensor] = field(default_factory=dict)
     original_layers: dict[int, int] = field(default_factory=dict)
     moe_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -50,9 +53,10 @@ class CompressionContext:
     @classmethod
     def for_model(cls, model, stats: pd.DataFrame | None = None, moe_inputs: dict[int, torch.Tensor] | None = None,
                   heldout_fraction: float = 0.1, calibration_ids: torch.Tensor | None = None,
-                  layers: set[int] | None = None) -> "CompressionContext":
+                  layers: set[int] | None = None,
+                  neuron_peaks: dict[int, torch.Tensor] | None = None) -> "CompressionContext":
         context = cls(stats=stats, moe_inputs=moe_inputs or {}, heldout_fraction=heldout_fraction,
-                      calibration_ids=calibration_ids, layers=layers)
+                      calibration_ids=calibration_ids, layers=layers, neuron_peaks=neuron_peaks)
         adapter = adapter_for(model.config)
         context.original_expert_ids = {index: torch.arange(adapter.block_num_experts(block), device="cpu")
                                        for index, block in context.moe_blocks(model).items()}

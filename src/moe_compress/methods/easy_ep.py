@@ -36,7 +36,7 @@ def easy_ep_prune(model, step: dict, context) -> dict:
                              else int((scores[layer] >= step["min_fraction"] * scores[layer].sum()).sum()))
     if "target" in step:
         return prune_to_target(model, scores, step, context, EASY_EP_COLUMN)
-    return prune_to_highest(model, scores, counts, context, EASY_EP_COLUMN)
+    return prune_to_highest(model, scores, counts, context, EASY_EP_COLUMN, step)
 
 
 def _easy_ep_options(step: dict) -> Problem | None:

@@ -37,6 +37,7 @@ from moe_compress.methods.registry import (
     alignment_problem,
     exactly_one_of,
 )
+from moe_compress.methods.protection import protected_neurons
 from moe_compress.methods.resize import skeleton
 from moe_compress.moe_block import expert_activation
 from moe_compress.remote_code.moe_compress_layers import stored_form_of
@@ -148,20 +149,23 @@ def routed_experts(adapter, block, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _global_widths(importance: dict[int, torch.Tensor], total: int,
-                   routed: dict[int, torch.Tensor]) -> dict[int, int]:
+                   routed: dict[int, torch.Tensor], floors: dict[int, int] | None = None) -> dict[int, int]:
     """Per-layer widths summing to ``total`` (both in multiples of ALIGNMENT): the best blocks of ALIGNMENT
     neuron slots over all layers, a slot worth the layer's summed importance of its routed experts' r-th best
     neurons (``routed``: [E] bool per layer; an unrouted expert's weight-based scores are not comparable),
-    at least one block per layer."""
+    at least one block per layer, and at least ``floors[layer]`` neurons (a multiple of ALIGNMENT) where given."""
     layers = sorted(importance)
+    floors = floors or {}
     block_scores = []
     for layer in layers:
         slots = importance[layer][routed[layer]].sort(dim=1, descending=True).values.sum(dim=0)
         block_scores.append(slots[:len(slots) // ALIGNMENT * ALIGNMENT].reshape(-1, ALIGNMENT).sum(dim=1))
-    widths = {layer: ALIGNMENT for layer in layers}
-    rest = torch.cat([scores[1:] for scores in block_scores])
-    owner = torch.cat([torch.full((len(scores) - 1,), position) for position, scores in enumerate(block_scores)])
-    chosen = torch.argsort(rest, descending=True, stable=True)[:max(0, total // ALIGNMENT - len(layers))]
+    widths = {layer: max(ALIGNMENT, floors.get(layer, 0)) for layer in layers}
+    first = [widths[layer] // ALIGNMENT for layer in layers]  # blocks each layer keeps before the ranking
+    rest = torch.cat([scores[skip:] for scores, skip in zip(block_scores, first)])
+    owner = torch.cat([torch.full((len(scores) - skip,), position)
+                       for position, (scores, skip) in enumerate(zip(block_scores, first))])
+    chosen = torch.argsort(rest, descending=True, stable=True)[:max(0, total // ALIGNMENT - sum(first))]
     for position in owner[chosen].tolist():
         widths[layers[position]] += ALIGNMENT
     return widths
@@ -185,18 +189,29 @@ def prune_expert_width(model, step: dict, context) -> dict:
         problem = alignment_problem(step, width, "neurons per expert")
         if problem:
             raise ModelError(f"prune_expert_width.{problem.option}, MoE layer {layer}: {problem.message}")
+    protected, protection = protected_neurons(step, context, widths_before)
+    # each expert keeps its protected neurons first: a layer is at least as wide as its most protected expert
+    floors = {layer: -(-int(mask.sum(dim=1).max()) // ALIGNMENT) * ALIGNMENT for layer, mask in protected.items()}
     if step["allocation"] == "uniform":
         targets = {layer: aligned_count(step, width) for layer, width in widths_before.items()}
+        narrow = {layer: floor for layer, floor in floors.items() if targets[layer] < floor}
+        if narrow:
+            layer, floor = next(iter(narrow.items()))
+            raise ModelError(f"prune_expert_width: MoE layer {layer} keeps {targets[layer]} neurons per expert, but "
+                             f"one of its experts has more protected neurons; keep at least {floor}")
     else:
         total = sum(aligned_count(step, width) for width in widths_before.values())
-        targets = _global_widths(importance, total, routed)
+        targets = _global_widths(importance, total, routed, floors)
     report = {"layers": {}}
+    if protection is not None:
+        report["protected_neurons"] = protection
     for layer, block in context.each_block(model):
         keep = targets[layer]
         if keep > widths_before[layer]:
             raise ModelError(f"prune_expert_width: keeps {keep} neurons; the experts of layer {layer} have "
                              f"{widths_before[layer]}")
-        neurons = torch.argsort(importance[layer], dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
+        ranked = importance[layer].masked_fill(protected[layer], float("inf")) if layer in protected else importance[layer]
+        neurons = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
         if keep < widths_before[layer]:
             cut_block_width(adapter, block, neurons)
         kept_share = importance[layer].gather(1, neurons).sum() / importance[layer].sum().clamp_min(1e-300)

@@ -24,14 +24,17 @@ cluster by one expert, so the expert count, and with it the parameter count, rea
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from moe_compress.architectures import adapter_for
-from moe_compress.errors import ConfigError
+from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods.allocation import allocate, expert_budget
 from moe_compress.methods.common import expert_tensors, kept_rank, target_options, target_whole_model
-from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
+from moe_compress.methods.protection import protected_experts
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics_to_protect
 from moe_compress.moe_block import block_output, block_output_with, relative_error, route, run_expert, selection_counts
 
 log = logging.getLogger(__name__)
@@ -245,6 +248,25 @@ def learn_coefficients(adapter, block, clusters, init_coefficients, init_router_
 
 
 
+def clusters_sparing(centroids: torch.Tensor, merges: int, step: dict, protected: np.ndarray | None,
+                     layer: int) -> list[list[int]]:
+    """The step's grouping of the experts into ``len(centroids) - merges`` clusters, the ``protected`` experts
+    (a bool per expert) each left a cluster of its own: only the others are grouped, with the same merges."""
+    spared = np.zeros(len(centroids), dtype=bool) if protected is None else protected
+    others = np.flatnonzero(~spared)
+    if merges >= len(others):
+        raise ModelError(f"layer {layer}: {merges} merges need {merges + 1} experts that are not protected; "
+                         f"{int(spared.sum())} of the {len(centroids)} are protected")
+    points = centroids[torch.from_numpy(others)]
+    if step["grouping"] == "kmeans":
+        grouped = kmeans_clusters(points, len(others) - merges, step["seed"])
+    else:
+        grouped = average_linkage_clusters(points, merges, step.get("max_cluster_size"))
+    clusters = [[int(others[member]) for member in cluster] for cluster in grouped]
+    clusters += [[int(expert)] for expert in np.flatnonzero(spared)]
+    return sorted(clusters, key=lambda cluster: cluster[0])
+
+
 def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor, step: dict, fit: torch.Tensor,
                 heldout: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
     """Replace ``block``'s experts by one merged expert per cluster (in cluster order); return the
@@ -276,9 +298,10 @@ def merge_layer(adapter, block, clusters: list[list[int]], counts: torch.Tensor,
     return coefficients, measured
 
 
-def merges_for_target(model, step: dict, context) -> tuple[dict[int, int], dict]:
+def merges_for_target(model, step: dict, context, protected: dict[int, np.ndarray]) -> tuple[dict[int, int], dict]:
     """Merges per layer that meet the step's whole-model ``target``: the experts each layer keeps are
-    allocated on their selection counts over the fit tokens (global allocation compares layers by them)."""
+    allocated on their selection counts over the fit tokens (global allocation compares layers by them); a layer
+    keeps at least its ``protected`` experts and one more cluster for the rest."""
     adapter = adapter_for(model.config)
     counts = {}
     with torch.no_grad():
@@ -286,6 +309,9 @@ def merges_for_target(model, step: dict, context) -> tuple[dict[int, int], dict]
             _, indices = route(adapter, block, context.split_inputs(layer)[0])
             counts[layer] = selection_counts(indices, adapter.block_num_experts(block)).cpu().numpy()
     budget = expert_budget(model, context)
+    protected_floor = {layer: int(mask.sum()) + int(not mask.all()) for layer, mask in protected.items()}
+    budget = replace(budget, floor={layer: max(floor, protected_floor.get(layer, 0))
+                                    for layer, floor in budget.floor.items()})
     kept, allocation = allocate(step["target"], step.get("allocation", "uniform"), counts, budget)
     return {layer: budget.count[layer] - kept[layer] for layer in kept}, allocation
 
@@ -294,8 +320,11 @@ def hc_merge(model, step: dict, context) -> dict:
     context.require_inputs("hc_merge")
     adapter = adapter_for(model.config)
     report = {"clusters": {}, "layers": {}, "adaptations": {}}
+    protected, protection = protected_experts(step, context)
+    if protection is not None:
+        report["protected"] = protection
     if "target" in step:
-        merges_per_layer, allocation = merges_for_target(model, step, context)
+        merges_per_layer, allocation = merges_for_target(model, step, context, protected)
         report.update(allocation)
     else:
         merges_per_layer = {layer: step["merges_per_layer"] for layer in context.moe_blocks(model)}
@@ -307,10 +336,7 @@ def hc_merge(model, step: dict, context) -> dict:
             continue
         with torch.no_grad():
             centroids, counts = expert_centroids(adapter, block, fit, step["centroid"])
-        if step["grouping"] == "kmeans":
-            clusters = kmeans_clusters(centroids, num_experts - merges, step["seed"])
-        else:
-            clusters = average_linkage_clusters(centroids, merges, step.get("max_cluster_size"))
+        clusters = clusters_sparing(centroids, merges, step, protected.get(layer), layer)
         coefficients, measured = merge_layer(adapter, block, clusters, counts, step, fit, heldout)
         if "adaptations" in measured:
             report["adaptations"][str(layer)] = measured.pop("adaptations")
@@ -346,4 +372,5 @@ def _inspect(adapter) -> str:
 
 
 METHODS = (Method("hc_merge", hc_merge, frozenset({EXPERT_COUNT}), check_options=_merge_options,
-                  check_shape=_merge_shape, whole_model=target_whole_model, inspect=_inspect),)
+                  check_shape=_merge_shape, whole_model=target_whole_model, inspect=_inspect,
+                  reads_statistics=reads_statistics_to_protect),)

@@ -4,6 +4,7 @@ the survivors exactly as the architecture does."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from moe_compress.methods.common import (
     target_options,
     target_whole_model,
 )
+from moe_compress.methods.protection import protected_counts, protected_experts
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import selected_within_top
 
@@ -49,51 +51,82 @@ def rank_slots(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def keep_highest(scores: np.ndarray, n: int, top_k: int) -> tuple[torch.Tensor, bool]:
+def keep_highest(scores: np.ndarray, n: int, top_k: int,
+                 protected: np.ndarray | None = None) -> tuple[torch.Tensor, bool]:
     """The slots (sorted) of the ``n`` highest ``scores``, ``n`` raised to the layer's current ``top_k``
-    (a layer keeps at least as many experts as it routes each token to). Returns (slots, whether n was
-    raised)."""
-    floored = n < top_k
-    return torch.from_numpy(np.sort(rank_slots(scores)[:min(max(n, top_k), len(scores))])), floored
+    (a layer keeps at least as many experts as it routes each token to). ``protected`` (a bool per slot): slots
+    kept whatever their score, ahead of the ranking, ``n`` raised to their number if needed. Returns (slots,
+    whether n was raised)."""
+    order = rank_slots(scores)
+    floor = top_k
+    if protected is not None and protected.any():
+        order = np.concatenate([order[protected[order]], order[~protected[order]]])
+        floor = max(top_k, int(protected.sum()))
+    raised = n < floor
+    return torch.from_numpy(np.sort(order[:min(max(n, floor), len(scores))])), raised
 
 
-def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int], context, score: str) -> dict:
-    """Keep, per layer, the ``counts[layer]`` experts with the highest ``scores[layer]`` (one score per
-    current slot, named ``score``) and describe it: what the architecture adapted, how many were kept,
-    their original ids, the layers raised to their top-k, and the ranking (every expert the step ranked,
-    by original id, highest score first, with its score): what the checkpoint's pruning_plan.json is
-    written from."""
+def choose_kept(model, scores: dict[int, np.ndarray], step: dict, context, score: str,
+                counts: dict[int, int] | None = None) -> tuple[dict[int, torch.Tensor], dict]:
+    """Which experts each layer keeps: per layer the ``counts[layer]`` highest ``scores[layer]`` (one score per
+    current slot, named ``score``), or with the step's whole-model ``target`` the counts its ``allocation`` gives;
+    the experts the step's ``protect`` names are kept first whatever their score (methods/protection.py).
+    Returns ({layer: kept slots, sorted}, the report: how many each layer keeps, the layers raised to their top-k
+    or to their protected experts, the protected experts, and the ranking (every expert the step ranked, by
+    original id, highest score first, with its score): what the checkpoint's pruning_plan.json is written
+    from). Nothing is changed: the caller removes, merges or substitutes the others."""
     adapter = adapter_for(model.config)
     blocks = context.moe_blocks(model)
+    protected, protection = protected_experts(step, context)
+    report = {}
+    if counts is None:
+        budget = expert_budget(model, context)
+        # a layer keeps at least its protected experts, as it keeps at least its top-k
+        floors = {layer: max(floor, protected_counts(protected).get(layer, 0)) for layer, floor in budget.floor.items()}
+        counts, allocation = allocate(step["target"], step.get("allocation", "uniform"), scores,
+                                      replace(budget, floor=floors))
+        report.update(allocation)
     keep_per_layer, floored, ranking = {}, [], {}
     for layer, layer_scores in scores.items():
         order = rank_slots(layer_scores)
-        # read before prune_experts replaces the layer's original ids by the survivors'
         ranking[str(layer)] = {"ids": context.original_expert_ids[layer][torch.from_numpy(order)].tolist(),
                                "scores": np.asarray(layer_scores)[order].tolist()}
         top_k = adapter.router_settings(blocks[layer])["top_k"]  # the layer's own, which may differ per layer
-        keep_per_layer[layer], raised = keep_highest(layer_scores, counts[layer], top_k)
+        keep_per_layer[layer], raised = keep_highest(layer_scores, counts[layer], top_k, protected.get(layer))
         if raised:
             floored.append(layer)
     if floored:
-        log.warning("layers %s kept fewer experts than they route each token to; raised to that number", floored)
-    adaptations = prune_experts(model, keep_per_layer, context)
-    return {
-        "adaptations": adaptations,
+        log.warning("layers %s would have kept fewer experts than they route each token to or than they protect; "
+                    "raised to that number", floored)
+    report.update({
         "kept_per_layer": {str(layer): len(keep) for layer, keep in keep_per_layer.items()},
-        "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
         "floored_to_top_k": floored,
         "score": score,
         "ranking": ranking,
+    })
+    if protection is not None:
+        report["protected"] = protection
+    return keep_per_layer, report
+
+
+def prune_to_highest(model, scores: dict[int, np.ndarray], counts: dict[int, int] | None, context,
+                     score: str, step: dict | None = None) -> dict:
+    """Keep, per layer, the ``counts[layer]`` experts with the highest ``scores[layer]`` (or, with
+    ``counts`` None, the counts of the step's target; see ``choose_kept``), remove the others and describe it:
+    ``choose_kept``'s report plus what the architecture adapted and the kept experts' original ids."""
+    keep_per_layer, report = choose_kept(model, scores, step or {}, context, score, counts)
+    adaptations = prune_experts(model, keep_per_layer, context)
+    return {
+        "adaptations": adaptations,
+        **report,
+        "kept_original_ids": {str(layer): context.original_expert_ids[layer].tolist() for layer in keep_per_layer},
     }
 
 
 def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context, score: str) -> dict:
     """Keep the highest ``scores`` in the counts that meet the step's whole-model ``target``
     (``allocation``: uniform or global, see methods/allocation.py)."""
-    counts, allocation = allocate(step["target"], step.get("allocation", "uniform"), scores,
-                                  expert_budget(model, context))
-    return {**prune_to_highest(model, scores, counts, context, score), **allocation}
+    return prune_to_highest(model, scores, None, context, score, step)
 
 
 # --- frequency_prune ---------------------------------------------------------------------------
@@ -125,7 +158,7 @@ def frequency_prune(model, step: dict, context) -> dict:
     if step.get("uniform"):
         per_layer = step.get("keep") or int(round(np.mean(list(thresholds_kept.values()))))
         thresholds_kept = dict.fromkeys(thresholds_kept, per_layer)
-    return prune_to_highest(model, usage, thresholds_kept, context, FREQUENCY_SCORE)
+    return prune_to_highest(model, usage, thresholds_kept, context, FREQUENCY_SCORE, step)
 
 
 def _frequency_options(step: dict) -> Problem | None:
@@ -176,7 +209,7 @@ def reap_prune(model, step: dict, context) -> dict:
                              else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
     if "target" in step:
         return prune_to_target(model, saliency, step, context, column)
-    return prune_to_highest(model, saliency, counts, context, column)
+    return prune_to_highest(model, saliency, counts, context, column, step)
 
 
 def _reap_options(step: dict) -> Problem | None:

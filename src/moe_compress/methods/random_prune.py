@@ -8,7 +8,7 @@ import numpy as np
 
 from moe_compress.methods.common import check_keep, inspect_expert_selection, target_options, target_whole_model
 from moe_compress.methods.pruning import prune_to_highest, prune_to_target
-from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of
+from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics_to_protect
 
 
 RANDOM_SCORE = "random"  # the score's name in the pruning plan
@@ -24,7 +24,7 @@ def random_prune(model, step: dict, context) -> dict:
               for layer, original_ids in context.original_expert_ids.items()}
     if "target" in step:
         return prune_to_target(model, scores, step, context, RANDOM_SCORE)
-    return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context, RANDOM_SCORE)
+    return prune_to_highest(model, scores, dict.fromkeys(scores, step["keep"]), context, RANDOM_SCORE, step)
 
 
 def _random_options(step: dict) -> Problem | None:
@@ -32,4 +32,5 @@ def _random_options(step: dict) -> Problem | None:
 
 
 METHODS = (Method("random_prune", random_prune, frozenset({EXPERT_COUNT}), check_options=_random_options,
-                  check_shape=check_keep, whole_model=target_whole_model, inspect=inspect_expert_selection),)
+                  check_shape=check_keep, whole_model=target_whole_model, inspect=inspect_expert_selection,
+                  reads_statistics=reads_statistics_to_protect),)

@@ -93,6 +93,11 @@ def reads_statistics(step: dict) -> bool:
     return True
 
 
+def reads_statistics_to_protect(step: dict) -> bool:
+    """For methods that read the statistics table only to find the experts their ``protect`` option names."""
+    return "protect" in step
+
+
 def _layer_by_layer(step: dict) -> str | None:
     return None
 
@@ -193,10 +198,16 @@ def variant_problems(steps: list[dict]) -> list[tuple[int, Problem]]:
                 not_dense = (index, what)
         if record.last and index != len(steps) - 1:
             problems.append((index, Problem("method", f"{record.name} must be the last step of a variant")))
-        problem = record.check_options(step)
+        problem = record.check_options(step) or _protect_problem(step)
         if problem:
             problems.append((index, problem))
     return problems
+
+
+def _protect_problem(step: dict) -> Problem | None:
+    from moe_compress.methods.protection import protect_problem  # protection reads this module's Problem
+
+    return protect_problem(step) if "protect" in step else None
 
 
 def shape_problem(step: dict, shape: ModelShape) -> Problem | None:

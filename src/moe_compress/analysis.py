@@ -527,6 +527,21 @@ def _add_moe_facts(row: dict, entry: dict, adapter, config, says: _ConfigSays, h
     row["shared_expert_width"] = _width(shared, hidden) if shared else None
 
 
+def protected_by_steps(path: Path) -> dict[str, list[dict]]:
+    """The super experts and super neurons the checkpoint's steps protected (compression.json's step reports):
+    {"experts": [{layer, expert, peak_output}], "neurons": [{layer, expert, neuron, peak}]}, original ids."""
+    record = read_compression_record(path) or {}
+    protected = {"experts": [], "neurons": []}
+    for report in record.get("step_reports") or []:
+        for entry in report.get("protected") or []:
+            if entry not in protected["experts"]:
+                protected["experts"].append(entry)
+        for entry in report.get("protected_neurons") or []:
+            if entry not in protected["neurons"]:
+                protected["neurons"].append(entry)
+    return protected
+
+
 def _layer_row(index: int, entry: dict, layout: _Layout, config, says: _ConfigSays, hidden: int | None,
                notes: list[str]) -> dict:
     """One decoder layer's row: its kind, heads, experts or MLP width, and parameters and bytes by module type."""
@@ -607,6 +622,7 @@ def analyze_checkpoint(path: str | Path, name: str | None = None, trust_remote_c
         "tensors": len(tensors),
         "files": sorted({facts["file"] for facts in tensors.values()}),
         "layers": per_layer,
+        "protected": protected_by_steps(path),
         "notes": notes,
     }
 
@@ -713,6 +729,18 @@ def to_markdown(analysis: dict) -> str:
         lines += _table(["model", *MODULE_TYPES, "total"],
                         [[_label(model), *(show(model[key][kind]) if model[key][kind] else "–"
                                            for kind in MODULE_TYPES), show(model[key]["total"])] for model in models])
+    protecting = [model for model in models if model.get("protected", {}).get("experts")
+                  or model.get("protected", {}).get("neurons")]
+    if protecting:
+        lines += ["", "## Protected super experts and neurons", "",
+                  "What a step's `protect` kept (original layer and expert ids; the peak is the largest absolute "
+                  "down-projection output, or for a neuron its activation, over the calibration tokens).", ""]
+        lines += _table(["model", "super experts (layer:expert, peak)", "super neurons (layer:expert:neuron, peak)"],
+                        [[_label(model),
+                          ", ".join(f"{e['layer']}:{e['expert']} ({e['peak_output']:.3g})"
+                                    for e in model["protected"]["experts"]) or "–",
+                          ", ".join(f"{n['layer']}:{n['expert']}:{n['neuron']} ({n['peak']:.3g})"
+                                    for n in model["protected"]["neurons"]) or "–"] for model in protecting])
     lines += ["", "## Per layer"]
     for model in models:
         lines += ["", f"### {_label(model)}", ""]

@@ -31,7 +31,7 @@ from moe_compress.cache import CacheReader, build_cache, read_router_cache
 from moe_compress.config import check_variants_against_model
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.pruning import prune_experts
+from moe_compress.methods.expert_selection import prune_experts
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_frequency, expert_saliency, with_saliency
 from moe_compress.streaming import LayerStream

@@ -12,7 +12,7 @@ from moe_compress.architectures import adapter_for
 from moe_compress.cache import build_cache, read_router_cache
 from moe_compress.evaluate.perplexity import perplexity
 from moe_compress.methods import CompressionContext, apply_steps
-from moe_compress.methods.pruning import prune_experts
+from moe_compress.methods.expert_selection import prune_experts
 from moe_compress.modelio import load_model, save_checkpoint
 from moe_compress.stats import expert_frequency
 

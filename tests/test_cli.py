@@ -21,7 +21,7 @@ from moe_compress.cli import (
     step_support,
 )
 from moe_compress.methods import CompressionContext
-from moe_compress.methods.pruning import prune_experts
+from moe_compress.methods.expert_selection import prune_experts
 from moe_compress.methods.registry import methods
 from moe_compress.modelio import save_checkpoint
 

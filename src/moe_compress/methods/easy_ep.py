@@ -15,7 +15,7 @@ from moe_compress.methods.common import (
     target_options,
     target_whole_model,
 )
-from moe_compress.methods.pruning import prune_to_highest, prune_to_target
+from moe_compress.methods.expert_selection import prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import EASY_EP_COLUMN
 

@@ -27,7 +27,7 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import check_keep, expert_tensors, target_options, target_whole_model
-from moe_compress.methods.pruning import choose_kept
+from moe_compress.methods.expert_selection import choose_kept
 from moe_compress.methods.registry import EXPERT_NOVICES, Method, Problem, exactly_one_of
 from moe_compress.moe_block import route, run_expert
 from moe_compress.remote_code.moe_compress_layers import convert_to_novices, stored_form_of

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_compress.methods.common import check_keep, inspect_expert_selection, target_options, target_whole_model
-from moe_compress.methods.pruning import prune_to_highest, prune_to_target
+from moe_compress.methods.expert_selection import prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics_to_protect
 
 

@@ -31,7 +31,7 @@ from moe_compress.config import (
 )
 from moe_compress.errors import ConfigError
 from moe_compress.hub import configure_hub_environment, fetch_model_config, is_hub_id
-from moe_compress.methods import whole_model_reason
+from moe_compress.methods import method, whole_model_reason
 from moe_compress.modelio import check_model_dir, context_length, hub_dir_name, model_shape
 from moe_compress.quantized import check_source_quantization
 
@@ -41,8 +41,6 @@ HUB_MODEL_DIR = "results/models/hub/{repo_id}"
 # the perplexity dataset of each calibration source's held-out documents is <source>_heldout; beside them
 WIKITEXT2 = "wikitext2"
 HELDOUT_SUFFIX = "_heldout"
-# the methods whose statistics need the residual stream entering each MoE sublayer in the cache (EASY-EP)
-RESIDUAL_METHODS = frozenset({"easy_ep_prune"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,8 +96,8 @@ class WorkflowPlan:
     @property
     def cache_residual(self) -> bool:
         """Whether the cache stores the residual stream entering each MoE sublayer: only where a variant has a
-        step that needs it (``RESIDUAL_METHODS``), as it doubles the cache."""
-        return any(step["method"] in RESIDUAL_METHODS for steps in self.variants.values() for step in steps)
+        step that needs it (``Method.reads_residual``), as it doubles the cache."""
+        return any(method(step["method"]).reads_residual for steps in self.variants.values() for step in steps)
 
     @property
     def sweeps(self) -> dict[str, str]:

@@ -51,5 +51,5 @@ def _inspect(adapter) -> str:
 METHODS = (
     Method("easy_ep_prune", easy_ep_prune, frozenset({EXPERT_COUNT}), check_options=_easy_ep_options,
            check_shape=check_keep, whole_model=target_whole_model, reads_statistics=reads_statistics,
-           inspect=_inspect),
+           reads_residual=True, inspect=_inspect),
 )

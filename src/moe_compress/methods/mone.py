@@ -28,7 +28,7 @@ from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import check_keep, expert_tensors, target_options, target_whole_model
 from moe_compress.methods.expert_selection import choose_kept
-from moe_compress.methods.registry import EXPERT_NOVICES, Method, Problem, exactly_one_of
+from moe_compress.methods.registry import EXPERT_NOVICES, Method, Problem, exactly_one_of, reads_statistics_to_protect
 from moe_compress.moe_block import route, run_expert
 from moe_compress.remote_code.moe_compress_layers import convert_to_novices, stored_form_of
 
@@ -116,5 +116,5 @@ def _mone_inspect(adapter) -> str:
 
 METHODS = (
     Method("mone_prune", mone_prune, frozenset({EXPERT_NOVICES}), check_options=_mone_options, check_shape=check_keep,
-           whole_model=target_whole_model, inspect=_mone_inspect),
+           whole_model=target_whole_model, inspect=_mone_inspect, reads_statistics=reads_statistics_to_protect),
 )

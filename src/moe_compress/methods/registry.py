@@ -119,6 +119,8 @@ class Method:
       whole heads), run on a weightless skeleton when the workflow is parsed;
     - ``reads_statistics(step)``: whether the step reads the expert statistics table (what a variant's
       calibration ``weights`` re-weight);
+    - ``reads_residual``: its statistics need the residual stream entering each MoE sublayer, which the cache
+      then stores (the planner's ``cache_residual``);
     - ``inspect(adapter)``: one line: what the step does on this architecture (``moe-compress inspect``
       prints it; every record has one, tests/test_config.py checks it).
     """
@@ -133,6 +135,7 @@ class Method:
     any_decoder: bool = False
     check_model: Callable[[dict, object], Problem | None] | None = None
     reads_statistics: Callable[[dict], bool] = _reads_no_statistics
+    reads_residual: bool = False
     inspect: Callable[[MoEArchitecture], str] | None = None
 
 

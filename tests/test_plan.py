@@ -5,11 +5,11 @@ import copy
 import pytest
 
 from helpers import REPO, make_tokenizer, tiny_model_of
-from moe_compress.config import read_config_file
+from moe_compress.config import HUB_CALIBRATION_CORPUS, read_config_file
 from moe_compress.errors import ConfigError, ModelError
 from moe_compress.hub import OFFLINE_ENVIRONMENT
 from moe_compress.methods import whole_model_reason
-from moe_compress.plan import DEMO_MODEL_DIR, HUB_CALIBRATION_CORPUS, plan_workflow
+from moe_compress.plan import DEMO_MODEL_DIR, plan_workflow
 
 # the demo: 16 experts per layer, top-4, 4 layers
 DEMO = {

@@ -15,8 +15,8 @@ from transformers import AutoConfig
 from helpers import ARCHITECTURE_TYPES, context_with_inputs, make_tokenizer, tiny_model_of
 from moe_compress.architectures import adapter_for
 from moe_compress.final_table import final_table, to_markdown
-from moe_compress.methods.expert_width import block_width, cut_block_width
 from moe_compress.methods.expert_selection import prune_experts
+from moe_compress.methods.expert_width import block_width, cut_block_width
 from moe_compress.methods.resize import skeleton
 from moe_compress.modelio import save_checkpoint
 from moe_compress.serving.agreement import LOGPROB_TOLERANCE, compare, summarize

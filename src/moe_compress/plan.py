@@ -17,7 +17,6 @@ from functools import cached_property
 from pathlib import Path
 
 from moe_compress.config import (
-    HUB_CALIBRATION_CORPUS,
     check_config_files,
     check_lengths_against_model,
     check_reference,

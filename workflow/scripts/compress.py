@@ -5,8 +5,8 @@ import torch
 from moe_compress.cache import read_moe_inputs
 from moe_compress.calibration import read_samples
 from moe_compress.methods import CompressionContext, apply_steps, whole_model_reason
-from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
 from moe_compress.methods.protection import needs_neuron_peaks
+from moe_compress.modelio import load_model, load_tokenizer, save_checkpoint
 from moe_compress.stats import read_neuron_peaks, statistics_for
 from moe_compress.workflow import finish_job, json_param, start_job
 

@@ -25,9 +25,9 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
+from moe_compress.methods.common import KV_HEADS, QUERY_HEADS, head_counts
 from moe_compress.methods.context import calibration_forward
 from moe_compress.methods.registry import ATTENTION_HEADS, Method, Problem, exactly_one_of
-from moe_compress.methods.common import KV_HEADS, QUERY_HEADS, head_counts
 from moe_compress.methods.resize import Axis, adopt_config, cut_tensors, follow_map, layer_of
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,15 @@ def stats_rows(stats, layer: int, column: str, original_ids: torch.Tensor) -> np
     return rows.loc[original_ids.numpy(), column].to_numpy()
 
 
+def column_scores(context, column: str, method: str, missing: str) -> dict:
+    """{layer: ``column`` of the statistics table for the experts the layer holds now}, for every layer the step
+    works on; a table without the column fails naming it, the method and ``missing`` (where it comes from)."""
+    if context.stats is None or column not in context.stats.columns:
+        raise ModelError(f"{method} needs the {column} column of the expert statistics table{missing}")
+    return {layer: stats_rows(context.stats, context.original_layer(layer), column, original_ids)
+            for layer, original_ids in context.original_expert_ids.items()}
+
+
 def check_keep(step: dict, shape) -> Problem | None:
     """``keep`` may not exceed the experts a layer has."""
     if step.get("keep") is not None and step["keep"] > shape.num_experts:

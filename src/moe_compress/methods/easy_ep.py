@@ -7,15 +7,14 @@ planner caches it when a variant has this step."""
 
 from __future__ import annotations
 
-from moe_compress.errors import ModelError
 from moe_compress.methods.common import (
     check_keep,
+    column_scores,
     inspect_expert_selection,
-    stats_rows,
     target_options,
     target_whole_model,
 )
-from moe_compress.methods.expert_selection import prune_to_highest, prune_to_target
+from moe_compress.methods.expert_selection import prune_by_scores
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import EASY_EP_COLUMN
 
@@ -23,20 +22,12 @@ from moe_compress.stats import EASY_EP_COLUMN
 def easy_ep_prune(model, step: dict, context) -> dict:
     """Keep the ``keep`` highest-scoring experts per layer, those holding at least ``min_fraction`` of the layer's
     total score, or the counts of a whole-model ``target``."""
-    if context.stats is None or EASY_EP_COLUMN not in context.stats.columns:
-        raise ModelError(f"easy_ep_prune needs the {EASY_EP_COLUMN} column of the expert statistics table, which "
-                         "expert_stats writes only from a cache holding each MoE layer's residual stream "
-                         "(results/cache/manifest.json: residual true); the workflow builds such a cache when a "
-                         "variant has an easy_ep_prune step: rerun it so results/cache and results/stats are rebuilt")
-    scores, counts = {}, {}
-    for layer, original_ids in context.original_expert_ids.items():
-        scores[layer] = stats_rows(context.stats, context.original_layer(layer), EASY_EP_COLUMN, original_ids)
-        if "target" not in step:
-            counts[layer] = (step["keep"] if "keep" in step
-                             else int((scores[layer] >= step["min_fraction"] * scores[layer].sum()).sum()))
-    if "target" in step:
-        return prune_to_target(model, scores, step, context, EASY_EP_COLUMN)
-    return prune_to_highest(model, scores, counts, context, EASY_EP_COLUMN, step)
+    scores = column_scores(context, EASY_EP_COLUMN, "easy_ep_prune",
+                           ", which expert_stats writes only from a cache holding each MoE layer's residual stream "
+                           "(results/cache/manifest.json: residual true); the workflow builds such a cache when a "
+                           "variant has an easy_ep_prune step: rerun it so results/cache and results/stats are "
+                           "rebuilt")
+    return prune_by_scores(model, scores, step, context, EASY_EP_COLUMN)
 
 
 def _easy_ep_options(step: dict) -> Problem | None:

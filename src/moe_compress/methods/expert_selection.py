@@ -121,3 +121,18 @@ def prune_to_target(model, scores: dict[int, np.ndarray], step: dict, context, s
     """Keep the highest ``scores`` in the counts that meet the step's whole-model ``target``
     (``allocation``: uniform or global, see methods/allocation.py)."""
     return prune_to_highest(model, scores, None, context, score, step)
+
+
+def score_counts(step: dict, scores: dict[int, np.ndarray]) -> dict[int, int] | None:
+    """Experts each layer keeps by the step's per-layer option: ``keep``, or those holding at least
+    ``min_fraction`` of the layer's total score; None for a whole-model ``target`` (its allocation decides)."""
+    if "target" in step:
+        return None
+    return {layer: step["keep"] if "keep" in step else int((layer_scores >= step["min_fraction"] * layer_scores.sum()).sum())
+            for layer, layer_scores in scores.items()}
+
+
+def prune_by_scores(model, scores: dict[int, np.ndarray], step: dict, context, score: str) -> dict:
+    """Keep the highest ``scores`` by the step's ``keep``, ``min_fraction`` or ``target`` (the options every
+    saliency pruner takes) and remove the others."""
+    return prune_to_highest(model, scores, score_counts(step, scores), context, score, step)

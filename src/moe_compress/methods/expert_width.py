@@ -28,6 +28,7 @@ import torch
 from moe_compress.architectures import adapter_for, replace_tensor
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import expert_matrices
+from moe_compress.methods.protection import protected_neurons
 from moe_compress.methods.registry import (
     ALIGNMENT,
     EXPERT_WIDTH,
@@ -37,7 +38,6 @@ from moe_compress.methods.registry import (
     alignment_problem,
     exactly_one_of,
 )
-from moe_compress.methods.protection import protected_neurons
 from moe_compress.methods.resize import skeleton
 from moe_compress.moe_block import expert_activation
 from moe_compress.remote_code.moe_compress_layers import stored_form_of

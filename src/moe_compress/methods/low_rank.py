@@ -34,7 +34,7 @@ import torch
 
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
-from moe_compress.methods.common import energy_rank, energy_rank_of_squares, expert_matrices, kept_rank, stats_rows
+from moe_compress.methods.common import energy_rank_of_squares, expert_matrices, stats_rows
 from moe_compress.methods.registry import EXPERT_FACTORS, Method, Problem, exactly_one_of
 from moe_compress.remote_code.moe_compress_layers import convert_to_low_rank, stored_form_of
 

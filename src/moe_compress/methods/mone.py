@@ -27,7 +27,7 @@ import torch
 from moe_compress.architectures import adapter_for
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import check_keep, expert_tensors, target_options, target_whole_model
-from moe_compress.methods.expert_selection import choose_kept
+from moe_compress.methods.expert_selection import choose_kept, score_counts
 from moe_compress.methods.registry import EXPERT_NOVICES, Method, Problem, exactly_one_of, reads_statistics_to_protect
 from moe_compress.moe_block import route, run_expert
 from moe_compress.remote_code.moe_compress_layers import convert_to_novices, stored_form_of
@@ -68,17 +68,14 @@ def mone_prune(model, step: dict, context) -> dict:
     """Turn, per MoE layer, all but the kept experts into novices (their mean routed output as a constant)."""
     adapter = adapter_for(model.config)
     context.require_inputs("mone_prune")
-    statistics, scores, counts = {}, {}, {}
+    statistics, scores = {}, {}
     for layer, block in context.each_block(model):
         if stored_form_of(adapter.experts_of(block)) is not None:
             raise ModelError(f"mone_prune: the experts of layer {layer} are already "
                              f"{stored_form_of(adapter.experts_of(block)).what}; MoNE needs dense experts")
         statistics[layer] = novice_statistics(adapter, block, context.split_inputs(layer)[0])
         scores[layer] = statistics[layer]["score"].cpu().numpy()
-        if "target" not in step:
-            counts[layer] = (step["keep"] if "keep" in step
-                             else int((scores[layer] >= step["min_fraction"] * scores[layer].sum()).sum()))
-    keep_per_layer, chosen = choose_kept(model, scores, step, context, FUSION_SCORE, None if "target" in step else counts)
+    keep_per_layer, chosen = choose_kept(model, scores, step, context, FUSION_SCORE, score_counts(step, scores))
     # the checkpoint keeps every expert id (novices answer for the others), so no pruning plan is written for it:
     # the count of real experts goes under its own name, not choose_kept's ``kept_per_layer``
     real_experts = chosen.pop("kept_per_layer")

@@ -8,15 +8,15 @@ import numpy as np
 from moe_compress.errors import ModelError
 from moe_compress.methods.common import (
     check_keep,
+    column_scores,
     inspect_expert_selection,
     stats_rows,
     target_options,
     target_whole_model,
 )
-from moe_compress.methods.expert_selection import prune_to_highest, prune_to_target
+from moe_compress.methods.expert_selection import prune_by_scores, prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics
 from moe_compress.stats import selected_within_top
-
 
 # --- frequency_prune ---------------------------------------------------------------------------
 
@@ -87,18 +87,9 @@ def reap_prune(model, step: dict, context) -> dict:
     """REAP: keep the ``keep`` most salient experts per layer, or those holding at least ``min_fraction``
     of the layer's total saliency (saliency = mean over routed tokens of weight x ||expert output||)."""
     column = REAP_COLUMNS[step["weight"]]
-    if context.stats is None or column not in context.stats.columns:
-        raise ModelError(f"reap_prune needs the {column} column of the expert statistics table "
-                         "(results/stats/expert_frequency.parquet from this version of the pipeline)")
-    saliency, counts = {}, {}
-    for layer, original_ids in context.original_expert_ids.items():
-        saliency[layer] = stats_rows(context.stats, context.original_layer(layer), column, original_ids)
-        if "target" not in step:
-            counts[layer] = (step["keep"] if "keep" in step
-                             else int((saliency[layer] >= step["min_fraction"] * saliency[layer].sum()).sum()))
-    if "target" in step:
-        return prune_to_target(model, saliency, step, context, column)
-    return prune_to_highest(model, saliency, counts, context, column, step)
+    saliency = column_scores(context, column, "reap_prune",
+                             " (results/stats/expert_frequency.parquet from this version of the pipeline)")
+    return prune_by_scores(model, saliency, step, context, column)
 
 
 def _reap_options(step: dict) -> Problem | None:

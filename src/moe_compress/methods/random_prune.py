@@ -10,7 +10,6 @@ from moe_compress.methods.common import check_keep, inspect_expert_selection, ta
 from moe_compress.methods.expert_selection import prune_to_highest, prune_to_target
 from moe_compress.methods.registry import EXPERT_COUNT, Method, Problem, exactly_one_of, reads_statistics_to_protect
 
-
 RANDOM_SCORE = "random"  # the score's name in the pruning plan
 
 

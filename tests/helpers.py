@@ -424,6 +424,11 @@ TINY = {
         # a sweep: 75 % of the experts, shared uniformly or by one ranking over both layers
         "reap_target": {"method": "reap_prune", "target": {"experts_fraction": [0.75]},
                         "allocation": ["uniform", "global"]},
+        # beyond REAP: constants for the dropped experts (remote code); EASY-EP's saliency (a cache with the
+        # residual stream) with the super expert protected; a width cut keeping the largest neuron peak
+        "mone4": {"method": "mone_prune", "keep": 4},
+        "easy_ep4_protected": {"method": "easy_ep_prune", "keep": 4, "protect": "super_experts"},
+        "width_protected": {"method": "prune_expert_width", "fraction": 0.5, "protect": {"super_experts": {"count": 1}}},
     },
 }
 

@@ -36,7 +36,8 @@ def test_end_to_end_final_table(tiny_dag):
     table = pd.read_csv(workdir / "results/final_table.csv")
     swept = ["reap_target-experts_fraction0.75-uniform", "reap_target-experts_fraction0.75-global"]
     assert table["variant"].tolist() == ["base", "keep_most", "keep_some", "uniform4", "merged", "pruned_low_rank",
-                                         "reap4", "reap4_code", "skip_rescale", *swept]
+                                         "reap4", "reap4_code", "skip_rescale", *swept, "mone4", "easy_ep4_protected",
+                                         "width_protected"]
     per_domain = [f"{kind}_{dataset}" for kind in ("ppl", "retention")
                   for dataset in ("c4_heldout", "korean_heldout", "code_heldout", "wikitext2")]
     assert not table[["parameters", "experts_kept", "recon_error_mean", *per_domain]].isna().any().any()
@@ -71,6 +72,19 @@ def test_end_to_end_final_table(tiny_dag):
     assert weighted["calibration_weights"] == {"code": 1.0} and by_name.loc["reap4_code", "calibration_weights"] == "code=1"
     assert by_name.loc["reap4_code", "experts_kept"] == 2 * 4
     assert by_name.loc["base", "retention_korean_heldout"] == 1.0
+    # beyond REAP: the novices answer through remote code; the protected experts and neurons are recorded
+    assert by_name.loc["mone4", "loader"] == "remote_code"
+    mone = json.loads((workdir / "results/checkpoints/mone4/compression.json").read_text())["step_reports"][0]
+    assert [len(layer["ids"]) for layer in mone["novices"].values()] == [4, 4]
+    assert json.loads((workdir / "results/cache/manifest.json").read_text())["residual"] is True
+    easy_ep = json.loads((workdir / "results/checkpoints/easy_ep4_protected/compression.json").read_text())
+    protected = easy_ep["step_reports"][0]["protected"]
+    peaks = stats.set_index(["layer", "expert"])["peak_output"]
+    assert [(entry["layer"], entry["expert"]) for entry in protected] == [peaks.idxmax()]
+    assert peaks.idxmax()[1] in easy_ep["step_reports"][0]["kept_original_ids"][str(peaks.idxmax()[0])]
+    width = json.loads((workdir / "results/checkpoints/width_protected/compression.json").read_text())
+    assert len(width["step_reports"][0]["protected_neurons"]) == 1
+    assert (workdir / "results/stats/neuron_peaks.safetensors").is_file()
     clusters = json.loads((workdir / "results/checkpoints/merged/compression.json").read_text())
     assert len(clusters["step_reports"][0]["clusters"]["0"]) == 6
     assert (workdir / "results/final_table.md").read_text().startswith("| variant |")

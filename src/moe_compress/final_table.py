@@ -97,8 +97,17 @@ def targets_met(record: dict) -> tuple[str, str]:
     return targets, "; ".join(report["allocation"] for report in reports)
 
 
+def experts_with_weights(record: dict) -> dict[str, int]:
+    """Per MoE layer, the routed experts that still compute: the router's rows less MoNE's novices, which answer
+    with a constant (``novice_per_layer``)."""
+    novices = record.get("novice_per_layer") or {}
+    return {layer: count - len(novices.get(layer, {}).get("novices", []))
+            for layer, count in record["experts_per_layer"].items()}
+
+
 def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataFrame) -> dict:
     target, allocation = targets_met(record)
+    experts = experts_with_weights(record)
     top_k = [settings.get("top_k") for _, settings in sorted(record.get("router_settings_per_layer", {}).items(),
                                                               key=lambda kv: int(kv[0]))]
     row = {
@@ -106,8 +115,9 @@ def variant_row(name: str, steps: list[dict], record: dict, perplexity: pd.DataF
         "method": describe_steps(steps),
         "params_b": record["parameters"] / 1e9,
         "parameters": record["parameters"],
-        "experts_kept": record["experts_total"],
-        "experts_per_layer": " ".join(str(n) for _, n in sorted(record["experts_per_layer"].items(), key=lambda kv: int(kv[0]))),
+        "experts_kept": sum(experts.values()),
+        "experts_per_layer": " ".join(str(n) for _, n in sorted(experts.items(), key=lambda kv: int(kv[0]))),
+        "novice_experts": record["experts_total"] - sum(experts.values()),
         "top_k": record["active_experts"],
         "top_k_per_layer": " ".join(str(k) for k in top_k if k is not None),
         "target": target,

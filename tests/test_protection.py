@@ -201,7 +201,8 @@ def test_a_width_cut_keeps_the_super_neuron_it_would_cut():
     assert "protected_neurons" not in report
     assert not torch.any(channel == torch.tensor(1e-6)), "the fixture's super neuron should be cut without protection"
     report, channel = cut([{**step, "protect": {"super_experts": {"count": 1}}}])
-    assert report["protected_neurons"][0] | {"peak": 0} == {"layer": layer, "expert": expert, "neuron": 0, "peak": 0}
+    assert report["protected_neurons"][0] | {"peak": 0, "times_median": 0} == \
+        {"layer": layer, "expert": expert, "neuron": 0, "peak": 0, "times_median": 0}
     assert report["protected_neurons"][0]["peak"] == pytest.approx(float(neuron_peaks[layer].max()))
     assert torch.any(channel == torch.tensor(1e-6))
 

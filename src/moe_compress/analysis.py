@@ -737,10 +737,11 @@ def to_markdown(analysis: dict) -> str:
                   "down-projection output, or for a neuron its activation, over the calibration tokens).", ""]
         lines += _table(["model", "super experts (layer:expert, peak)", "super neurons (layer:expert:neuron, peak)"],
                         [[_label(model),
-                          ", ".join(f"{e['layer']}:{e['expert']} ({e['peak_output']:.3g})"
-                                    for e in model["protected"]["experts"]) or "–",
-                          ", ".join(f"{n['layer']}:{n['expert']}:{n['neuron']} ({n['peak']:.3g})"
-                                    for n in model["protected"]["neurons"]) or "–"] for model in protecting])
+                          ", ".join(f"{e['layer']}:{e['expert']} ({e['peak_output']:.3g}, "
+                                    f"{e.get('times_median')}× median)" for e in model["protected"]["experts"]) or "–",
+                          ", ".join(f"{n['layer']}:{n['expert']}:{n['neuron']} ({n['peak']:.3g}, "
+                                    f"{n.get('times_median')}× median)" for n in model["protected"]["neurons"]) or "–"]
+                         for model in protecting])
     lines += ["", "## Per layer"]
     for model in models:
         lines += ["", f"### {_label(model)}", ""]

@@ -128,7 +128,9 @@ def score_counts(step: dict, scores: dict[int, np.ndarray]) -> dict[int, int] | 
     ``min_fraction`` of the layer's total score; None for a whole-model ``target`` (its allocation decides)."""
     if "target" in step:
         return None
-    return {layer: step["keep"] if "keep" in step else int((layer_scores >= step["min_fraction"] * layer_scores.sum()).sum())
+    if "keep" in step:
+        return dict.fromkeys(scores, step["keep"])
+    return {layer: int((layer_scores >= step["min_fraction"] * layer_scores.sum()).sum())
             for layer, layer_scores in scores.items()}
 
 

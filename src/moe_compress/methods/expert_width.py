@@ -210,7 +210,9 @@ def prune_expert_width(model, step: dict, context) -> dict:
         if keep > widths_before[layer]:
             raise ModelError(f"prune_expert_width: keeps {keep} neurons; the experts of layer {layer} have "
                              f"{widths_before[layer]}")
-        ranked = importance[layer].masked_fill(protected[layer], float("inf")) if layer in protected else importance[layer]
+        ranked = importance[layer]
+        if layer in protected:  # each expert's protected neurons first, whatever their importance
+            ranked = ranked.masked_fill(protected[layer], float("inf"))
         neurons = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
         if keep < widths_before[layer]:
             cut_block_width(adapter, block, neurons)

@@ -85,7 +85,10 @@ def protected_experts(step: dict, context) -> tuple[dict[int, np.ndarray], list[
     for layer, original_ids in context.original_expert_ids.items():
         ids = chosen.loc[chosen["layer"] == context.original_layer(layer), "expert"].to_numpy()
         masks[layer] = np.isin(original_ids.numpy(), ids)
-    report = [{"layer": int(row.layer), "expert": int(row.expert), PEAK_COLUMN: float(getattr(row, PEAK_COLUMN))}
+    # how far out each one is: a model without massive activations still has a largest peak
+    median = float(context.stats[PEAK_COLUMN].median())
+    report = [{"layer": int(row.layer), "expert": int(row.expert), PEAK_COLUMN: float(getattr(row, PEAK_COLUMN)),
+               "times_median": round(float(getattr(row, PEAK_COLUMN)) / median, 3) if median > 0 else None}
               for row in chosen.itertuples()]
     return masks, report
 
@@ -120,6 +123,7 @@ def protected_neurons(step: dict, context, widths: dict[int, int]) -> tuple[dict
         raise ModelError(f"{step['method']} with protect needs the neuron peaks of the statistics "
                          "(results/stats/neuron_peaks.safetensors from this version of the pipeline)")
     chosen = super_neurons(context.neuron_peaks, rule)
+    median = float(torch.cat([peaks.reshape(-1) for peaks in context.neuron_peaks.values()]).median())
     masks, report = {}, []
     for layer, original_ids in context.original_expert_ids.items():
         original_layer = context.original_layer(layer)
@@ -133,8 +137,9 @@ def protected_neurons(step: dict, context, widths: dict[int, int]) -> tuple[dict
         masks[layer] = layer_mask[original_ids]
         peaks = context.neuron_peaks[original_layer]
         for expert, neuron in torch.nonzero(layer_mask).tolist():
-            report.append({"layer": original_layer, "expert": expert, "neuron": neuron,
-                           "peak": float(peaks[expert, neuron])})
+            peak = float(peaks[expert, neuron])
+            report.append({"layer": original_layer, "expert": expert, "neuron": neuron, "peak": peak,
+                           "times_median": round(peak / median, 3) if median > 0 else None})
     return masks, sorted(report, key=lambda row: -row["peak"])
 
 

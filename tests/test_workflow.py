@@ -74,6 +74,7 @@ def test_end_to_end_final_table(tiny_dag):
     assert by_name.loc["base", "retention_korean_heldout"] == 1.0
     # beyond REAP: the novices answer through remote code; the protected experts and neurons are recorded
     assert by_name.loc["mone4", "loader"] == "remote_code"
+    assert by_name.loc["mone4", "experts_kept"] == 2 * 4 and by_name.loc["mone4", "novice_experts"] == 2 * 4
     mone = json.loads((workdir / "results/checkpoints/mone4/compression.json").read_text())["step_reports"][0]
     assert [len(layer["ids"]) for layer in mone["novices"].values()] == [4, 4]
     assert json.loads((workdir / "results/cache/manifest.json").read_text())["residual"] is True

@@ -210,3 +210,21 @@ def test_a_width_cut_keeps_the_super_neuron_it_would_cut():
 def test_a_count_beside_a_threshold_is_refused():
     with pytest.raises(ConfigError, match="protect"):
         validated_steps({"method": "reap_prune", "keep": 4, "protect": {"super_experts": {"count": 2, "quantile": 99}}})
+
+
+def test_analyze_lists_the_protected_experts_of_a_mone_checkpoint(planted, tmp_path):
+    from helpers import make_tokenizer
+    from moe_compress.analysis import analyze_checkpoint, to_markdown
+    from moe_compress.modelio import save_checkpoint
+
+    model, inputs, stats, layer, expert = planted
+    steps = [{"method": "mone_prune", "keep": 4, "protect": "super_experts"}]
+    reports = compress(model, inputs, stats, *steps)
+    save_checkpoint(model, make_tokenizer(), tmp_path / "ckpt", {"steps": steps, "step_reports": reports})
+    analysis = analyze_checkpoint(tmp_path / "ckpt")
+    assert [(entry["layer"], entry["expert"]) for entry in analysis["protected"]["experts"]] == [(layer, expert)]
+    assert analysis["protected"]["experts"][0]["times_median"] > 1
+    rows = {row["layer"]: row for row in analysis["layers"] if row["kind"] == "moe"}
+    assert rows[layer]["novices"] == 4 and rows[layer]["expert_format"] == "dense + 4 novices"
+    markdown = to_markdown({"models": [analysis]})
+    assert "Protected super experts" in markdown and f"{layer}:{expert} (" in markdown

@@ -54,8 +54,10 @@ MODULE_TYPES = ("embeddings", "attention", "router", "routed_experts", "shared_e
 # these against their checksums; the weight files by size, as only their headers are read)
 FILES_READ = ("config.json", SAFETENSORS_INDEX_FILE, COMPRESSION_RECORD, REMOTE_CODE_FILE, LAYERS_FILE)
 # per-layer config keys the pipeline writes (modelio.apply_checkpoint_layout) that the analysis interprets
+# moe_compress_layer_fields restates the others for the vLLM plugin; moe_compress_novice is read as novices
 _KNOWN_LAYER_KEYS = ("moe_compress_experts_per_layer", "moe_compress_router_settings", "moe_compress_low_rank",
-                     "moe_compress_dynamic_skip", "moe_compress_dictionary", "moe_compress_expert_width")
+                     "moe_compress_dynamic_skip", "moe_compress_dictionary", "moe_compress_expert_width",
+                     "moe_compress_layer_fields", "moe_compress_novice")
 
 
 # --- the tensors: safetensors headers ------------------------------------------------------------------
@@ -444,6 +446,7 @@ class _ConfigSays:
     dynamic_skip: dict
     experts: dict
     expert_widths: dict
+    novices: dict  # MoNE: per layer {num_experts, novices (their slots)}
     other_codings: dict[str, dict]  # per-layer moe_compress_* keys the analysis does not interpret
     measured_active_experts: dict
     width_field: str | None
@@ -462,6 +465,7 @@ def _config_says(raw: dict, config, adapter, path: Path) -> _ConfigSays:
         dynamic_skip=_layer_keyed(raw, "moe_compress_dynamic_skip"),
         experts=_layer_keyed(raw, "moe_compress_experts_per_layer"),
         expert_widths=_layer_keyed(raw, "moe_compress_expert_width"),
+        novices=_layer_keyed(raw, "moe_compress_novice"),
         other_codings={key.removeprefix("moe_compress_"): _layer_keyed(raw, key) for key in sorted(raw)
                        if key.startswith("moe_compress_") and key not in _KNOWN_LAYER_KEYS and _layer_keyed(raw, key)
                        and all(str(index).isdigit() for index in _layer_keyed(raw, key))},
@@ -517,6 +521,10 @@ def _add_moe_facts(row: dict, entry: dict, adapter, config, says: _ConfigSays, h
     if row["expert_width"] is not None and expected is not None and row["expert_width"] != expected:
         notes.append(f"layer {index}: experts {row['expert_width']} wide in the tensors, {expected} in "
                      f"config.json ({field})")
+    novices = says.novices.get(key) if isinstance(says.novices.get(key), dict) else None
+    if novices and novices.get("novices"):  # MoNE: router rows whose expert is a constant
+        row["novices"] = len(novices["novices"])
+        row["expert_format"] = f"{row['expert_format']} + {row['novices']} novices"
     codings = {name: values[key] for name, values in says.other_codings.items() if key in values}
     if codings:
         row["other_codings"] = codings
@@ -701,6 +709,11 @@ def _formats(model: dict) -> str:
     return ", ".join(dict.fromkeys(_format(row) for row in model["layers"] if row["kind"] == "moe")) or "–"
 
 
+def _peak(peak: float, entry: dict) -> str:
+    times = entry.get("times_median")
+    return f"{peak:.3g}" + (f", {times:g}× the median peak" if times is not None else "")
+
+
 def to_markdown(analysis: dict) -> str:
     """A summary table (one row per model), parameters and bytes by module type, then each model's layers."""
     models = analysis["models"]
@@ -737,10 +750,10 @@ def to_markdown(analysis: dict) -> str:
                   "down-projection output, or for a neuron its activation, over the calibration tokens).", ""]
         lines += _table(["model", "super experts (layer:expert, peak)", "super neurons (layer:expert:neuron, peak)"],
                         [[_label(model),
-                          ", ".join(f"{e['layer']}:{e['expert']} ({e['peak_output']:.3g}, "
-                                    f"{e.get('times_median')}× median)" for e in model["protected"]["experts"]) or "–",
-                          ", ".join(f"{n['layer']}:{n['expert']}:{n['neuron']} ({n['peak']:.3g}, "
-                                    f"{n.get('times_median')}× median)" for n in model["protected"]["neurons"]) or "–"]
+                          ", ".join(f"{e['layer']}:{e['expert']} ({_peak(e['peak_output'], e)})"
+                                    for e in model["protected"]["experts"]) or "–",
+                          ", ".join(f"{n['layer']}:{n['expert']}:{n['neuron']} ({_peak(n['peak'], n)})"
+                                    for n in model["protected"]["neurons"]) or "–"]
                          for model in protecting])
     lines += ["", "## Per layer"]
     for model in models:

@@ -109,3 +109,14 @@ def test_every_method_has_a_record_and_a_schema_entry():
         method("no_such_prune")
     # `moe-compress inspect` prints each method's line from its record
     assert [name for name, record in methods().items() if not callable(record.inspect)] == []
+
+
+@pytest.mark.parametrize("study", sorted((REPO / "config" / "studies").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_study_validates_against_the_demo_model(study):
+    from moe_compress.config import check_variants_against_model, read_config_file
+
+    config = validate_config(read_config_file(study))
+    demo = config["demo_model"]
+    assert config["model"]["path"] == "demo"
+    check_variants_against_model(config["variants"], num_experts=demo["num_experts"], top_k=demo["top_k"],
+                                 num_layers=demo["num_layers"])

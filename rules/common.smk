@@ -41,6 +41,13 @@ def moe_data(wildcards):
             "manifest": rules.cache_router_activations.output.manifest}
 
 
+def easy_ep_data(wildcards):
+    """EASY-EP's statistics, for a variant with a step ranking by them only (``Method.reads_residual``)."""
+    if wildcards.variant not in PLAN.residual_variants:
+        return {}
+    return {"easy_ep": rules.easy_ep_stats.output.parquet, "easy_ep_by_source": rules.easy_ep_stats.output.by_source}
+
+
 def neuron_peaks(wildcards):
     """Each routed neuron's peak activation, what a protected width cut reads: a dense decoder has none."""
     return {"neuron_peaks": rules.expert_stats.output.neuron_peaks} if PLAN.is_moe else {}

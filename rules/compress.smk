@@ -12,6 +12,7 @@ rule compress:
     input:
         unpack(moe_data),
         unpack(weighted_stats),
+        unpack(easy_ep_data),
         unpack(neuron_peaks),
         model=MODEL_DIR,
         calibration=rules.sample_calibration.output.samples,
@@ -44,6 +45,7 @@ rule compress:
 rule compress_layer:
     input:
         unpack(weighted_stats),
+        unpack(easy_ep_data),
         model=MODEL_DIR,
         stats=rules.expert_stats.output.parquet,
         cache=rules.cache_router_activations.output.inputs,

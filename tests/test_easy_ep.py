@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from helpers import tiny_model_of, validated_step, validated_steps
 from moe_compress.architectures import adapter_for
-from moe_compress.cache import CacheReader, build_cache
+from moe_compress.cache import CacheReader, build_cache, build_residual_cache, read_router_cache
 from moe_compress.config import validate_config
 from moe_compress.errors import DataError, ModelError
 from moe_compress.methods import CompressionContext
@@ -198,17 +198,41 @@ def test_without_the_residual_stream_the_column_is_absent_and_the_step_says_why(
     statistics = expert_statistics(model, reader.moe_inputs(), names, token_source)
     assert "easy_ep_saliency" not in statistics.totals and "easy_ep_saliency" not in statistics.by_source
     assert "peak_output" in statistics.totals
-    with pytest.raises(ModelError, match=r"easy_ep_saliency column .* residual stream .* rebuilt"):
+    with pytest.raises(ModelError, match=r"easy_ep_saliency column .* residual stream .* easy_ep_stats"):
         easy_ep_prune(model, validated_step("easy_ep_prune", keep=4),
                       CompressionContext.for_model(model, stats=statistics.totals))
 
 
-def test_the_planner_caches_the_residual_only_for_easy_ep():
-    def plan(*steps):
-        return WorkflowPlan.from_config(validate_config({"model": {"path": "demo"}, "calibration": {},
-                                                         "variants": {"v": {"steps": list(steps)}}}))
-
-    assert plan({"method": "easy_ep_prune", "keep": 4}).cache_residual
-    assert not plan({"method": "reap_prune", "keep": 4}).cache_residual
+def test_the_planner_names_the_variants_that_need_the_residual_stream():
+    plan = WorkflowPlan.from_config(validate_config({"model": {"path": "demo"}, "calibration": {}, "variants": {
+        "ranked": {"steps": [{"method": "easy_ep_prune", "keep": 4}]},
+        "reap": {"steps": [{"method": "reap_prune", "keep": 4}]}}}))
+    assert plan.residual_variants == {"ranked"}
     assert validated_steps({"method": "easy_ep_prune", "target": {"experts_fraction": 0.5},
                             "allocation": "global"})[0]["allocation"] == "global"
+
+
+def test_the_residual_cache_beside_the_cache_gives_the_same_saliency(tmp_path):
+    """The workflow's path (a plain cache, the residual stream cached apart, EASY-EP's column merged into the
+    statistics the compress job reads) equals the statistics of one cache holding both."""
+    from moe_compress.stats import easy_ep_tables, expert_frequency, statistics_for, with_saliency
+
+    model = tiny_model_of("qwen3_moe")
+    ids = torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
+    build_cache(model, ids, 2, tmp_path / "both", residual=True)
+    build_cache(model, ids, 2, tmp_path / "plain")
+    build_residual_cache(model, ids, 2, tmp_path / "residual")
+    both, plain, residual = (CacheReader(tmp_path / name) for name in ("both", "plain", "residual"))
+    assert residual.has_residual and not plain.has_residual
+    for layer in both.layers:
+        assert torch.equal(both.residual(layer), residual.residual(layer))
+    names, sources = plain.token_sources(ids.numel())
+    plain_statistics = expert_statistics(model, plain.moe_inputs(), names, sources)
+    with_saliency(expert_frequency(read_router_cache(tmp_path / "plain")), plain_statistics.totals).to_parquet(
+        tmp_path / "stats.parquet")
+    totals, by_source = easy_ep_tables(model, plain.moe_inputs(), residual.residuals(), names, sources)
+    totals.to_parquet(tmp_path / "easy_ep.parquet")
+    read = statistics_for(tmp_path / "stats.parquet", None, None, tmp_path / "easy_ep.parquet")
+    reference = expert_statistics(model, both.moe_inputs(), names, sources, both.residuals()).totals
+    np.testing.assert_array_equal(read["easy_ep_saliency"].to_numpy(), reference["easy_ep_saliency"].to_numpy())
+    assert list(by_source.columns) == ["source", "layer", "expert", "easy_ep_saliency"]

@@ -77,7 +77,8 @@ def test_end_to_end_final_table(tiny_dag):
     assert by_name.loc["mone4", "experts_kept"] == 2 * 4 and by_name.loc["mone4", "novice_experts"] == 2 * 4
     mone = json.loads((workdir / "results/checkpoints/mone4/compression.json").read_text())["step_reports"][0]
     assert [len(layer["ids"]) for layer in mone["novices"].values()] == [4, 4]
-    assert json.loads((workdir / "results/cache/manifest.json").read_text())["residual"] is True
+    assert json.loads((workdir / "results/cache_residual/manifest.json").read_text())["residual"] is True
+    assert "residual" not in json.loads((workdir / "results/cache/manifest.json").read_text())["layers"]["0"]
     easy_ep = json.loads((workdir / "results/checkpoints/easy_ep4_protected/compression.json").read_text())
     protected = easy_ep["step_reports"][0]["protected"]
     peaks = stats.set_index(["layer", "expert"])["peak_output"]
@@ -167,6 +168,23 @@ def test_changing_one_threshold_replans_only_that_variant(tiny_dag, tmp_path):
     result = snakemake(workdir, write_config(workdir / "config_changed2.yaml", changed), "-n", "results/final_table.csv")
     jobs = planned_jobs(result.stdout + result.stderr)
     assert sorted(jobs) == sorted([("compress", "uniform4"), ("evaluate", "uniform4"), ("final_table", "")]), jobs
+
+
+def test_a_first_easy_ep_variant_plans_its_own_residual_pass_and_nothing_else(tiny_dag, tmp_path):
+    """EASY-EP needs the residual stream, which the shared cache does not hold: the first variant asking for it
+    adds the residual pass and its statistics, and reruns no other variant (nor the cache or the statistics)."""
+    workdir = copy_of_run(tiny_dag, tmp_path)
+    shutil.rmtree(workdir / "results/cache_residual")
+    for name in ("easy_ep.parquet", "easy_ep_by_source.parquet"):
+        (workdir / "results/stats" / name).unlink()
+    changed = copy.deepcopy(TINY)
+    del changed["variants"]["easy_ep4_protected"]
+    changed["variants"]["easy_ep3"] = {"method": "easy_ep_prune", "keep": 3}
+    result = snakemake(workdir, write_config(workdir / "config_easy_ep.yaml", changed), "-n", "results/final_table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert sorted(jobs) == sorted([("cache_residual", ""), ("easy_ep_stats", ""), ("compress", "easy_ep3"),
+                                   ("evaluate", "easy_ep3"), ("final_table", "")]), jobs
 
 
 def test_a_changed_calibration_weight_replans_only_that_variant(tiny_dag, tmp_path):

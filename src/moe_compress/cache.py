@@ -151,6 +151,29 @@ def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_d
         return writer.write_manifest({**(meta or {}), "residual": residual})
 
 
+def build_residual_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_dir: str | Path,
+                         meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32) -> dict:
+    """Write only the residual stream entering each MoE sublayer (``residual`` of ``moe_inputs/layer_NNN``, and a
+    manifest a ``CacheReader`` reads) for the same ``input_ids`` as a cache built by ``build_cache``: what EASY-EP
+    needs beside that cache, so asking for it never rebuilds the cache every variant depends on. Returns the
+    manifest; the directory appears only complete."""
+    layers = decoder_layers_of(model_or_layers)
+    with atomic_directory(out_dir) as tmp:
+        (tmp / INPUTS_DIR).mkdir()
+        entries = {}
+        for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype, residual=True):
+            residual = torch.cat(capture.residual)
+            check_finite(residual, f"residual stream entering the MoE block of layer {index}")
+            data = safetensors_bytes({"residual": residual.contiguous()}, metadata={"layer": str(index)})
+            (tmp / inputs_file(index)).write_bytes(data)
+            entries[str(index)] = {"tokens": len(residual), "file": inputs_file(index), "crc32": _checksum(data)}
+        if not entries:
+            raise ModelError("the model has no MoE layers to capture")
+        manifest = {**(meta or {}), "residual": True, "layers": entries}
+        write_json(manifest, tmp / MANIFEST)
+        return manifest
+
+
 def _largest_top_k(layers: DecoderLayers) -> int | None:
     """The most experts any MoE layer's router picks per token: the length of the cache's top-k lists."""
     adapter = layers.adapter

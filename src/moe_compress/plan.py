@@ -92,11 +92,12 @@ class WorkflowPlan:
         """Each variant's calibration weights (None: the statistics of the whole calibration set)."""
         return {name: variant.get("weights") for name, variant in self.config["variants"].items()}
 
-    @property
-    def cache_residual(self) -> bool:
-        """Whether the cache stores the residual stream entering each MoE sublayer: only where a variant has a
-        step that needs it (``Method.reads_residual``), as it doubles the cache."""
-        return any(method(step["method"]).reads_residual for steps in self.variants.values() for step in steps)
+    @cached_property
+    def residual_variants(self) -> frozenset[str]:
+        """The variants with a step whose statistics need the residual stream entering each MoE sublayer
+        (``Method.reads_residual``): only their jobs ask for the residual cache and EASY-EP's statistics."""
+        return frozenset(name for name, steps in self.variants.items()
+                         if any(method(step["method"]).reads_residual for step in steps))
 
     @property
     def sweeps(self) -> dict[str, str]:

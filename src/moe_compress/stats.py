@@ -363,15 +363,40 @@ def reweighted_statistics(by_source: pd.DataFrame, weights: Mapping[str, float])
     return result[order].reset_index()
 
 
-def statistics_for(totals_path, by_source_path, weights: Mapping[str, float] | None) -> pd.DataFrame:
+def statistics_for(totals_path, by_source_path, weights: Mapping[str, float] | None, easy_ep_path=None,
+                   easy_ep_by_source_path=None) -> pd.DataFrame:
     """The statistics table a variant's steps read: the totals, or with calibration ``weights`` the
-    per-source table re-weighted to them."""
+    per-source table re-weighted to them; with ``easy_ep_path`` (and, for weights, ``easy_ep_by_source_path``:
+    ``easy_ep_tables``' files) the ``easy_ep_saliency`` column beside the others."""
     if weights is None:
-        return pd.read_parquet(totals_path)
-    if by_source_path is None:
+        return _with_columns(pd.read_parquet(totals_path), easy_ep_path, ["layer", "expert"])
+    if by_source_path is None or (easy_ep_path is not None and easy_ep_by_source_path is None):
         raise DataError("calibration weights need the per-source statistics (results/stats/"
-                        "expert_frequency_by_source.parquet), which this job was not given")
-    return reweighted_statistics(pd.read_parquet(by_source_path), weights)
+                        "expert_frequency_by_source.parquet, and easy_ep_by_source.parquet for EASY-EP), which this "
+                        "job was not given")
+    by_source = _with_columns(pd.read_parquet(by_source_path), easy_ep_by_source_path, ["source", "layer", "expert"])
+    return reweighted_statistics(by_source, weights)
+
+
+def _with_columns(table: pd.DataFrame, path, keys: list[str]) -> pd.DataFrame:
+    """``table`` with the columns of the table at ``path`` (None: as it is), row for row on ``keys``."""
+    if path is None:
+        return table
+    merged = table.merge(pd.read_parquet(path), on=keys, how="left", validate="one_to_one")
+    if merged.isna().any().any():
+        raise DataError(f"{path} has no rows for some experts of the statistics table: they come from different "
+                        "calibration caches; rerun the workflow to rebuild them")
+    return merged
+
+
+def easy_ep_tables(model_or_layers, moe_inputs: Mapping[int, torch.Tensor], residuals: Mapping[int, torch.Tensor],
+                   source_names: list[str], token_source: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(layer, expert, easy_ep_saliency) and the same per source: EASY-EP's column on its own, from the cached
+    MoE-block inputs and the residual streams of ``build_residual_cache`` (what the workflow's easy_ep_stats job
+    writes, so that a variant asking for EASY-EP leaves the statistics every other variant reads as they are)."""
+    statistics = expert_statistics(model_or_layers, moe_inputs, source_names, token_source, residuals)
+    return (statistics.totals[["layer", "expert", EASY_EP_COLUMN]],
+            statistics.by_source[["source", "layer", "expert", EASY_EP_COLUMN]])
 
 
 # an expert is specific to a source when that source selects it at least this many times as often (per token)

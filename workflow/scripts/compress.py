@@ -19,7 +19,8 @@ if reasons:  # why compress.per_layer_jobs, if set, leaves this variant in one j
 weights = json_param(snakemake, "weights")
 model = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 moe = "stats" in snakemake.input.keys()  # a dense decoder has no expert statistics or router cache
-stats = statistics_for(snakemake.input.stats, snakemake.input.get("stats_by_source"), weights) if moe else None
+stats = statistics_for(snakemake.input.stats, snakemake.input.get("stats_by_source"), weights,
+                       snakemake.input.get("easy_ep"), snakemake.input.get("easy_ep_by_source")) if moe else None
 context = CompressionContext.for_model(model, stats=stats,
                                        moe_inputs=read_moe_inputs(snakemake.input.manifest, device=model.device)
                                        if moe else None,

@@ -9,7 +9,8 @@ params = snakemake.params
 layer = int(snakemake.wildcards.layer)
 tensors, facts = compress_layer(snakemake.input.model, layer, json_param(snakemake, "steps"),
                                 statistics_for(snakemake.input.stats, snakemake.input.get("stats_by_source"),
-                                               json_param(snakemake, "weights")),
+                                               json_param(snakemake, "weights"), snakemake.input.get("easy_ep"),
+                                               snakemake.input.get("easy_ep_by_source")),
                                 snakemake.input.manifest,
                                 params.heldout_fraction, params.dtype, params.device, params.trust_remote_code)
 write_layer_part(snakemake.output[0], tensors, facts)

@@ -2,8 +2,8 @@
 score is the sum over the calibration tokens routed to it of its routing weight x the norm of its output x how far
 the routed experts together turn the token's residual stream, max(1 - cos(h, h + r), 0): an expert counts where it
 is chosen, writes much, and the layer's routed output changes the stream's direction. The scores are the
-``easy_ep_saliency`` column of the statistics table (stats.py), which needs the residual stream in the cache: the
-planner caches it when a variant has this step."""
+``easy_ep_saliency`` column (stats.py), from the residual stream cached on the calibration tokens: the workflow's
+cache_residual and easy_ep_stats jobs run only for the variants with this step (``reads_residual``)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ def easy_ep_prune(model, step: dict, context) -> dict:
     """Keep the ``keep`` highest-scoring experts per layer, those holding at least ``min_fraction`` of the layer's
     total score, or the counts of a whole-model ``target``."""
     scores = column_scores(context, EASY_EP_COLUMN, "easy_ep_prune",
-                           ", which expert_stats writes only from a cache holding each MoE layer's residual stream "
-                           "(results/cache/manifest.json: residual true); the workflow builds such a cache when a "
-                           "variant has an easy_ep_prune step: rerun it so results/cache and results/stats are "
-                           "rebuilt")
+                           ", computed from the cached residual stream entering each MoE sublayer "
+                           "(results/stats/easy_ep.parquet, written by the easy_ep_stats job for the variants with "
+                           "an easy_ep_prune step; a job of this version of the workflow is given it)")
     return prune_by_scores(model, scores, step, context, EASY_EP_COLUMN)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -267,8 +268,6 @@ def test_per_layer_jobs_write_the_same_checkpoints(tiny_dag, tmp_path):
     replans that variant's layer jobs only. Two variants wire every input a layer job reads (statistics,
     cached inputs and their held-out part) and a remote-code assembly; that per-layer jobs save what one
     job saves for every step is tests/test_architecture_suite.py's, on every architecture."""
-    import shutil
-
     workdir = tiny_dag
     for stage in ("models", "calibration", "cache", "stats"):  # the upstream outputs, mtimes kept
         shutil.copytree(workdir / "results" / stage, tmp_path / "results" / stage, symlinks=True)

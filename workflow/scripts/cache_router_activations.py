@@ -21,8 +21,7 @@ if params.layer_streaming:  # one decoder layer in memory at a time
     layers = LayerStream(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
 else:
     layers = load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
-# the residual stream beside the MoE-block inputs only where a variant's step needs it (EASY-EP)
 manifest = build_cache(layers, input_ids, params.batch_size, Path(snakemake.output.manifest).parent, meta,
-                       DTYPES[params.hidden_dtype], residual=params.residual)
+                       DTYPES[params.hidden_dtype])
 log.info("cached %d MoE layers, %d tokens each", len(manifest["layers"]), input_ids.numel())
 finish_job(snakemake)

@@ -137,3 +137,16 @@ def _log_failure(logger: logging.Logger):
 def json_param(snakemake, name: str):
     """Structured params travel as JSON strings so that Snakemake's change detection sees every value."""
     return json.loads(getattr(snakemake.params, name))
+
+
+def job_model_layers(snakemake):
+    """The job's model (``input.model``) as ``DecoderLayers``: with ``params.layer_streaming`` read one decoder
+    layer at a time from its safetensors (the cache pass and the statistics never hold the whole model), else
+    loaded whole."""
+    from moe_compress.modelio import load_model
+    from moe_compress.streaming import LayerStream, LoadedModel
+
+    params, model_dir = snakemake.params, snakemake.input.model
+    if params.layer_streaming:
+        return LayerStream(model_dir, params.dtype, params.device, params.trust_remote_code)
+    return LoadedModel(load_model(model_dir, params.dtype, params.device, params.trust_remote_code))

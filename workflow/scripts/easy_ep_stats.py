@@ -3,18 +3,13 @@ the cached residual streams."""
 
 from moe_compress.atomic import atomic_path
 from moe_compress.cache import CacheReader
-from moe_compress.modelio import load_model
 from moe_compress.stats import easy_ep_tables
-from moe_compress.streaming import LayerStream, LoadedModel
-from moe_compress.workflow import finish_job, start_job
+from moe_compress.workflow import finish_job, job_model_layers, start_job
 
 log = start_job(snakemake, partial_reads={"cache": [], "residual": []})
 params = snakemake.params
 cache, residual = CacheReader(snakemake.input.manifest), CacheReader(snakemake.input.residual_manifest)
-if params.layer_streaming:  # one decoder layer and its cached inputs in memory at a time
-    layers = LayerStream(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
-else:
-    layers = LoadedModel(load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code))
+layers = job_model_layers(snakemake)  # one decoder layer at a time with model.layer_streaming
 source_names, token_source = cache.token_sources(len(next(iter(cache.routing().values())).logits))
 totals, by_source = easy_ep_tables(layers, cache.moe_inputs(), residual.residuals(), source_names, token_source)
 for frame, path in [(totals, snakemake.output.parquet), (by_source, snakemake.output.by_source)]:

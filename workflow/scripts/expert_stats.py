@@ -6,7 +6,6 @@ from safetensors.torch import save_file
 
 from moe_compress.atomic import atomic_path
 from moe_compress.cache import CacheReader
-from moe_compress.modelio import load_model
 from moe_compress.stats import (
     domain_experts,
     expert_frequency,
@@ -15,16 +14,12 @@ from moe_compress.stats import (
     neuron_peaks_tensors,
     with_saliency,
 )
-from moe_compress.streaming import LayerStream, LoadedModel
-from moe_compress.workflow import finish_job, start_job
+from moe_compress.workflow import finish_job, job_model_layers, start_job
 
 log = start_job(snakemake, partial_reads={"cache": []})
 params = snakemake.params
 cache = CacheReader(snakemake.input.manifest)
-if params.layer_streaming:  # one decoder layer and its cached inputs in memory at a time
-    layers = LayerStream(snakemake.input.model, params.dtype, params.device, params.trust_remote_code)
-else:
-    layers = LoadedModel(load_model(snakemake.input.model, params.dtype, params.device, params.trust_remote_code))
+layers = job_model_layers(snakemake)  # one decoder layer at a time with model.layer_streaming
 routing = cache.routing()
 source_names, token_source = cache.token_sources(len(next(iter(routing.values())).logits))
 residuals = cache.residuals() if cache.has_residual else None  # EASY-EP's residual stream, where cached

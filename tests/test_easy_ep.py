@@ -113,10 +113,11 @@ def measured(request, tmp_path_factory):
     input_ids = torch.randint(0, 300, (len(SAMPLE_SOURCES), SEQ_LEN), generator=torch.Generator().manual_seed(3))
     cache_dir = tmp_path_factory.mktemp("cache") / "cache"
     meta = {"samples": len(input_ids), "seq_len": SEQ_LEN, "sample_sources": SAMPLE_SOURCES}
-    build_cache(model, input_ids, len(input_ids), cache_dir, meta, residual=True)  # one batch, as the reference
-    reader = CacheReader(cache_dir)
+    build_cache(model, input_ids, len(input_ids), cache_dir, meta)  # one batch, as the reference
+    build_residual_cache(model, input_ids, len(input_ids), cache_dir.with_name("residual"))
+    reader, residual = CacheReader(cache_dir), CacheReader(cache_dir.with_name("residual"))
     names, token_source = reader.token_sources(input_ids.numel())
-    statistics = expert_statistics(model, reader.moe_inputs(), names, token_source, reader.residuals())
+    statistics = expert_statistics(model, reader.moe_inputs(), names, token_source, residual.residuals())
     return model, input_ids, reader, names, token_source, statistics
 
 
@@ -125,10 +126,11 @@ def test_statistics_equal_the_token_by_token_reference(measured):
     # by 1 - cos (well away from 0 with the scaled experts)
     model, input_ids, reader, names, token_source, statistics = measured
     adapter = adapter_for(model.config)
+    residual = CacheReader(reader.directory.with_name("residual"))
     captured = _reference_capture(model, input_ids)
     for layer, block in adapter.moe_blocks(model).items():
         x, h = captured[layer]
-        torch.testing.assert_close(reader.residual(layer).double(), h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(residual.residual(layer).double(), h, rtol=1e-5, atol=1e-6)
         score, peak, neuron_peak = _reference_layer(model, block, x, h, token_source)
         totals = statistics.totals[statistics.totals["layer"] == layer].sort_values("expert")
         assert (score.sum(axis=0) > 0).sum() >= 4  # enough routed experts for the comparison to mean something
@@ -210,29 +212,3 @@ def test_the_planner_names_the_variants_that_need_the_residual_stream():
     assert plan.residual_variants == {"ranked"}
     assert validated_steps({"method": "easy_ep_prune", "target": {"experts_fraction": 0.5},
                             "allocation": "global"})[0]["allocation"] == "global"
-
-
-def test_the_residual_cache_beside_the_cache_gives_the_same_saliency(tmp_path):
-    """The workflow's path (a plain cache, the residual stream cached apart, EASY-EP's column merged into the
-    statistics the compress job reads) equals the statistics of one cache holding both."""
-    from moe_compress.stats import easy_ep_tables, expert_frequency, statistics_for, with_saliency
-
-    model = tiny_model_of("qwen3_moe")
-    ids = torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
-    build_cache(model, ids, 2, tmp_path / "both", residual=True)
-    build_cache(model, ids, 2, tmp_path / "plain")
-    build_residual_cache(model, ids, 2, tmp_path / "residual")
-    both, plain, residual = (CacheReader(tmp_path / name) for name in ("both", "plain", "residual"))
-    assert residual.has_residual and not plain.has_residual
-    for layer in both.layers:
-        assert torch.equal(both.residual(layer), residual.residual(layer))
-    names, sources = plain.token_sources(ids.numel())
-    plain_statistics = expert_statistics(model, plain.moe_inputs(), names, sources)
-    with_saliency(expert_frequency(read_router_cache(tmp_path / "plain")), plain_statistics.totals).to_parquet(
-        tmp_path / "stats.parquet")
-    totals, by_source = easy_ep_tables(model, plain.moe_inputs(), residual.residuals(), names, sources)
-    totals.to_parquet(tmp_path / "easy_ep.parquet")
-    read = statistics_for(tmp_path / "stats.parquet", None, None, tmp_path / "easy_ep.parquet")
-    reference = expert_statistics(model, both.moe_inputs(), names, sources, both.residuals()).totals
-    np.testing.assert_array_equal(read["easy_ep_saliency"].to_numpy(), reference["easy_ep_saliency"].to_numpy())
-    assert list(by_source.columns) == ["source", "layer", "expert", "easy_ep_saliency"]

@@ -10,11 +10,11 @@ Layout of a cache directory:
   to different numbers of experts (a per-layer top-k), the lists have the largest top-k's length and a
   layer's extra slots are skipped ones (index = expert count, weight 0); the manifest holds each layer's
   own top-k, and the reader gives each layer its own.
-- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input; in a
-  cache built with ``residual`` (the manifest's ``residual`` is true) also ``residual`` [tokens, hidden], the
-  residual stream the block's output is added to (the input of the decoder layer's module named by
-  ``MoEArchitecture.residual_input``, its post-attention norm): what EASY-EP's saliency compares the routed
-  experts' output with.
+- ``moe_inputs/layer_NNN.safetensors``: tensor ``hidden_states`` [tokens, hidden], the MoE block's input.
+  A residual cache (``build_residual_cache``, manifest ``residual`` true) has the same layout with tensor
+  ``residual`` [tokens, hidden] instead: the residual stream the block's output is added to (the input of the
+  decoder layer's module named by ``MoEArchitecture.residual_input``), what EASY-EP's saliency compares the
+  routed experts' output with.
 - ``manifest.json``: the index of the cache: layers, tokens, experts, top-k, hidden size, dtype, each
   calibration sample's source (``sample_sources``, in sample order; token t is in sample t // seq_len), and
   every file with its CRC-32 (the checksum gzip and zip use against accidental corruption, cheaper than
@@ -135,20 +135,19 @@ def capture_layers(layers: DecoderLayers, input_ids: torch.Tensor, batch_size: i
 
 
 def build_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_dir: str | Path,
-                meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32, residual: bool = False) -> dict:
+                meta: dict | None = None, hidden_dtype: torch.dtype = torch.float32) -> dict:
     """Write the cache of ``model_or_layers`` (a model in memory or ``DecoderLayers``, e.g. a
     ``LayerStream``) on ``input_ids`` to ``out_dir``, one MoE layer at a time; return the manifest.
-    ``residual``: also store each MoE layer's residual stream (twice the size; only EASY-EP reads it).
     The directory appears only complete: it is written under a temporary name and moved into place."""
     layers = decoder_layers_of(model_or_layers)
     with atomic_directory(out_dir) as tmp:
         writer = CacheWriter(tmp, top_k_width=_largest_top_k(layers))
         try:
-            for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype, residual):
+            for index, capture in capture_layers(layers, input_ids, batch_size, hidden_dtype):
                 writer.add_layer(index, capture)
         finally:
             writer.close()
-        return writer.write_manifest({**(meta or {}), "residual": residual})
+        return writer.write_manifest(meta or {})
 
 
 def build_residual_cache(model_or_layers, input_ids: torch.Tensor, batch_size: int, out_dir: str | Path,
@@ -222,16 +221,7 @@ class CacheWriter:
             raise ModelError(f"layer {layer}: {num_experts} experts / top-{top_k}, but the cache's first layer has "
                              f"{self._router.schema}; the router cache needs the same expert count in every layer")
         self._router.write_table(table)
-        tensors = {"hidden_states": hidden.contiguous()}
-        if capture.residual:
-            residual = torch.cat(capture.residual)
-            check_finite(residual, f"residual stream entering the MoE block of layer {layer}")
-            if residual.shape != hidden.shape:
-                raise ModelError(f"layer {layer}: {tuple(residual.shape)} residual-stream rows for "
-                                 f"{tuple(hidden.shape)} MoE-block inputs; MoEArchitecture.residual_input names a "
-                                 f"module that does not run once per MoE-block call")
-            tensors["residual"] = residual.contiguous()
-        data = safetensors_bytes(tensors, metadata={"layer": str(layer)})
+        data = safetensors_bytes({"hidden_states": hidden.contiguous()}, metadata={"layer": str(layer)})
         (self.directory / inputs_file(layer)).write_bytes(data)
         self._layers[str(layer)] = {"num_experts": num_experts, "top_k": top_k, "tokens": tokens,
                                     "file": inputs_file(layer), "crc32": _checksum(data)}
@@ -284,9 +274,6 @@ class CacheReader:
             raise DataError(f"{self.manifest_path} is missing: the cache in {self.directory} is incomplete or was "
                             f"invalidated; run the workflow again to rebuild it")
         self.manifest = json.loads(self.manifest_path.read_text())
-        # one layer file's tensors not handed out yet: reading a layer's inputs and then its residual reads
-        # and checks the file once
-        self._unread: tuple[int, dict[str, torch.Tensor]] | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -337,12 +324,10 @@ class CacheReader:
 
     @property
     def has_residual(self) -> bool:
-        """Whether the cache stores each MoE layer's residual stream (built with ``residual``)."""
+        """Whether this is a residual cache (``build_residual_cache``)."""
         return bool(self.manifest.get("residual", False))
 
     def _layer_tensor(self, layer: int, name: str) -> torch.Tensor:
-        if self._unread is not None and self._unread[0] == layer and name in self._unread[1]:
-            return self._unread[1].pop(name)
         entry = self.manifest["layers"].get(str(layer))
         if entry is None:
             raise DataError(f"layer {layer} is not in the cache {self.manifest_path} (layers: {self.layers})")
@@ -351,22 +336,18 @@ class CacheReader:
             raise DataError(f"{path} is missing from the cache {self.directory}; run the workflow again to rebuild it")
         data = path.read_bytes()
         self._verified(path, entry["crc32"], data)
-        tensors = load_safetensors(data)
-        tensor = tensors.pop(name)
-        self._unread = (layer, tensors) if tensors else None
-        return tensor
+        return load_safetensors(data)[name]
 
     def moe_input(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """One layer's cached MoE-block inputs [tokens, hidden]."""
         return self._layer_tensor(layer, "hidden_states").to(device)
 
     def residual(self, layer: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """One layer's cached residual stream entering its MoE sublayer [tokens, hidden] (a cache built with
-        ``residual``)."""
+        """One layer's cached residual stream entering its MoE sublayer [tokens, hidden] (a residual cache)."""
         if not self.has_residual:
             raise DataError(f"the cache {self.directory} holds no residual stream (its manifest's residual is not "
-                            f"true): it was built without it; the workflow builds it when a variant has an "
-                            f"easy_ep_prune step")
+                            f"true): it is not a residual cache; the workflow builds one (results/cache_residual) "
+                            f"when a variant has an easy_ep_prune step")
         return self._layer_tensor(layer, "residual").to(device)
 
     def residuals(self, device: str | torch.device = "cpu") -> Mapping[int, torch.Tensor]:

@@ -1,5 +1,4 @@
-"""Expert frequency, REAP (and, where the cache has the residual stream, EASY-EP) saliency and peak-output tables
-from the router cache and the cached MoE-block inputs: over all calibration tokens, per calibration source, and the
+"""Expert frequency, REAP saliency and peak-output tables from the router cache and the cached MoE-block inputs: over all calibration tokens, per calibration source, and the
 experts one source uses far more than the others; and each expert's per-neuron activation peaks."""
 
 from safetensors.torch import save_file
@@ -22,8 +21,7 @@ cache = CacheReader(snakemake.input.manifest)
 layers = job_model_layers(snakemake)  # one decoder layer at a time with model.layer_streaming
 routing = cache.routing()
 source_names, token_source = cache.token_sources(len(next(iter(routing.values())).logits))
-residuals = cache.residuals() if cache.has_residual else None  # EASY-EP's residual stream, where cached
-statistics = expert_statistics(layers, cache.moe_inputs(), source_names, token_source, residuals)
+statistics = expert_statistics(layers, cache.moe_inputs(), source_names, token_source)
 saliency, saliency_by_source = statistics.totals, statistics.by_source
 # mean_router_prob is each router's own probability: its scoring rule says which
 scoring = layers.adapter.scoring_for(layers.model.config)
